@@ -1,0 +1,328 @@
+//! Client secrets (PBKDF2-HMAC-SHA256) and bearer tokens (HMAC-SHA256), both from `ring`.
+//!
+//! Everything here is a pure function of its inputs and `now`: no clock, no I/O.
+//!
+//! A token is base64url (no padding) of `claims ‖ tag`, where `tag` is the 32-byte
+//! HMAC-SHA256 of `claims` and `claims` is:
+//!
+//! ```text
+//! version u8 = 1 | key id [u8; 4] | issued_at u64 BE | expires_at u64 BE
+//! | business len u8 | business bytes | client len u8 | client bytes
+//! ```
+//!
+//! The key id (the first four bytes of SHA-256 of the key) lets a token signed by another
+//! key be told apart from a damaged one in the logs; the tag is what decides.
+
+use std::num::NonZeroU32;
+
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::{digest, hmac, pbkdf2};
+
+const TOKEN_VERSION: u8 = 1;
+const TAG_LEN: usize = 32;
+/// Longest token text accepted before decoding: claims with two 255-byte ids plus the tag.
+const MAX_TOKEN_LEN: usize = 800;
+/// Iterations that `hash-secret` uses: about 50 ms on one core of a small server.
+pub const DEFAULT_ITERATIONS: u32 = 100_000;
+const SALT_LEN: usize = 16;
+const HASH_LEN: usize = 32;
+
+/// A stored client secret: `$pbkdf2-sha256$i=ITER$SALT$HASH` (PHC string format, salt and
+/// hash in unpadded standard base64).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretHash {
+    iterations: NonZeroU32,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl SecretHash {
+    /// Hashes `secret` with a fresh random salt.
+    pub fn new(secret: &[u8], iterations: NonZeroU32) -> SecretHash {
+        let mut salt = vec![0u8; SALT_LEN];
+        SystemRandom::new()
+            .fill(&mut salt)
+            .expect("the operating system's random source works");
+        let mut hash = vec![0u8; HASH_LEN];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            &salt,
+            secret,
+            &mut hash,
+        );
+        SecretHash {
+            iterations,
+            salt,
+            hash,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<SecretHash, String> {
+        let bad = || {
+            "is not a `$pbkdf2-sha256$i=ITERATIONS$SALT$HASH` string from `cosmopoints hash-secret`"
+                .to_owned()
+        };
+        let mut parts = text.split('$');
+        let (Some(""), Some("pbkdf2-sha256"), Some(params), Some(salt), Some(hash), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        let iterations = params
+            .strip_prefix("i=")
+            .and_then(|i| i.parse::<u32>().ok())
+            .filter(|i| (1..=10_000_000).contains(i))
+            .and_then(NonZeroU32::new)
+            .ok_or_else(bad)?;
+        let salt = STANDARD_NO_PAD.decode(salt).map_err(|_| bad())?;
+        let hash = STANDARD_NO_PAD.decode(hash).map_err(|_| bad())?;
+        if salt.len() < 8 || hash.len() != HASH_LEN {
+            return Err(bad());
+        }
+        Ok(SecretHash {
+            iterations,
+            salt,
+            hash,
+        })
+    }
+
+    /// Constant-time check of `secret` against the hash.
+    pub fn verify(&self, secret: &[u8]) -> bool {
+        pbkdf2::verify(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            self.iterations,
+            &self.salt,
+            secret,
+            &self.hash,
+        )
+        .is_ok()
+    }
+}
+
+impl std::fmt::Display for SecretHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "$pbkdf2-sha256$i={}${}${}",
+            self.iterations,
+            STANDARD_NO_PAD.encode(&self.salt),
+            STANDARD_NO_PAD.encode(&self.hash)
+        )
+    }
+}
+
+/// Constant-time equality of a plain-text secret: both sides are run through HMAC with a
+/// throw-away key and the tags compared by `ring`, so timing says nothing about a prefix.
+pub fn plain_secret_matches(expected: &str, given: &[u8]) -> bool {
+    let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
+        .expect("the operating system's random source works");
+    let tag = hmac::sign(&key, expected.as_bytes());
+    hmac::verify(&key, given, tag.as_ref()).is_ok()
+}
+
+/// What a token says: who it is for and when it stops being valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    pub business: String,
+    pub client: String,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not base64url, too short or long, or claims that do not parse.
+    Malformed,
+    /// The tag does not match: altered, truncated, or signed with another key.
+    BadSignature,
+    Expired,
+}
+
+/// The HMAC key that signs and verifies tokens.
+pub struct TokenKey {
+    key: hmac::Key,
+    id: [u8; 4],
+}
+
+impl TokenKey {
+    pub fn new(secret: &[u8]) -> TokenKey {
+        let digest = digest::digest(&digest::SHA256, secret);
+        let mut id = [0u8; 4];
+        id.copy_from_slice(&digest.as_ref()[..4]);
+        TokenKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            id,
+        }
+    }
+
+    /// 32 fresh random bytes, for a key generated on first start.
+    pub fn generate_secret() -> Vec<u8> {
+        let mut secret = vec![0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .expect("the operating system's random source works");
+        secret
+    }
+
+    /// Ids longer than 255 bytes cannot be encoded; validated configuration limits ids to
+    /// 128 characters (at most 512 bytes of UTF-8), so callers pass ids ≤ 255 bytes or get
+    /// `None`.
+    pub fn sign(&self, claims: &Claims) -> Option<String> {
+        let business = u8::try_from(claims.business.len()).ok()?;
+        let client = u8::try_from(claims.client.len()).ok()?;
+        let mut bytes =
+            Vec::with_capacity(23 + claims.business.len() + claims.client.len() + TAG_LEN);
+        bytes.push(TOKEN_VERSION);
+        bytes.extend_from_slice(&self.id);
+        bytes.extend_from_slice(&claims.issued_at.to_be_bytes());
+        bytes.extend_from_slice(&claims.expires_at.to_be_bytes());
+        bytes.push(business);
+        bytes.extend_from_slice(claims.business.as_bytes());
+        bytes.push(client);
+        bytes.extend_from_slice(claims.client.as_bytes());
+        let tag = hmac::sign(&self.key, &bytes);
+        bytes.extend_from_slice(tag.as_ref());
+        Some(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// Checks the tag in constant time, then the claims, then expiry against `now`.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Malformed)?;
+        if bytes.len() < TAG_LEN + 1 {
+            return Err(TokenError::Malformed);
+        }
+        let (claims, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+        hmac::verify(&self.key, claims, tag).map_err(|_| TokenError::BadSignature)?;
+        let claims = decode_claims(claims, &self.id).ok_or(TokenError::Malformed)?;
+        if now >= claims.expires_at {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+}
+
+fn decode_claims(bytes: &[u8], key_id: &[u8; 4]) -> Option<Claims> {
+    let mut rest = bytes;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    if take(1)? != [TOKEN_VERSION] || take(4)? != key_id {
+        return None;
+    }
+    let issued_at = u64::from_be_bytes(take(8)?.try_into().ok()?);
+    let expires_at = u64::from_be_bytes(take(8)?.try_into().ok()?);
+    let len = usize::from(take(1)?[0]);
+    let business = String::from_utf8(take(len)?.to_vec()).ok()?;
+    let len = usize::from(take(1)?[0]);
+    let client = String::from_utf8(take(len)?.to_vec()).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(Claims {
+        business,
+        client,
+        issued_at,
+        expires_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> Claims {
+        Claims {
+            business: "acme".into(),
+            client: "acme-pos".into(),
+            issued_at: 1_000,
+            expires_at: 1_600,
+        }
+    }
+
+    fn key() -> TokenKey {
+        TokenKey::new(&[7u8; 32])
+    }
+
+    #[test]
+    fn a_token_round_trips_until_it_expires() {
+        let token = key().sign(&claims()).expect("short ids");
+        assert_eq!(key().verify(&token, 1_000), Ok(claims()));
+        assert_eq!(key().verify(&token, 1_599), Ok(claims()));
+        assert_eq!(key().verify(&token, 1_600), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn any_altered_character_is_rejected() {
+        let token = key().sign(&claims()).expect("short ids");
+        for i in 0..token.len() {
+            let mut chars: Vec<char> = token.chars().collect();
+            chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+            let altered: String = chars.into_iter().collect();
+            assert!(key().verify(&altered, 1_000).is_err(), "position {i}");
+        }
+    }
+
+    #[test]
+    fn truncated_extended_and_foreign_tokens_are_rejected() {
+        let token = key().sign(&claims()).expect("short ids");
+        for cut in [1, 2, 10, token.len() / 2, token.len() - 1] {
+            assert!(key().verify(&token[..cut], 1_000).is_err(), "cut at {cut}");
+        }
+        assert!(key().verify(&format!("{token}AA"), 1_000).is_err());
+        let foreign = TokenKey::new(&[8u8; 32])
+            .sign(&claims())
+            .expect("short ids");
+        assert_eq!(key().verify(&foreign, 1_000), Err(TokenError::BadSignature));
+        assert_eq!(key().verify("", 1_000), Err(TokenError::Malformed));
+        assert_eq!(
+            key().verify("not base64!", 1_000),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn secret_hashes_verify_and_round_trip_through_text() {
+        let hash = SecretHash::new(b"s3cret", NonZeroU32::new(1_000).expect("nonzero"));
+        assert!(hash.verify(b"s3cret"));
+        assert!(!hash.verify(b"s3cret "));
+        let parsed = SecretHash::parse(&hash.to_string()).expect("own output parses");
+        assert_eq!(parsed, hash);
+        assert!(parsed.verify(b"s3cret"));
+    }
+
+    #[test]
+    fn malformed_secret_hashes_are_rejected() {
+        for bad in [
+            "",
+            "s3cret",
+            "$pbkdf2-sha256$i=0$c2FsdHNhbHQ$AAAA",
+            "$pbkdf2-sha512$i=10$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "$pbkdf2-sha256$i=10$c2FsdHNhbHQ$AAAA",
+            "$pbkdf2-sha256$10$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(SecretHash::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn plain_secrets_compare_exactly() {
+        assert!(plain_secret_matches("abc", b"abc"));
+        assert!(!plain_secret_matches("abc", b"abd"));
+        assert!(!plain_secret_matches("abc", b"ab"));
+    }
+}

@@ -1,0 +1,619 @@
+//! TOML → a validated [`Config`], once, at start-up.
+//!
+//! Invariant: nothing else in the crate reads files or the environment for settings, and
+//! everything downstream receives checked values (decimals parsed, references resolved), so
+//! a running server cannot meet an invalid configuration.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::auth::SecretHash;
+use crate::decimal::{minor_unit_exponent, Decimal};
+
+/// A configuration problem: `key` names the TOML key, `reason` says what is wrong with it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Listening, limits and timeouts of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen; port 0 picks a free port (the address is logged).
+    pub listen: SocketAddr,
+    /// Largest accepted request body; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also bounds idle keep-alive).
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body once its headers arrived.
+    pub body_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are cut.
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    /// A tracing filter: "info", "warn", "cosmopoints=debug", …
+    pub log_level: String,
+    /// Write requests that may wait for the writer; beyond it, 503 with `Retry-After`.
+    pub write_queue: usize,
+    /// Most write requests applied in one database commit.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub token_ttl_seconds: u64,
+    /// From the config; `None` means the key generated once and kept in the database.
+    pub signing_key: Option<Vec<u8>>,
+    /// Failed `/v1/auth` attempts allowed per client id, and per remote address, per window.
+    pub max_failed_attempts: u32,
+    pub failed_attempts_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Currency {
+    pub code: String,
+    pub units_per_usd: Decimal,
+    /// ISO 4217 minor-unit exponent: `value` 3673 in AED (exponent 2) is 36.73 AED.
+    pub exponent: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub id: String,
+    pub name: String,
+    pub price_per_point_usd: Decimal,
+    pub min_points: u64,
+    pub max_points: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClientSecret {
+    Hash(SecretHash),
+    /// Accepted for trying things out; a warning is logged at start-up.
+    Plain(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub client_id: String,
+    pub secret: ClientSecret,
+}
+
+#[derive(Debug, Clone)]
+pub struct Business {
+    pub id: String,
+    pub name: String,
+    pub program_id: String,
+    pub currency: String,
+    /// Enabled partner programs, in config order; each is a key of [`Config::programs`].
+    pub programs: Vec<String>,
+    pub clients: Vec<Client>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// The database file; relative paths are resolved against the config file's folder.
+    pub storage_path: PathBuf,
+    pub auth: AuthConfig,
+    pub currencies: BTreeMap<String, Currency>,
+    pub programs: BTreeMap<String, Program>,
+    pub businesses: Vec<Business>,
+    /// Things worth a warning in the log once tracing is up (plain-text secrets).
+    pub warnings: Vec<String>,
+    /// client id → index into `businesses`.
+    clients: HashMap<String, usize>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base)
+    }
+
+    /// Validates TOML `text`; relative storage paths are taken against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        raw.validate(base)
+    }
+
+    pub fn business(&self, id: &str) -> Option<&Business> {
+        self.businesses.iter().find(|b| b.id == id)
+    }
+
+    /// The business and client that own `client_id`.
+    pub fn client(&self, client_id: &str) -> Option<(&Business, &Client)> {
+        let business = &self.businesses[*self.clients.get(client_id)?];
+        let client = business.clients.iter().find(|c| c.client_id == client_id)?;
+        Some((business, client))
+    }
+
+    pub fn currency(&self, code: &str) -> &Currency {
+        self.currencies
+            .get(code)
+            .expect("validation made every business currency a configured currency")
+    }
+}
+
+/// One line for a TOML syntax or type error: where, and what.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let message = e.message().replace('\n', " ");
+    match line {
+        Some(line) => err(format!("line {line}"), message.trim().to_owned()),
+        None => err("config", message.trim().to_owned()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    currencies: BTreeMap<String, String>,
+    #[serde(default)]
+    programs: Vec<RawProgram>,
+    #[serde(default)]
+    businesses: Vec<RawBusiness>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: u64,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout_seconds: u64,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout_seconds: u64,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace_seconds: u64,
+    #[serde(default = "default_log_format")]
+    log_format: String,
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    #[serde(default = "default_write_queue")]
+    write_queue: u64,
+    #[serde(default = "default_max_batch")]
+    max_batch: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        toml::from_str("").expect("every server field has a default")
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_max_body_bytes() -> u64 {
+    64 * 1024
+}
+fn default_max_connections() -> u64 {
+    1024
+}
+fn default_header_read_timeout() -> u64 {
+    10
+}
+fn default_body_read_timeout() -> u64 {
+    10
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+fn default_log_format() -> String {
+    "human".to_owned()
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_write_queue() -> u64 {
+    4096
+}
+fn default_max_batch() -> u64 {
+    256
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    #[serde(default = "default_storage_path")]
+    path: String,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            path: default_storage_path(),
+        }
+    }
+}
+
+fn default_storage_path() -> String {
+    "data/cosmopoints.redb".to_owned()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default = "default_ttl")]
+    token_ttl_seconds: u64,
+    signing_key: Option<String>,
+    #[serde(default = "default_max_failed")]
+    max_failed_attempts: u64,
+    #[serde(default = "default_failed_window")]
+    failed_attempts_window_seconds: u64,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        toml::from_str("").expect("every auth field has a default")
+    }
+}
+
+fn default_ttl() -> u64 {
+    600
+}
+fn default_max_failed() -> u64 {
+    10
+}
+fn default_failed_window() -> u64 {
+    60
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProgram {
+    id: String,
+    name: String,
+    price_per_point_usd: String,
+    min_points: Option<u64>,
+    max_points: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBusiness {
+    id: String,
+    name: String,
+    program_id: String,
+    currency: String,
+    #[serde(default)]
+    programs: Vec<String>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    client_id: String,
+    secret_hash: Option<String>,
+    secret: Option<String>,
+}
+
+/// Ids are used in URLs, tokens and database keys: 1..=128 characters, no control
+/// characters, no surrounding spaces.
+fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.chars().count() > 128 {
+        return Err(err(key, "must be 1 to 128 characters"));
+    }
+    if value.chars().any(char::is_control) || value.trim() != value {
+        return Err(err(
+            key,
+            "must not contain control characters or surrounding spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, value: u64, max: u64) -> Result<u64, ConfigError> {
+    if value == 0 || value > max {
+        return Err(err(key, format!("must be between 1 and {max}")));
+    }
+    Ok(value)
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        let listen: SocketAddr = s.listen.parse().map_err(|_| {
+            err(
+                "server.listen",
+                format!(
+                    "\"{}\" is not an address:port like 127.0.0.1:8080",
+                    s.listen
+                ),
+            )
+        })?;
+        let log_format = match s.log_format.as_str() {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "server.log_format",
+                    format!("\"{other}\" is neither \"human\" nor \"json\""),
+                ))
+            }
+        };
+        let secs = |key: &str, v: u64| positive(key, v, 86_400).map(Duration::from_secs);
+        let server = ServerConfig {
+            listen,
+            max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes, 16 << 20)? as usize,
+            max_connections: positive("server.max_connections", s.max_connections, 1 << 20)?
+                as usize,
+            header_read_timeout: secs(
+                "server.header_read_timeout_seconds",
+                s.header_read_timeout_seconds,
+            )?,
+            body_read_timeout: secs(
+                "server.body_read_timeout_seconds",
+                s.body_read_timeout_seconds,
+            )?,
+            shutdown_grace: secs("server.shutdown_grace_seconds", s.shutdown_grace_seconds)?,
+            log_format,
+            log_level: {
+                tracing_subscriber::EnvFilter::try_new(&s.log_level).map_err(|_| {
+                    err(
+                        "server.log_level",
+                        format!("\"{}\" is not a log filter like \"info\"", s.log_level),
+                    )
+                })?;
+                s.log_level.clone()
+            },
+            write_queue: positive("server.write_queue", s.write_queue, 1 << 20)? as usize,
+            max_batch: positive("server.max_batch", s.max_batch, 100_000)? as usize,
+        };
+
+        if self.storage.path.is_empty() {
+            return Err(err("storage.path", "must not be empty"));
+        }
+        let storage_path = base.join(&self.storage.path);
+
+        let a = &self.auth;
+        let signing_key = match &a.signing_key {
+            None => None,
+            Some(text) => {
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| err("auth.signing_key", "is not valid base64"))?;
+                if key.len() < 32 {
+                    return Err(err(
+                        "auth.signing_key",
+                        format!("must decode to at least 32 bytes, not {}", key.len()),
+                    ));
+                }
+                Some(key)
+            }
+        };
+        let auth = AuthConfig {
+            token_ttl_seconds: positive("auth.token_ttl_seconds", a.token_ttl_seconds, 86_400)?,
+            signing_key,
+            max_failed_attempts: positive(
+                "auth.max_failed_attempts",
+                a.max_failed_attempts,
+                1_000_000,
+            )? as u32,
+            failed_attempts_window: secs(
+                "auth.failed_attempts_window_seconds",
+                a.failed_attempts_window_seconds,
+            )?,
+        };
+
+        let mut currencies = BTreeMap::new();
+        for (code, rate) in self.currencies {
+            let key = format!("currencies.{code}");
+            if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(err(key, "is not an ISO 4217 code (three capital letters)"));
+            }
+            let units_per_usd = Decimal::parse(&rate).map_err(|reason| err(&key, reason))?;
+            if units_per_usd.is_zero() {
+                return Err(err(key, "units per USD must be greater than 0"));
+            }
+            let exponent = minor_unit_exponent(&code);
+            currencies.insert(
+                code.clone(),
+                Currency {
+                    code,
+                    units_per_usd,
+                    exponent,
+                },
+            );
+        }
+
+        let mut programs = BTreeMap::new();
+        for (i, p) in self.programs.into_iter().enumerate() {
+            let key = |field: &str| format!("programs[{i}].{field}");
+            check_id(&key("id"), &p.id)?;
+            if p.name.trim().is_empty() || p.name.chars().any(char::is_control) {
+                return Err(err(
+                    key("name"),
+                    "must be a non-empty name without control characters",
+                ));
+            }
+            let price = Decimal::parse(&p.price_per_point_usd)
+                .map_err(|reason| err(key("price_per_point_usd"), reason))?;
+            if price.is_zero() {
+                return Err(err(key("price_per_point_usd"), "must be greater than 0"));
+            }
+            let min_points = p.min_points.unwrap_or(1);
+            if min_points == 0 {
+                return Err(err(
+                    key("min_points"),
+                    "must be at least 1 (0 points is never issued)",
+                ));
+            }
+            if let Some(max) = p.max_points {
+                if max < min_points {
+                    return Err(err(key("max_points"), "must not be less than min_points"));
+                }
+            }
+            if programs.contains_key(&p.id) {
+                return Err(err(key("id"), format!("duplicate program id \"{}\"", p.id)));
+            }
+            programs.insert(
+                p.id.clone(),
+                Program {
+                    id: p.id,
+                    name: p.name,
+                    price_per_point_usd: price,
+                    min_points,
+                    max_points: p.max_points,
+                },
+            );
+        }
+
+        if self.businesses.is_empty() {
+            return Err(err(
+                "businesses",
+                "at least one [[businesses]] entry is required",
+            ));
+        }
+        let mut businesses = Vec::new();
+        let mut clients = HashMap::new();
+        let mut business_ids = HashSet::new();
+        let mut warnings = Vec::new();
+        for (i, b) in self.businesses.into_iter().enumerate() {
+            let key = |field: &str| format!("businesses[{i}].{field}");
+            check_id(&key("id"), &b.id)?;
+            if !business_ids.insert(b.id.clone()) {
+                return Err(err(
+                    key("id"),
+                    format!("duplicate business id \"{}\"", b.id),
+                ));
+            }
+            if b.name.trim().is_empty() || b.name.chars().any(char::is_control) {
+                return Err(err(
+                    key("name"),
+                    "must be a non-empty name without control characters",
+                ));
+            }
+            check_id(&key("program_id"), &b.program_id)?;
+            if !currencies.contains_key(&b.currency) {
+                return Err(err(
+                    key("currency"),
+                    format!("\"{}\" is not a key of [currencies]", b.currency),
+                ));
+            }
+            let mut enabled = HashSet::new();
+            for (j, program) in b.programs.iter().enumerate() {
+                if !programs.contains_key(program) {
+                    return Err(err(
+                        format!("businesses[{i}].programs[{j}]"),
+                        format!("program \"{program}\" is not defined in [[programs]]"),
+                    ));
+                }
+                if !enabled.insert(program) {
+                    return Err(err(
+                        format!("businesses[{i}].programs[{j}]"),
+                        format!("program \"{program}\" is listed twice"),
+                    ));
+                }
+            }
+            if b.clients.is_empty() {
+                return Err(err(
+                    key("clients"),
+                    "at least one [[businesses.clients]] entry is required",
+                ));
+            }
+            let mut business_clients = Vec::new();
+            for (j, c) in b.clients.into_iter().enumerate() {
+                let key = |field: &str| format!("businesses[{i}].clients[{j}].{field}");
+                check_id(&key("client_id"), &c.client_id)?;
+                if clients.insert(c.client_id.clone(), i).is_some() {
+                    return Err(err(
+                        key("client_id"),
+                        format!("duplicate client id \"{}\"", c.client_id),
+                    ));
+                }
+                let secret = match (c.secret_hash, c.secret) {
+                    (Some(hash), None) => ClientSecret::Hash(
+                        SecretHash::parse(&hash)
+                            .map_err(|reason| err(key("secret_hash"), reason))?,
+                    ),
+                    (None, Some(plain)) => {
+                        if plain.is_empty() {
+                            return Err(err(key("secret"), "must not be empty"));
+                        }
+                        warnings.push(format!(
+                            "{} holds a plain-text secret; put the output of `cosmopoints hash-secret` in secret_hash instead",
+                            key("secret")
+                        ));
+                        ClientSecret::Plain(plain)
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(err(key("secret"), "give secret_hash or secret, not both"))
+                    }
+                    (None, None) => {
+                        return Err(err(key("secret_hash"), "is required (or a plain `secret`)"))
+                    }
+                };
+                business_clients.push(Client {
+                    client_id: c.client_id,
+                    secret,
+                });
+            }
+            businesses.push(Business {
+                id: b.id,
+                name: b.name,
+                program_id: b.program_id,
+                currency: b.currency,
+                programs: b.programs,
+                clients: business_clients,
+            });
+        }
+
+        Ok(Config {
+            server,
+            storage_path,
+            auth,
+            currencies,
+            programs,
+            businesses,
+            warnings,
+            clients,
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! The endpoint list, and the one `match` that sends a request to its handler.
+//!
+//! | method | path | auth |
+//! |---|---|---|
+//! | GET | /healthz | no |
+//! | GET | /v1/openapi.json | no |
+//! | POST | /v1/auth | no |
+//! | GET | /v1/profile | bearer |
+//! | GET | /v1/programs | bearer |
+//! | GET | /v1/currencies | bearer |
+//! | POST | /v1/transactions | bearer |
+//! | GET | /v1/transactions?startDate&endDate[&programId][&limit][&after] | bearer |
+//! | POST | /v1/transactions/preview | bearer |
+//! | GET | /v1/transactions/{id or referenceNumber} | bearer |
+//! | PUT, POST | /v1/program-connections | bearer |
+//! | GET | /v1/program-connections?endUserId[&programId] | bearer |
+//!
+//! The match below is the truth. A known path with another method is 405 with `Allow`;
+//! anything else is 404. Authentication is an explicit call in each arm that needs it,
+//! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
+//! whose referenceNumber is "preview": only POST is the preview.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response};
+
+use crate::api::{self, authenticate, Reply};
+use crate::app::App;
+use crate::body::Body;
+use crate::error::Error;
+use crate::input::decode_component;
+use crate::openapi;
+
+pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    dispatch(app, req, remote)
+        .await
+        .unwrap_or_else(Error::into_response)
+}
+
+async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Reply {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => api::health(&app).await,
+        (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::GET, ["v1", "openapi.json"]) => openapi::document(),
+        (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::POST, ["v1", "auth"]) => {
+            let body = read_json(req, &app).await?;
+            api::auth(app, remote.ip(), body).await
+        }
+        (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
+
+        (&Method::GET, ["v1", "profile"]) => api::profile(authenticate(&app, req.headers())?),
+        (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::GET, ["v1", "programs"]) => {
+            api::programs(&app, authenticate(&app, req.headers())?)
+        }
+        (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::GET, ["v1", "currencies"]) => {
+            authenticate(&app, req.headers())?;
+            api::currencies(&app)
+        }
+        (_, ["v1", "currencies"]) => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::POST, ["v1", "transactions"]) => {
+            let caller = authenticate(&app, req.headers())?;
+            let body = read_json(req, &app).await?;
+            api::issue(&app, caller, body).await
+        }
+        (&Method::GET, ["v1", "transactions"]) => {
+            let business = authenticate(&app, req.headers())?.business.id.clone();
+            api::list_transactions(app.clone(), business, query.as_deref()).await
+        }
+        (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, POST")),
+
+        (&Method::POST, ["v1", "transactions", "preview"]) => {
+            let caller = authenticate(&app, req.headers())?;
+            let body = read_json(req, &app).await?;
+            api::preview(&app, caller, body)
+        }
+        (&Method::GET, ["v1", "transactions", key]) if !key.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            api::get_transaction(&app, caller, &decode_component(key, false)?)
+        }
+        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, POST")),
+        (_, ["v1", "transactions", key]) if !key.is_empty() => Err(Error::MethodNotAllowed("GET")),
+
+        (&Method::PUT | &Method::POST, ["v1", "program-connections"]) => {
+            let caller = authenticate(&app, req.headers())?;
+            let body = read_json(req, &app).await?;
+            api::connect(&app, caller, body).await
+        }
+        (&Method::GET, ["v1", "program-connections"]) => {
+            let caller = authenticate(&app, req.headers())?;
+            api::list_connections(&app, caller, query.as_deref())
+        }
+        (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, POST, PUT")),
+
+        _ => Err(Error::NotFound(format!("there is no endpoint at {path}"))),
+    }
+}
+
+/// The body of a JSON request: declared `application/json` (415 otherwise), at most
+/// `max_body_bytes` (413), arriving within `body_read_timeout` (408).
+async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
+    let limit = app.config.server.max_body_bytes;
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(Error::UnsupportedMediaType);
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(Error::PayloadTooLarge(limit));
+    }
+    let body = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(app.config.server.body_read_timeout, body).await {
+        Err(_) => Err(Error::RequestTimeout),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Error::PayloadTooLarge(limit))
+        }
+        Ok(Err(_)) => Err(Error::bad_request("the request body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}

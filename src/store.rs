@@ -1,0 +1,708 @@
+//! The embedded database: redb tables, postcard records, and the single writer thread
+//! that applies write requests in groups (one durable commit for many requests).
+//!
+//! Invariant: this is the only module that knows redb and postcard. Everything it returns
+//! is a domain type from `ledger`.
+//!
+//! Tables (keys → values):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `next_seq` (u64 LE) |
+//! | `transactions` | id (u128) | postcard [`TxRecord`] |
+//! | `tx_by_reference` | (business, referenceNumber) | id |
+//! | `tx_by_date` | (business, createdAt, seq) | id |
+//! | `tx_by_program_date` | (business, programId, createdAt, seq) | id |
+//! | `connections` | (business, endUserId, programId) | postcard [`ConnectionRecord`] |
+//!
+//! The transaction id is the primary key because ids are random: lookups by id need no
+//! business in the key, and the record's `business` is checked after the read. The date
+//! indexes carry `seq`, a counter that only grows, so that transactions within one second
+//! list in the order they were created and every index key is unique. A record and all its
+//! index entries are written in one write transaction.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition,
+    TableError,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+use crate::ledger::{Connection, NewTransaction, Transaction, TransactionId};
+
+/// The on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TRANSACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("transactions");
+const BY_REFERENCE: TableDefinition<(&str, &str), u128> = TableDefinition::new("tx_by_reference");
+const BY_DATE: TableDefinition<(&str, u64, u64), u128> = TableDefinition::new("tx_by_date");
+const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u128> =
+    TableDefinition::new("tx_by_program_date");
+const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connections");
+
+/// A transaction as stored. Field order is the format: append only, and bump
+/// [`SCHEMA_VERSION`] for anything else (a golden test pins the bytes).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct TxRecord {
+    business: String,
+    reference_number: String,
+    program_id: String,
+    program_name: String,
+    user_id: String,
+    description: Option<String>,
+    currency: String,
+    value: u64,
+    total_points: u64,
+    bonus: bool,
+    created_at: u64,
+    seq: u64,
+}
+
+/// A program connection as stored (the key holds business, end user and program).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct ConnectionRecord {
+    destination_user_id: String,
+    created_at: u64,
+    updated_at: u64,
+}
+
+/// Why the database could not be opened; each is a one-line message for the operator.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Another process (a running server) holds the file.
+    Locked,
+    /// Written by a newer Cosmopoints.
+    NewerSchema(u64),
+    /// Not a database, damaged, or unreadable.
+    Unusable(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Locked => write!(f, "the database file is in use by another process (is a server already running on it?)"),
+            OpenError::NewerSchema(v) => write!(f, "the database file has schema version {v}, newer than this build's {SCHEMA_VERSION}; use a newer cosmopoints"),
+            OpenError::Unusable(reason) => write!(f, "the database file cannot be used: {reason}"),
+        }
+    }
+}
+
+/// A storage failure on the request path. Details go to the log, never to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The write queue is full.
+    Busy,
+    /// The database cannot be written or read now (I/O failure, disk full, shutting down).
+    Unavailable,
+    /// A stored record does not decode: a bug or damage.
+    Corrupt,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    tracing::error!(error = %e, "storage failure");
+    StoreError::Unavailable
+}
+
+/// What issuing a transaction came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issued {
+    /// New and durable.
+    Created(Transaction),
+    /// The same request was made before; nothing was written.
+    Replayed(Transaction),
+    /// The referenceNumber exists with another request; the first differing field.
+    Conflict(&'static str),
+}
+
+/// A program connection write: the stored connection and whether it is new.
+pub type Connected = (Connection, bool);
+
+/// The issuance inputs the writer needs beyond the request itself.
+pub struct Issue {
+    pub business: String,
+    pub program_name: String,
+    pub currency: String,
+    pub total_points: u64,
+    pub request: NewTransaction,
+}
+
+/// A connection upsert for the writer.
+pub struct Connect {
+    pub business: String,
+    pub end_user_id: String,
+    pub program_id: String,
+    pub destination_user_id: String,
+}
+
+enum Job {
+    Issue(Issue, oneshot::Sender<Result<Issued, StoreError>>),
+    Connect(Connect, oneshot::Sender<Result<Connected, StoreError>>),
+    /// Finish what is queued before this, then stop.
+    Stop,
+}
+
+/// The database and its writer. Reads run on the caller's thread (redb reads never wait
+/// for the writer); writes queue for the one writer thread.
+pub struct Store {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (creating if missing, with its folder) the database at `path` and starts the
+    /// writer. `clock` dates new records; at most `max_batch` writes share a commit and at
+    /// most `queue` wait.
+    pub fn open(
+        path: &Path,
+        clock: Clock,
+        max_batch: usize,
+        queue: usize,
+    ) -> Result<Store, OpenError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                OpenError::Unusable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::create(path).map_err(open_error)?;
+        let next_seq = prepare(&db)?;
+        let db = Arc::new(db);
+        let (jobs, rx) = mpsc::channel(queue.max(1));
+        let writer = Writer {
+            db: db.clone(),
+            clock,
+            max_batch: max_batch.max(1),
+            next_seq,
+        };
+        let handle = std::thread::Builder::new()
+            .name("cosmopoints-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError::Unusable(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            db,
+            jobs,
+            writer: std::sync::Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The token signing key kept in the database, made on first use.
+    pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        {
+            let txn = self.db.begin_read().map_err(unavailable)?;
+            let meta = txn.open_table(META).map_err(unavailable)?;
+            if let Some(key) = meta.get("signing_key").map_err(unavailable)? {
+                return Ok(key.value().to_vec());
+            }
+        }
+        // First start: only `open` (single-threaded, before serving) gets here.
+        let key = generate();
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            meta.insert("signing_key", key.as_slice())
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(key)
+    }
+
+    /// Issues points: durable before this returns `Created`.
+    pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Issue(issue, reply))?;
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Creates or updates a program connection: durable before this returns.
+    pub async fn connect(&self, connect: Connect) -> Result<Connected, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Connect(connect, reply))?;
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,
+        })
+    }
+
+    /// Lets the writer finish every queued write, then stops it. Later writes get
+    /// `Unavailable`.
+    pub async fn shutdown(&self) {
+        let _ = self.jobs.send(Job::Stop).await;
+        let handle = self
+            .writer
+            .lock()
+            .expect("writer lock is never poisoned")
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    /// Whether the database answers a read.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        txn.open_table(META).map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The business's transaction whose id, else whose referenceNumber, is `key`.
+    pub fn transaction(
+        &self,
+        business: &str,
+        key: &str,
+    ) -> Result<Option<Transaction>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
+        if let Some(id) = TransactionId::parse(key) {
+            if let Some(tx) = read_tx(&records, id.0)? {
+                if tx.business == business {
+                    return Ok(Some(tx));
+                }
+            }
+        }
+        let by_ref = txn.open_table(BY_REFERENCE).map_err(unavailable)?;
+        match by_ref.get((business, key)).map_err(unavailable)? {
+            Some(id) => read_tx(&records, id.value()),
+            None => Ok(None),
+        }
+    }
+
+    /// The business's transaction with this referenceNumber.
+    pub fn by_reference(
+        &self,
+        business: &str,
+        reference: &str,
+    ) -> Result<Option<Transaction>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let by_ref = txn.open_table(BY_REFERENCE).map_err(unavailable)?;
+        match by_ref.get((business, reference)).map_err(unavailable)? {
+            Some(id) => {
+                let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
+                read_tx(&records, id.value())
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The business's transactions created in `start..=end` (epoch seconds), optionally in
+    /// one program, oldest first, strictly after the `after` cursor. Calls `visit` with each
+    /// until it returns `false`. Blocking: run it off the async workers.
+    pub fn scan(
+        &self,
+        business: &str,
+        program: Option<&str>,
+        start: u64,
+        end: u64,
+        after: Option<Cursor>,
+        mut visit: impl FnMut(Transaction) -> bool,
+    ) -> Result<(), StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
+        let mut emit = |id: u128| -> Result<bool, StoreError> {
+            let tx = read_tx(&records, id)?.ok_or_else(|| {
+                tracing::error!(id, "an index entry names a missing transaction");
+                StoreError::Corrupt
+            })?;
+            Ok(visit(tx))
+        };
+        match program {
+            None => {
+                let index = txn.open_table(BY_DATE).map_err(unavailable)?;
+                let lower = match after.filter(|c| c.created_at >= start) {
+                    Some(c) => Excluded((business, c.created_at, c.seq)),
+                    None => Included((business, start, 0)),
+                };
+                for entry in index
+                    .range((lower, Included((business, end, u64::MAX))))
+                    .map_err(unavailable)?
+                {
+                    let (_, id) = entry.map_err(unavailable)?;
+                    if !emit(id.value())? {
+                        break;
+                    }
+                }
+            }
+            Some(program) => {
+                let index = txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?;
+                let lower = match after.filter(|c| c.created_at >= start) {
+                    Some(c) => Excluded((business, program, c.created_at, c.seq)),
+                    None => Included((business, program, start, 0)),
+                };
+                let upper = Included((business, program, end, u64::MAX));
+                for entry in index.range((lower, upper)).map_err(unavailable)? {
+                    let (_, id) = entry.map_err(unavailable)?;
+                    if !emit(id.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The end user's connections, optionally in one program, ordered by program id.
+    pub fn connections(
+        &self,
+        business: &str,
+        end_user_id: &str,
+        program: Option<&str>,
+    ) -> Result<Vec<Connection>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(CONNECTIONS).map_err(unavailable)?;
+        let mut found = Vec::new();
+        for entry in table
+            .range((business, end_user_id, "")..)
+            .map_err(unavailable)?
+        {
+            let (key, value) = entry.map_err(unavailable)?;
+            let (b, user, program_id) = key.value();
+            if b != business || user != end_user_id {
+                break;
+            }
+            if program.is_some_and(|p| p != program_id) {
+                continue;
+            }
+            let record: ConnectionRecord = decode(value.value())?;
+            found.push(connection(user, program_id, record));
+        }
+        Ok(found)
+    }
+}
+
+/// A position in a listing: after the transaction created at `created_at` with `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: u64,
+    pub seq: u64,
+}
+
+impl Cursor {
+    pub fn of(tx: &Transaction) -> Cursor {
+        Cursor {
+            created_at: tx.created_at,
+            seq: tx.seq,
+        }
+    }
+}
+
+fn open_error(e: DatabaseError) -> OpenError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => OpenError::Locked,
+        other => OpenError::Unusable(other.to_string()),
+    }
+}
+
+/// Checks the schema version (writing it into a new file) and reads the next sequence
+/// number; creates every table so that readers never meet a missing one.
+fn prepare(db: &Database) -> Result<u64, OpenError> {
+    let bad = |e: &dyn std::fmt::Display| OpenError::Unusable(e.to_string());
+    {
+        let txn = db.begin_read().map_err(|e| bad(&e))?;
+        match txn.open_table(META) {
+            Ok(meta) => {
+                if let Some(v) = meta.get("schema_version").map_err(|e| bad(&e))? {
+                    let version = u64_value(v.value()).ok_or_else(|| {
+                        OpenError::Unusable("the schema version is unreadable".into())
+                    })?;
+                    if version > SCHEMA_VERSION {
+                        return Err(OpenError::NewerSchema(version));
+                    }
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(bad(&e)),
+        }
+    }
+    let txn = db.begin_write().map_err(|e| bad(&e))?;
+    let next_seq;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| bad(&e))?;
+        let fresh = meta.get("schema_version").map_err(|e| bad(&e))?.is_none();
+        if fresh {
+            let data_tables = txn.list_tables().map_err(|e| bad(&e))?.count();
+            if data_tables > 1 {
+                return Err(OpenError::Unusable(
+                    "it has tables but no schema version: not a Cosmopoints database".into(),
+                ));
+            }
+            meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| bad(&e))?;
+        }
+        next_seq = match meta.get("next_seq").map_err(|e| bad(&e))? {
+            Some(v) => u64_value(v.value())
+                .ok_or_else(|| OpenError::Unusable("the sequence counter is unreadable".into()))?,
+            None => 0,
+        };
+        txn.open_table(TRANSACTIONS).map_err(|e| bad(&e))?;
+        txn.open_table(BY_REFERENCE).map_err(|e| bad(&e))?;
+        txn.open_table(BY_DATE).map_err(|e| bad(&e))?;
+        txn.open_table(BY_PROGRAM_DATE).map_err(|e| bad(&e))?;
+        txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;
+    }
+    txn.commit().map_err(|e| bad(&e))?;
+    Ok(next_seq)
+}
+
+fn u64_value(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        tracing::error!(error = %e, "a stored record does not decode");
+        StoreError::Corrupt
+    })
+}
+
+fn read_tx(
+    records: &impl ReadableTable<u128, &'static [u8]>,
+    id: u128,
+) -> Result<Option<Transaction>, StoreError> {
+    match records.get(id).map_err(unavailable)? {
+        Some(bytes) => Ok(Some(transaction(id, decode(bytes.value())?))),
+        None => Ok(None),
+    }
+}
+
+fn transaction(id: u128, r: TxRecord) -> Transaction {
+    Transaction {
+        id: TransactionId(id),
+        business: r.business,
+        reference_number: r.reference_number,
+        program_id: r.program_id,
+        program_name: r.program_name,
+        user_id: r.user_id,
+        description: r.description,
+        currency: r.currency,
+        value: r.value,
+        total_points: r.total_points,
+        bonus: r.bonus,
+        created_at: r.created_at,
+        seq: r.seq,
+    }
+}
+
+fn connection(end_user_id: &str, program_id: &str, r: ConnectionRecord) -> Connection {
+    Connection {
+        end_user_id: end_user_id.to_owned(),
+        program_id: program_id.to_owned(),
+        destination_user_id: r.destination_user_id,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+/// The one thread that writes. It takes every job waiting in the queue (up to
+/// `max_batch`), applies them in one write transaction, commits once with
+/// `Durability::Immediate`, and only then answers each job.
+struct Writer {
+    db: Arc<Database>,
+    clock: Clock,
+    max_batch: usize,
+    next_seq: u64,
+}
+
+/// An answer held back until the batch's commit returns.
+enum Pending {
+    Issue(oneshot::Sender<Result<Issued, StoreError>>, Issued),
+    Connect(oneshot::Sender<Result<Connected, StoreError>>, Connected),
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if let Some(stop) = batch.iter().position(|j| matches!(j, Job::Stop)) {
+                // Jobs queued after Stop are dropped: their callers get Unavailable.
+                batch.truncate(stop);
+                stopping = true;
+            }
+            self.apply(&mut batch);
+        }
+        rx.close();
+    }
+
+    /// Writes the batch and answers every job in it. A job whose reply is dropped unsent
+    /// (the batch failed) makes its caller see `Unavailable`: nothing of it was committed.
+    fn apply(&mut self, batch: &mut Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        let first_seq = self.next_seq;
+        let mut pending = Vec::with_capacity(batch.len());
+        match self.write(batch, &mut pending) {
+            Ok(()) => {
+                for answer in pending {
+                    match answer {
+                        Pending::Issue(reply, issued) => {
+                            let _ = reply.send(Ok(issued));
+                        }
+                        Pending::Connect(reply, connected) => {
+                            let _ = reply.send(Ok(connected));
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                // Logged where it happened; sequence numbers of the lost batch are reused.
+                self.next_seq = first_seq;
+            }
+        }
+        batch.clear();
+    }
+
+    /// Applies the batch in one write transaction and commits it durably, moving each
+    /// job's reply and outcome into `pending`. On error nothing is committed.
+    fn write(
+        &mut self,
+        batch: &mut Vec<Job>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        {
+            let mut tables = WriteTables {
+                records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
+                by_ref: txn.open_table(BY_REFERENCE).map_err(unavailable)?,
+                by_date: txn.open_table(BY_DATE).map_err(unavailable)?,
+                by_program: txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?,
+                connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
+            };
+            for job in batch.drain(..) {
+                match job {
+                    Job::Issue(issue, reply) => {
+                        let issued = tables.issue(&issue, now, &mut self.next_seq)?;
+                        pending.push(Pending::Issue(reply, issued));
+                    }
+                    Job::Connect(connect, reply) => {
+                        let connected = tables.connect(&connect, now)?;
+                        pending.push(Pending::Connect(reply, connected));
+                    }
+                    Job::Stop => {}
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            meta.insert("next_seq", self.next_seq.to_le_bytes().as_slice())
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// The tables one write transaction changes.
+struct WriteTables<'txn> {
+    records: redb::Table<'txn, u128, &'static [u8]>,
+    by_ref: redb::Table<'txn, (&'static str, &'static str), u128>,
+    by_date: redb::Table<'txn, (&'static str, u64, u64), u128>,
+    by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u128>,
+    connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+}
+
+impl WriteTables<'_> {
+    /// A replay or a conflict if the referenceNumber exists (also when an earlier job of
+    /// this same batch made it); else the record and its three index entries.
+    fn issue(&mut self, issue: &Issue, now: u64, next_seq: &mut u64) -> Result<Issued, StoreError> {
+        let b = issue.business.as_str();
+        let r = &issue.request;
+        let existing = self
+            .by_ref
+            .get((b, r.reference_number.as_str()))
+            .map_err(unavailable)?
+            .map(|id| id.value());
+        if let Some(id) = existing {
+            let tx = read_tx(&self.records, id)?.ok_or_else(|| {
+                tracing::error!(id, "the reference index names a missing transaction");
+                StoreError::Corrupt
+            })?;
+            return Ok(match tx.differing_field(r) {
+                None => Issued::Replayed(tx),
+                Some(field) => Issued::Conflict(field),
+            });
+        }
+        let mut id = TransactionId::random();
+        while self.records.get(id.0).map_err(unavailable)?.is_some() {
+            id = TransactionId::random();
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        let record = TxRecord {
+            business: issue.business.clone(),
+            reference_number: r.reference_number.clone(),
+            program_id: r.program_id.clone(),
+            program_name: issue.program_name.clone(),
+            user_id: r.user_id.clone(),
+            description: r.description.clone(),
+            currency: issue.currency.clone(),
+            value: r.value,
+            total_points: issue.total_points,
+            bonus: r.bonus,
+            created_at: now,
+            seq,
+        };
+        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
+        self.records
+            .insert(id.0, bytes.as_slice())
+            .map_err(unavailable)?;
+        self.by_ref
+            .insert((b, r.reference_number.as_str()), id.0)
+            .map_err(unavailable)?;
+        self.by_date
+            .insert((b, now, seq), id.0)
+            .map_err(unavailable)?;
+        self.by_program
+            .insert((b, r.program_id.as_str(), now, seq), id.0)
+            .map_err(unavailable)?;
+        Ok(Issued::Created(transaction(id.0, record)))
+    }
+
+    /// Creates the connection, or updates its destination and `updated_at`.
+    fn connect(&mut self, c: &Connect, now: u64) -> Result<Connected, StoreError> {
+        let key = (
+            c.business.as_str(),
+            c.end_user_id.as_str(),
+            c.program_id.as_str(),
+        );
+        let previous: Option<ConnectionRecord> =
+            match self.connections.get(key).map_err(unavailable)? {
+                Some(bytes) => Some(decode(bytes.value())?),
+                None => None,
+            };
+        let record = ConnectionRecord {
+            destination_user_id: c.destination_user_id.clone(),
+            created_at: previous.as_ref().map_or(now, |p| p.created_at),
+            updated_at: now,
+        };
+        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
+        self.connections
+            .insert(key, bytes.as_slice())
+            .map_err(unavailable)?;
+        Ok((
+            connection(&c.end_user_id, &c.program_id, record),
+            previous.is_none(),
+        ))
+    }
+}

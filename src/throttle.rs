@@ -1,0 +1,142 @@
+//! Counting failed `/v1/auth` attempts in a sliding window, per client id and per remote
+//! address, so that guessing secrets is slow while other clients are not held back.
+//!
+//! Each key keeps the times of its last `limit` failures (a ring of at most `limit`
+//! seconds), which makes the window exact. Memory is bounded by `MAX_KEYS`: when the map is
+//! full, keys whose failures have all left the window are dropped first, then the keys
+//! whose latest failure is oldest.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+/// Most keys tracked at once (two per failing request: client id and address).
+const MAX_KEYS: usize = 100_000;
+
+pub struct Throttle {
+    limit: usize,
+    window: u64,
+    failures: Mutex<HashMap<String, VecDeque<u64>>>,
+}
+
+impl Throttle {
+    pub fn new(limit: u32, window_seconds: u64) -> Throttle {
+        Throttle {
+            limit: limit.max(1) as usize,
+            window: window_seconds.max(1),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Err(retry_after_seconds)` if any key has `limit` failures within the window.
+    pub fn check(&self, keys: &[&str], now: u64) -> Result<(), u64> {
+        let failures = self
+            .failures
+            .lock()
+            .expect("throttle lock is never poisoned");
+        let mut wait = 0;
+        for key in keys {
+            if let Some(times) = failures.get(*key) {
+                if times.len() >= self.limit {
+                    let oldest = times.front().copied().unwrap_or(0);
+                    let free_at = oldest.saturating_add(self.window);
+                    wait = wait.max(free_at.saturating_sub(now));
+                }
+            }
+        }
+        if wait > 0 {
+            Err(wait)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records one failure for each key.
+    pub fn record_failure(&self, keys: &[&str], now: u64) {
+        let mut failures = self
+            .failures
+            .lock()
+            .expect("throttle lock is never poisoned");
+        for key in keys {
+            if !failures.contains_key(*key) && failures.len() >= MAX_KEYS {
+                self.evict(&mut failures, now);
+            }
+            let times = failures.entry((*key).to_owned()).or_default();
+            if times.len() >= self.limit {
+                times.pop_front();
+            }
+            times.push_back(now);
+        }
+    }
+
+    fn evict(&self, failures: &mut HashMap<String, VecDeque<u64>>, now: u64) {
+        let window = self.window;
+        failures.retain(|_, times| times.back().is_some_and(|&t| t + window > now));
+        if failures.len() >= MAX_KEYS {
+            // Still full of live keys: drop the tenth whose latest failure is oldest.
+            let mut latest: Vec<u64> = failures
+                .values()
+                .filter_map(|t| t.back().copied())
+                .collect();
+            let cut = latest.len() / 10;
+            let (_, &mut threshold, _) = latest.select_nth_unstable(cut);
+            failures.retain(|_, times| times.back().is_some_and(|&t| t > threshold));
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.failures.lock().expect("not poisoned").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_the_limit_within_the_window_only() {
+        let throttle = Throttle::new(3, 60);
+        for t in [100, 110, 120] {
+            assert_eq!(throttle.check(&["c"], t), Ok(()));
+            throttle.record_failure(&["c"], t);
+        }
+        // Three failures at 100, 110, 120: blocked until the first leaves the window.
+        assert_eq!(throttle.check(&["c"], 121), Err(39));
+        assert_eq!(throttle.check(&["c"], 159), Err(1));
+        assert_eq!(throttle.check(&["c"], 160), Ok(()));
+        assert_eq!(throttle.check(&["other"], 121), Ok(()));
+    }
+
+    #[test]
+    fn any_blocked_key_blocks_the_attempt() {
+        let throttle = Throttle::new(1, 60);
+        throttle.record_failure(&["client:a", "addr:1"], 0);
+        assert!(throttle.check(&["client:b", "addr:1"], 1).is_err());
+        assert!(throttle.check(&["client:a", "addr:2"], 1).is_err());
+        assert_eq!(throttle.check(&["client:b", "addr:2"], 1), Ok(()));
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let throttle = Throttle::new(2, 60);
+        for i in 0..MAX_KEYS {
+            throttle.record_failure(&[&format!("k{i}")], 5);
+        }
+        assert_eq!(throttle.len(), MAX_KEYS);
+        // A full map of live keys sheds its oldest tenth, never grows past the bound.
+        throttle.record_failure(&["newest"], 6);
+        assert!(throttle.len() <= MAX_KEYS);
+        throttle.record_failure(&["newest"], 6);
+        assert!(throttle.check(&["newest"], 7).is_err());
+    }
+
+    #[test]
+    fn keys_whose_window_passed_are_dropped_first() {
+        let throttle = Throttle::new(2, 60);
+        for i in 0..MAX_KEYS {
+            throttle.record_failure(&[&format!("k{i}")], 5);
+        }
+        throttle.record_failure(&["late"], 1_000);
+        assert_eq!(throttle.len(), 1);
+    }
+}
