@@ -1,0 +1,275 @@
+//! Shared test harness: the real server in-process on port 0 with a hand-set clock, a real
+//! redb file in a temp dir, and a small HTTP/1.1 client over a real TCP connection.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use cosmopoints::app::App;
+use cosmopoints::clock::Clock;
+use cosmopoints::config::Config;
+
+/// The time tests start at: 2026-11-27T10:15:00Z.
+pub const T0: u64 = 1_795_774_500;
+
+/// Two businesses with plain secrets (fast to check) and three programs.
+pub fn config_text(storage: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+log_level = "warn"
+[storage]
+path = "{storage}"
+[auth]
+token_ttl_seconds = 600
+max_failed_attempts = 5
+failed_attempts_window_seconds = 60
+[currencies]
+USD = "1"
+AED = "3.6725"
+SAR = "3.75"
+[[programs]]
+id = "skywards"
+name = "Skywards Miles"
+price_per_point_usd = "0.012"
+min_points = 1
+max_points = 1000000
+[[programs]]
+id = "tiny"
+name = "Tiny Points"
+price_per_point_usd = "0.007"
+[[programs]]
+id = "bounded"
+name = "Bounded Rewards"
+price_per_point_usd = "0.01"
+min_points = 100
+max_points = 200
+[[businesses]]
+id = "acme"
+name = "Acme Coffee"
+program_id = "acme-rewards"
+currency = "AED"
+programs = ["skywards", "bounded"]
+[[businesses.clients]]
+client_id = "acme-pos"
+secret = "acme-secret"
+[[businesses.clients]]
+client_id = "acme-web"
+secret = "acme-web-secret"
+[[businesses]]
+id = "globex"
+name = "Globex Stores"
+program_id = "globex-points"
+currency = "USD"
+programs = ["tiny", "skywards"]
+[[businesses.clients]]
+client_id = "globex-pos"
+secret = "globex-secret"
+"#
+    )
+}
+
+/// A running in-process server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: Clock,
+    pub app: Arc<App>,
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        TestServer::start_in(dir, |text| text).await
+    }
+
+    /// Starts on the database in `dir`, with the default config text changed by `edit`.
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, edit: impl FnOnce(String) -> String) -> TestServer {
+        let text = edit(config_text("db/cosmopoints.redb"));
+        let config = Config::parse(&text, dir.path()).expect("test config is valid");
+        let clock = Clock::manual(T0);
+        let app = Arc::new(App::open(config, clock.clone()).expect("store opens"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cosmopoints::server::run(listener, app.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            clock,
+            app,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts down gracefully and waits until the database is released.
+    pub async fn stop(mut self) -> Arc<tempfile::TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+        let dir = self.dir.clone();
+        drop(self);
+        dir
+    }
+
+    pub async fn token(&self, client: &str, secret: &str) -> String {
+        let r = self
+            .post("/v1/auth", None, &serde_json::json!({"clientId": client, "clientSecret": secret}))
+            .await;
+        assert_eq!(r.status, 200, "auth failed: {}", r.text());
+        r.json()["accessToken"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn acme(&self) -> String {
+        self.token("acme-pos", "acme-secret").await
+    }
+
+    pub async fn globex(&self) -> String {
+        self.token("globex-pos", "globex-secret").await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.send(Method::GET, path, token, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Reply {
+        self.send(Method::POST, path, token, Some(body.to_string().into_bytes()), &[("content-type", "application/json")])
+            .await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> Reply {
+        self.send(Method::PUT, path, token, Some(body.to_string().into_bytes()), &[("content-type", "application/json")])
+            .await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        request(self.addr, method, path, token, body, headers).await
+    }
+
+    /// Issues points for acme and returns the reply.
+    pub async fn issue(&self, token: &str, body: Value) -> Reply {
+        self.post("/v1/transactions", Some(token), &body).await
+    }
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts a problem+json error with this status and returns its detail.
+    pub fn problem(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/problem+json"));
+        let p = self.json();
+        assert_eq!(p["status"], status);
+        assert!(p["type"].as_str().is_some_and(|t| t.starts_with("urn:cosmopoints:problem:")));
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
+        p["detail"].as_str().expect("detail").to_owned()
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    exchange(stream, method, path, token, body, headers).await
+}
+
+/// One request from the local address `source` (any of 127.0.0.0/8).
+pub async fn request_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Reply {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(source, 0)).expect("bind source");
+    let stream = socket.connect(addr).await.expect("connect");
+    exchange(stream, method, path, None, body, &[("content-type", "application/json")]).await
+}
+
+async fn exchange(
+    stream: TcpStream,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut builder = Request::builder().method(method).uri(path).header("host", "localhost");
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, body }
+}
+
+/// A valid issue-points body with this reference.
+pub fn issue_body(reference: &str) -> Value {
+    serde_json::json!({
+        "programId": "skywards",
+        "value": 3673,
+        "userId": "user-1",
+        "referenceNumber": reference,
+    })
+}
