@@ -20,6 +20,10 @@ usage:
   cosmopoints serve [--config PATH]
       Run the server. PATH defaults to cosmopoints.toml, then config.example.toml.
       The database file named in the config is created if missing.
+  cosmopoints check [--config PATH]
+      Verify the database named in the config (read-only): every record decodes
+      and has exactly its index entries. Exit 0 whole, 1 problems found, 2 cannot
+      open (for instance while a server holds the file).
   cosmopoints hash-secret [--iterations N]
       Read a client secret on stdin (one line) and print the secret_hash to put
       in the config (PBKDF2-HMAC-SHA256, PHC string).
@@ -31,6 +35,15 @@ const SERVE_HELP: &str = "usage: cosmopoints serve [--config PATH]
 
 Runs the server on the configuration at PATH (default: cosmopoints.toml if it exists,
 else config.example.toml). Stops gracefully on SIGTERM or SIGINT.";
+
+const CHECK_HELP: &str = "usage: cosmopoints check [--config PATH]
+
+Opens the database named in the config read-only and verifies it: every
+transaction record decodes, every record has exactly its index entries
+(reference, date, program and date), every index entry points to its record,
+and no two records share a business and referenceNumber. Prints the counts and
+exits 0, or prints each problem and exits 1. A file held by a running server
+cannot be opened: stop the server (or copy the file) first; exit 2.";
 
 const HASH_HELP: &str = "usage: cosmopoints hash-secret [--iterations N]
 
@@ -46,6 +59,9 @@ fn main() -> ExitCode {
         ["serve", "--help" | "-h"] => print_ok(SERVE_HELP),
         ["serve"] => serve(None),
         ["serve", "--config", path] => serve(Some(Path::new(path))),
+        ["check", "--help" | "-h"] => print_ok(CHECK_HELP),
+        ["check"] => check(None),
+        ["check", "--config", path] => check(Some(Path::new(path))),
         ["hash-secret", "--help" | "-h"] => print_ok(HASH_HELP),
         ["hash-secret"] => hash_secret(DEFAULT_ITERATIONS),
         ["hash-secret", "--iterations", n] => match n.parse::<u32>() {
@@ -92,21 +108,60 @@ fn default_config() -> PathBuf {
     }
 }
 
-fn serve(path: Option<&Path>) -> ExitCode {
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     let path = path.map(Path::to_path_buf).unwrap_or_else(default_config);
-    let config = match Config::load(&path) {
+    Config::load(&path).map_err(|e| {
+        eprintln!("cosmopoints: config error in {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: Option<&Path>) -> ExitCode {
+    let config = match load_config(path) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("cosmopoints: config error in {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    init_tracing(config.server.log_format, &config.server.log_level);
-    for warning in &config.warnings {
-        tracing::warn!("{warning}");
+    let path = &config.storage_path;
+    match cosmopoints::store::check_file(path) {
+        Err(e) => {
+            eprintln!("cosmopoints: cannot check {}: {e}", path.display());
+            ExitCode::from(2)
+        }
+        Ok(report) => {
+            for problem in &report.problems {
+                println!("problem: {problem}");
+            }
+            println!(
+                "{}: {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} problems",
+                path.display(),
+                report.transactions,
+                report.references,
+                report.date_entries,
+                report.program_date_entries,
+                report.connections,
+                report.problems.len()
+            );
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
+}
+
+fn serve(path: Option<&Path>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
     let storage = config.storage_path.clone();
     let listen = config.server.listen;
+    let (format, level, warnings) = (
+        config.server.log_format,
+        config.server.log_level.clone(),
+        config.warnings.clone(),
+    );
     let app = match App::open(config, Clock::system()) {
         Ok(app) => Arc::new(app),
         Err(e) => {
@@ -114,6 +169,12 @@ fn serve(path: Option<&Path>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Logging starts once start-up can no longer fail on config or database, so that a
+    // failed start prints exactly one line.
+    init_tracing(format, &level);
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -706,3 +706,308 @@ impl WriteTables<'_> {
         ))
     }
 }
+
+/// What `check` found: how many of each, and every inconsistency.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub transactions: u64,
+    pub references: u64,
+    pub date_entries: u64,
+    pub program_date_entries: u64,
+    pub connections: u64,
+    pub problems: Vec<String>,
+}
+
+impl Store {
+    /// Verifies the live database (see [`check_file`]).
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        verify(&txn).map_err(unavailable)
+    }
+}
+
+/// Opens the file at `path` read-only (after redb's own recovery if the last process
+/// using it crashed) and verifies that every index entry points to a
+/// record with the same key fields, every record has exactly its index entries (so no
+/// two records share a business and referenceNumber), and every record decodes.
+pub fn check_file(path: &Path) -> Result<CheckReport, OpenError> {
+    if !path.exists() {
+        return Err(OpenError::Unusable(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    let db = match Database::builder().open_read_only(path) {
+        // Not shut down cleanly (a crash, kill -9): redb recovers such a file when it is
+        // opened for writing, as a server start would. Do that, then check read-only.
+        Err(DatabaseError::RepairAborted) => {
+            drop(Database::open(path).map_err(open_error)?);
+            Database::builder()
+                .open_read_only(path)
+                .map_err(open_error)?
+        }
+        other => other.map_err(open_error)?,
+    };
+    let txn = db
+        .begin_read()
+        .map_err(|e| OpenError::Unusable(e.to_string()))?;
+    {
+        let meta = txn
+            .open_table(META)
+            .map_err(|e| OpenError::Unusable(format!("no meta table: {e}")))?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| OpenError::Unusable(e.to_string()))?
+            .and_then(|v| u64_value(v.value()));
+        match version {
+            Some(v) if v > SCHEMA_VERSION => return Err(OpenError::NewerSchema(v)),
+            Some(_) => {}
+            None => return Err(OpenError::Unusable("no schema version".into())),
+        }
+    }
+    verify(&txn).map_err(|e| OpenError::Unusable(e.to_string()))
+}
+
+fn verify(txn: &redb::ReadTransaction) -> Result<CheckReport, redb::Error> {
+    let mut report = CheckReport::default();
+    let records = txn.open_table(TRANSACTIONS)?;
+    let by_ref = txn.open_table(BY_REFERENCE)?;
+    let by_date = txn.open_table(BY_DATE)?;
+    let by_program = txn.open_table(BY_PROGRAM_DATE)?;
+    let problems = &mut report.problems;
+    let mut decoded = std::collections::HashMap::new();
+    for entry in records.iter()? {
+        let (id, bytes) = entry?;
+        report.transactions += 1;
+        let id = id.value();
+        match postcard::from_bytes::<TxRecord>(bytes.value()) {
+            Ok(r) => {
+                let tx = TransactionId(id);
+                let b = r.business.as_str();
+                if by_ref
+                    .get((b, r.reference_number.as_str()))?
+                    .map(|v| v.value())
+                    != Some(id)
+                {
+                    problems.push(format!(
+                        "{tx}: reference index entry missing or pointing elsewhere"
+                    ));
+                }
+                if by_date.get((b, r.created_at, r.seq))?.map(|v| v.value()) != Some(id) {
+                    problems.push(format!(
+                        "{tx}: date index entry missing or pointing elsewhere"
+                    ));
+                }
+                if by_program
+                    .get((b, r.program_id.as_str(), r.created_at, r.seq))?
+                    .map(|v| v.value())
+                    != Some(id)
+                {
+                    problems.push(format!(
+                        "{tx}: program date index entry missing or pointing elsewhere"
+                    ));
+                }
+                decoded.insert(id, r);
+            }
+            Err(e) => problems.push(format!(
+                "{}: record does not decode: {e}",
+                TransactionId(id)
+            )),
+        }
+    }
+    for entry in by_ref.iter()? {
+        let (key, id) = entry?;
+        report.references += 1;
+        let (b, reference) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.reference_number == reference => {}
+            _ => problems.push(format!(
+                "reference index ({b}, {reference}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in by_date.iter()? {
+        let (key, id) = entry?;
+        report.date_entries += 1;
+        let (b, created, seq) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.created_at == created && r.seq == seq => {}
+            _ => problems.push(format!(
+                "date index ({b}, {created}, {seq}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in by_program.iter()? {
+        let (key, id) = entry?;
+        report.program_date_entries += 1;
+        let (b, program, created, seq) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.program_id == program && r.created_at == created && r.seq == seq => {}
+            _ => problems.push(format!(
+                "program date index ({b}, {program}, {created}, {seq}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in txn.open_table(CONNECTIONS)?.iter()? {
+        let (key, bytes) = entry?;
+        report.connections += 1;
+        if let Err(e) = postcard::from_bytes::<ConnectionRecord>(bytes.value()) {
+            let (b, user, program) = key.value();
+            problems.push(format!(
+                "connection ({b}, {user}, {program}) does not decode: {e}"
+            ));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue(reference: &str, value: u64) -> Issue {
+        Issue {
+            business: "acme".into(),
+            program_name: "Skywards".into(),
+            currency: "AED".into(),
+            total_points: value / 10,
+            request: NewTransaction {
+                program_id: "skywards".into(),
+                value,
+                user_id: "u".into(),
+                reference_number: reference.into(),
+                description: None,
+                bonus: false,
+            },
+        }
+    }
+
+    #[test]
+    fn the_stored_record_format_is_pinned() {
+        let record = TxRecord {
+            business: "acme".into(),
+            reference_number: "inv-1".into(),
+            program_id: "sky".into(),
+            program_name: "Sky".into(),
+            user_id: "u1".into(),
+            description: Some("d".into()),
+            currency: "AED".into(),
+            value: 3673,
+            total_points: 833,
+            bonus: true,
+            created_at: 1_795_774_500,
+            seq: 7,
+        };
+        let bytes = postcard::to_allocvec(&record).expect("encodes");
+        let golden: &[u8] = &[
+            4, b'a', b'c', b'm', b'e', 5, b'i', b'n', b'v', b'-', b'1', 3, b's', b'k', b'y', 3,
+            b'S', b'k', b'y', 2, b'u', b'1', 1, 1, b'd', 3, b'A', b'E', b'D', 0xd9, 0x1c, 0xc1,
+            0x06, 1, 0xa4, 0xb0, 0xa5, 0xd8, 0x06, 7,
+        ];
+        assert_eq!(
+            bytes, golden,
+            "a change here needs a SCHEMA_VERSION bump and a migration"
+        );
+        assert_eq!(
+            postcard::from_bytes::<TxRecord>(golden).expect("decodes"),
+            record
+        );
+
+        let connection = ConnectionRecord {
+            destination_user_id: "EK1".into(),
+            created_at: 1,
+            updated_at: 2,
+        };
+        let bytes = postcard::to_allocvec(&connection).expect("encodes");
+        assert_eq!(bytes, [3, b'E', b'K', b'1', 1, 2]);
+    }
+
+    #[test]
+    fn a_file_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(META)
+                .expect("meta")
+                .insert("schema_version", 99u64.to_le_bytes().as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        match Store::open(&path, Clock::system(), 8, 8) {
+            Err(OpenError::NewerSchema(99)) => {}
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+        assert!(matches!(check_file(&path), Err(OpenError::NewerSchema(99))));
+    }
+
+    #[test]
+    fn a_batch_applies_duplicates_and_conflicts_per_request() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store =
+            Store::open(&dir.path().join("db.redb"), Clock::manual(100), 1000, 1000).expect("open");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let outcomes = rt.block_on(async {
+            // All submitted before the writer runs a batch: they share one commit.
+            let futures = vec![
+                store.issue(issue("a", 100)),
+                store.issue(issue("a", 100)),
+                store.issue(issue("a", 200)),
+                store.issue(issue("b", 100)),
+            ];
+            let mut outcomes = Vec::new();
+            for f in futures {
+                outcomes.push(f.await.expect("stored"));
+            }
+            outcomes
+        });
+        let Issued::Created(a) = &outcomes[0] else {
+            panic!("{:?}", outcomes[0])
+        };
+        assert_eq!(outcomes[1], Issued::Replayed(a.clone()));
+        assert_eq!(outcomes[2], Issued::Conflict("value"));
+        assert!(matches!(outcomes[3], Issued::Created(_)));
+        let report = store.check().expect("check");
+        assert_eq!(
+            (report.transactions, report.references, report.date_entries),
+            (2, 2, 2)
+        );
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn check_finds_an_index_entry_without_its_record() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(&path, Clock::manual(100), 8, 8).expect("open");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("rt");
+            rt.block_on(async {
+                store.issue(issue("a", 100)).await.expect("a");
+                store.issue(issue("b", 100)).await.expect("b");
+                store.shutdown().await;
+            });
+            let txn = store.db.begin_write().expect("write");
+            txn.open_table(BY_DATE)
+                .expect("t")
+                .insert(("acme", 5u64, 999u64), 42u128)
+                .expect("insert");
+            txn.open_table(BY_REFERENCE)
+                .expect("t")
+                .remove(("acme", "b"))
+                .expect("remove");
+            txn.commit().expect("commit");
+        }
+        let report = check_file(&path).expect("readable");
+        assert_eq!(report.transactions, 2);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        assert!(report.problems[0].contains("reference index entry missing"));
+        assert!(report.problems[1].contains("date index (acme, 5, 999)"));
+    }
+}

@@ -11,7 +11,11 @@ use serde_json::json;
 async fn auth_returns_a_bearer_token_that_reads_the_profile() {
     let s = TestServer::start().await;
     let r = s
-        .post("/v1/auth", None, &json!({"clientId": "acme-pos", "clientSecret": "acme-secret"}))
+        .post(
+            "/v1/auth",
+            None,
+            &json!({"clientId": "acme-pos", "clientSecret": "acme-secret"}),
+        )
         .await;
     assert_eq!(r.status, 200);
     let body = r.json();
@@ -24,17 +28,27 @@ async fn auth_returns_a_bearer_token_that_reads_the_profile() {
         profile.json(),
         json!({"name": "Acme Coffee", "programId": "acme-rewards", "currency": "AED"})
     );
-    assert!(profile.header("x-request-id").is_some_and(|id| !id.is_empty()));
+    assert!(profile
+        .header("x-request-id")
+        .is_some_and(|id| !id.is_empty()));
 }
 
 #[tokio::test]
 async fn wrong_id_and_wrong_secret_get_the_same_401() {
     let s = TestServer::start().await;
     let wrong_secret = s
-        .post("/v1/auth", None, &json!({"clientId": "acme-pos", "clientSecret": "nope"}))
+        .post(
+            "/v1/auth",
+            None,
+            &json!({"clientId": "acme-pos", "clientSecret": "nope"}),
+        )
         .await;
     let wrong_id = s
-        .post("/v1/auth", None, &json!({"clientId": "nobody", "clientSecret": "acme-secret"}))
+        .post(
+            "/v1/auth",
+            None,
+            &json!({"clientId": "nobody", "clientSecret": "acme-secret"}),
+        )
         .await;
     assert_eq!(wrong_secret.problem(401), wrong_id.problem(401));
     assert_eq!(wrong_secret.json(), wrong_id.json());
@@ -48,20 +62,37 @@ async fn auth_validates_its_body() {
         (json!({"clientSecret": "x"}), "clientId"),
         (json!({"clientId": "acme-pos"}), "clientSecret"),
         (json!({"clientId": 5, "clientSecret": "x"}), "clientId"),
-        (json!({"clientId": "a", "clientSecret": "x", "extra": 1}), "extra"),
+        (
+            json!({"clientId": "a", "clientSecret": "x", "extra": 1}),
+            "extra",
+        ),
     ] {
         let detail = s.post("/v1/auth", None, &body).await.problem(400);
         assert!(detail.contains(field), "{detail}");
     }
     let r = s
-        .send(Method::POST, "/v1/auth", None, Some(b"{not json".to_vec()), &[("content-type", "application/json")])
+        .send(
+            Method::POST,
+            "/v1/auth",
+            None,
+            Some(b"{not json".to_vec()),
+            &[("content-type", "application/json")],
+        )
         .await;
     r.problem(400);
     let r = s
-        .send(Method::POST, "/v1/auth", None, Some(b"{}".to_vec()), &[("content-type", "text/plain")])
+        .send(
+            Method::POST,
+            "/v1/auth",
+            None,
+            Some(b"{}".to_vec()),
+            &[("content-type", "text/plain")],
+        )
         .await;
     r.problem(415);
-    let r = s.send(Method::POST, "/v1/auth", None, Some(b"{}".to_vec()), &[]).await;
+    let r = s
+        .send(Method::POST, "/v1/auth", None, Some(b"{}".to_vec()), &[])
+        .await;
     r.problem(415);
 }
 
@@ -74,12 +105,20 @@ async fn repeated_failures_get_429_per_client_and_per_address() {
     }
     let r = s.post("/v1/auth", None, &bad).await;
     r.problem(429);
-    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().expect("seconds");
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
     assert!((1..=60).contains(&retry));
     // The right secret does not get through a blocked client id either.
-    s.post("/v1/auth", None, &json!({"clientId": "acme-pos", "clientSecret": "acme-secret"}))
-        .await
-        .problem(429);
+    s.post(
+        "/v1/auth",
+        None,
+        &json!({"clientId": "acme-pos", "clientSecret": "acme-secret"}),
+    )
+    .await
+    .problem(429);
     // The window slides: a minute later the client may try again.
     s.clock.set(T0 + 61);
     s.acme().await;
@@ -91,17 +130,42 @@ async fn failures_from_one_address_do_not_hold_back_other_addresses() {
     let local: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
     let other: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
     let attempt = |client: &str, secret: &str| {
-        Some(json!({"clientId": client, "clientSecret": secret}).to_string().into_bytes())
+        Some(
+            json!({"clientId": client, "clientSecret": secret})
+                .to_string()
+                .into_bytes(),
+        )
     };
     // Five different client ids guessed from one address: that address is now blocked.
     for i in 0..5 {
-        let r = common::request_from(local, s.addr, Method::POST, "/v1/auth", attempt(&format!("guess-{i}"), "x")).await;
+        let r = common::request_from(
+            local,
+            s.addr,
+            Method::POST,
+            "/v1/auth",
+            attempt(&format!("guess-{i}"), "x"),
+        )
+        .await;
         r.problem(401);
     }
-    let r = common::request_from(local, s.addr, Method::POST, "/v1/auth", attempt("globex-pos", "globex-secret")).await;
+    let r = common::request_from(
+        local,
+        s.addr,
+        Method::POST,
+        "/v1/auth",
+        attempt("globex-pos", "globex-secret"),
+    )
+    .await;
     r.problem(429);
     // Another client from another address is not held back.
-    let r = common::request_from(other, s.addr, Method::POST, "/v1/auth", attempt("globex-pos", "globex-secret")).await;
+    let r = common::request_from(
+        other,
+        s.addr,
+        Method::POST,
+        "/v1/auth",
+        attempt("globex-pos", "globex-secret"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -118,7 +182,13 @@ async fn missing_malformed_expired_and_altered_tokens_get_401() {
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
     }
     let r = s
-        .send(Method::GET, "/v1/profile", None, None, &[("authorization", &format!("Basic {token}"))])
+        .send(
+            Method::GET,
+            "/v1/profile",
+            None,
+            None,
+            &[("authorization", &format!("Basic {token}"))],
+        )
         .await;
     r.problem(401);
     // Altered at the start, the middle and the end.
@@ -151,10 +221,17 @@ async fn a_client_removed_from_the_config_loses_its_tokens() {
     let pos = s.acme().await;
     let dir = s.stop().await;
     let s = TestServer::start_in(dir, |text| {
-        text.replace("[[businesses.clients]]\nclient_id = \"acme-web\"\nsecret = \"acme-web-secret\"\n", "")
+        text.replace(
+            "[[businesses.clients]]\nclient_id = \"acme-web\"\nsecret = \"acme-web-secret\"\n",
+            "",
+        )
     })
     .await;
-    assert_eq!(s.get("/v1/profile", Some(&pos)).await.status, 200, "the key is kept in the database");
+    assert_eq!(
+        s.get("/v1/profile", Some(&pos)).await.status,
+        200,
+        "the key is kept in the database"
+    );
     let detail = s.get("/v1/profile", Some(&web)).await.problem(401);
     assert!(detail.contains("no longer exists"), "{detail}");
 }
@@ -164,8 +241,14 @@ async fn each_business_sees_only_its_own_profile() {
     let s = TestServer::start().await;
     let acme = s.acme().await;
     let globex = s.globex().await;
-    assert_eq!(s.get("/v1/profile", Some(&acme)).await.json()["name"], "Acme Coffee");
-    assert_eq!(s.get("/v1/profile", Some(&globex)).await.json()["name"], "Globex Stores");
+    assert_eq!(
+        s.get("/v1/profile", Some(&acme)).await.json()["name"],
+        "Acme Coffee"
+    );
+    assert_eq!(
+        s.get("/v1/profile", Some(&globex)).await.json()["name"],
+        "Globex Stores"
+    );
 }
 
 #[tokio::test]
@@ -197,7 +280,10 @@ async fn programs_are_the_enabled_ones_with_exact_prices() {
 async fn currencies_are_sorted_codes() {
     let s = TestServer::start().await;
     let token = s.acme().await;
-    assert_eq!(s.get("/v1/currencies", Some(&token)).await.json(), json!(["AED", "SAR", "USD"]));
+    assert_eq!(
+        s.get("/v1/currencies", Some(&token)).await.json(),
+        json!(["AED", "SAR", "USD"])
+    );
     s.get("/v1/currencies", None).await.problem(401);
 }
 
@@ -212,7 +298,14 @@ async fn health_needs_no_token() {
 #[tokio::test]
 async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
     let s = TestServer::start().await;
-    for path in ["/", "/v1", "/v2/profile", "/v1/profile/", "/v1/transactions/a/b", "/v1/nothing"] {
+    for path in [
+        "/",
+        "/v1",
+        "/v2/profile",
+        "/v1/profile/",
+        "/v1/transactions/a/b",
+        "/v1/nothing",
+    ] {
         s.get(path, None).await.problem(404);
     }
     for (method, path, allow) in [
@@ -237,7 +330,13 @@ async fn bodies_over_the_limit_get_413() {
     let token = s.acme().await;
     let big = format!("{{\"description\":\"{}\"}}", "x".repeat(70 * 1024));
     let r = s
-        .send(Method::POST, "/v1/transactions", Some(&token), Some(big.into_bytes()), &[("content-type", "application/json")])
+        .send(
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(big.into_bytes()),
+            &[("content-type", "application/json")],
+        )
         .await;
     r.problem(413);
 }
@@ -245,7 +344,15 @@ async fn bodies_over_the_limit_get_413() {
 #[tokio::test]
 async fn a_client_request_id_is_echoed_and_ours_are_unique() {
     let s = TestServer::start().await;
-    let r = s.send(Method::GET, "/healthz", None, None, &[("x-request-id", "trace-42")]).await;
+    let r = s
+        .send(
+            Method::GET,
+            "/healthz",
+            None,
+            None,
+            &[("x-request-id", "trace-42")],
+        )
+        .await;
     assert_eq!(r.header("x-request-id"), Some("trace-42"));
     let a = s.get("/healthz", None).await;
     let b = s.get("/healthz", None).await;

@@ -8,7 +8,9 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 async fn list(s: &TestServer, token: &str, query: &str) -> Vec<Value> {
-    let r = s.get(&format!("/v1/transactions?{query}"), Some(token)).await;
+    let r = s
+        .get(&format!("/v1/transactions?{query}"), Some(token))
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     r.json().as_array().expect("array").clone()
 }
@@ -34,7 +36,9 @@ async fn issuing_returns_201_with_exact_points_and_the_transaction_reads_back() 
     assert_eq!(created["referenceNumber"], "inv-1");
     assert_eq!(created["date"], "2026-11-27T10:15:00Z");
     let id = created["id"].as_str().expect("id");
-    assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    assert!(id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
 
     let expected = json!({
         "id": id, "referenceNumber": "inv-1", "sourceValue": 3673, "currency": "AED",
@@ -43,8 +47,16 @@ async fn issuing_returns_201_with_exact_points_and_the_transaction_reads_back() 
         "pointTransactions": [{"destinationNumberOfPoints": "833", "type": "bonus"}],
         "partnership": {"destination": {"name": "Skywards Miles", "programId": "skywards"}},
     });
-    assert_eq!(s.get(&format!("/v1/transactions/{id}"), Some(&token)).await.json(), expected);
-    assert_eq!(s.get("/v1/transactions/inv-1", Some(&token)).await.json(), expected);
+    assert_eq!(
+        s.get(&format!("/v1/transactions/{id}"), Some(&token))
+            .await
+            .json(),
+        expected
+    );
+    assert_eq!(
+        s.get("/v1/transactions/inv-1", Some(&token)).await.json(),
+        expected
+    );
 }
 
 #[tokio::test]
@@ -53,14 +65,29 @@ async fn points_math_is_exact_where_floats_are_not() {
     let globex = s.globex().await;
     // USD business, 70 cents at 0.007 USD/point: 100 points (floats give 99).
     let r = s
-        .issue(&globex, json!({"programId": "tiny", "value": 70, "userId": "u", "referenceNumber": "r1"}))
+        .issue(
+            &globex,
+            json!({"programId": "tiny", "value": 70, "userId": "u", "referenceNumber": "r1"}),
+        )
         .await;
     assert_eq!(r.json()["totalPoints"], 100);
-    let preview = s.post("/v1/transactions/preview", Some(&globex), &json!({"programId": "tiny", "value": 70})).await;
+    let preview = s
+        .post(
+            "/v1/transactions/preview",
+            Some(&globex),
+            &json!({"programId": "tiny", "value": 70}),
+        )
+        .await;
     assert_eq!(preview.status, 200);
     assert_eq!(preview.json(), json!({"totalPoints": 100}));
     let acme = s.acme().await;
-    let preview = s.post("/v1/transactions/preview", Some(&acme), &json!({"programId": "skywards", "value": 3673})).await;
+    let preview = s
+        .post(
+            "/v1/transactions/preview",
+            Some(&acme),
+            &json!({"programId": "skywards", "value": 3673}),
+        )
+        .await;
     assert_eq!(preview.json(), json!({"totalPoints": 833}));
 }
 
@@ -69,12 +96,30 @@ async fn preview_stores_nothing() {
     let s = TestServer::start().await;
     let token = s.acme().await;
     for _ in 0..3 {
-        let r = s.post("/v1/transactions/preview", Some(&token), &json!({"programId": "skywards", "value": 100_000})).await;
+        let r = s
+            .post(
+                "/v1/transactions/preview",
+                Some(&token),
+                &json!({"programId": "skywards", "value": 100_000}),
+            )
+            .await;
         assert_eq!(r.status, 200);
     }
     assert!(list(&s, &token, &all(0, 9_999_999_999)).await.is_empty());
-    s.post("/v1/transactions/preview", Some(&token), &json!({"programId": "tiny", "value": 100})).await.problem(422);
-    s.post("/v1/transactions/preview", Some(&token), &json!({"programId": "skywards"})).await.problem(400);
+    s.post(
+        "/v1/transactions/preview",
+        Some(&token),
+        &json!({"programId": "tiny", "value": 100}),
+    )
+    .await
+    .problem(422);
+    s.post(
+        "/v1/transactions/preview",
+        Some(&token),
+        &json!({"programId": "skywards"}),
+    )
+    .await
+    .problem(400);
 }
 
 #[tokio::test]
@@ -83,24 +128,78 @@ async fn each_invalid_field_is_a_400_naming_it_and_stores_nothing() {
     let token = s.acme().await;
     let long = "x".repeat(129);
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"value": 1, "userId": "u", "referenceNumber": "r"}), "programId"),
-        (json!({"programId": "skywards", "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": 100, "referenceNumber": "r"}), "userId"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u"}), "referenceNumber"),
-        (json!({"programId": "skywards", "value": 0, "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": -5, "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": 1_000_000_000_001u64, "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": 10.5, "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": "100", "userId": "u", "referenceNumber": "r"}), "value"),
-        (json!({"programId": "skywards", "value": 100, "userId": "", "referenceNumber": "r"}), "userId"),
-        (json!({"programId": "skywards", "value": 100, "userId": long, "referenceNumber": "r"}), "userId"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "a\u{0}b"}), "referenceNumber"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": long}), "referenceNumber"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "description": "d".repeat(513)}), "description"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "description": 7}), "description"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "bonus": "yes"}), "bonus"),
-        (json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "points": 5}), "points"),
-        (json!({"programId": 7, "value": 100, "userId": "u", "referenceNumber": "r"}), "programId"),
+        (
+            json!({"value": 1, "userId": "u", "referenceNumber": "r"}),
+            "programId",
+        ),
+        (
+            json!({"programId": "skywards", "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "referenceNumber": "r"}),
+            "userId",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u"}),
+            "referenceNumber",
+        ),
+        (
+            json!({"programId": "skywards", "value": 0, "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": -5, "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": 1_000_000_000_001u64, "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": 10.5, "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": "100", "userId": "u", "referenceNumber": "r"}),
+            "value",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "", "referenceNumber": "r"}),
+            "userId",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": long, "referenceNumber": "r"}),
+            "userId",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "a\u{0}b"}),
+            "referenceNumber",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": long}),
+            "referenceNumber",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "description": "d".repeat(513)}),
+            "description",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "description": 7}),
+            "description",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "bonus": "yes"}),
+            "bonus",
+        ),
+        (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "points": 5}),
+            "points",
+        ),
+        (
+            json!({"programId": 7, "value": 100, "userId": "u", "referenceNumber": "r"}),
+            "programId",
+        ),
     ];
     for (body, field) in cases {
         let detail = s.issue(&token, body.clone()).await.problem(400);
@@ -108,7 +207,13 @@ async fn each_invalid_field_is_a_400_naming_it_and_stores_nothing() {
     }
     for raw in ["", "[]", "null", "{", "{\"value\":1e400}"] {
         let r = s
-            .send(Method::POST, "/v1/transactions", Some(&token), Some(raw.as_bytes().to_vec()), &[("content-type", "application/json")])
+            .send(
+                Method::POST,
+                "/v1/transactions",
+                Some(&token),
+                Some(raw.as_bytes().to_vec()),
+                &[("content-type", "application/json")],
+            )
             .await;
         r.problem(400);
     }
@@ -128,17 +233,29 @@ async fn business_rules_are_422_and_store_nothing() {
         assert!(detail.contains(program), "{detail}");
     }
     // 1 fils is worth 0 points; bounded allows 100..=200 points (0.036725 AED each).
-    s.issue(&token, json!({"programId": "skywards", "value": 1, "userId": "u", "referenceNumber": "r"}))
-        .await
-        .problem(422);
-    s.issue(&token, json!({"programId": "bounded", "value": 367, "userId": "u", "referenceNumber": "r"}))
-        .await
-        .problem(422);
-    s.issue(&token, json!({"programId": "bounded", "value": 740, "userId": "u", "referenceNumber": "r"}))
-        .await
-        .problem(422);
+    s.issue(
+        &token,
+        json!({"programId": "skywards", "value": 1, "userId": "u", "referenceNumber": "r"}),
+    )
+    .await
+    .problem(422);
+    s.issue(
+        &token,
+        json!({"programId": "bounded", "value": 367, "userId": "u", "referenceNumber": "r"}),
+    )
+    .await
+    .problem(422);
+    s.issue(
+        &token,
+        json!({"programId": "bounded", "value": 740, "userId": "u", "referenceNumber": "r"}),
+    )
+    .await
+    .problem(422);
     let ok = s
-        .issue(&token, json!({"programId": "bounded", "value": 368, "userId": "u", "referenceNumber": "r"}))
+        .issue(
+            &token,
+            json!({"programId": "bounded", "value": 368, "userId": "u", "referenceNumber": "r"}),
+        )
         .await;
     assert_eq!(ok.status, 201, "{}", ok.text());
     assert_eq!(ok.json()["totalPoints"], 100);
@@ -217,8 +334,12 @@ async fn businesses_never_see_each_others_transactions() {
     let globex = s.globex().await;
     let mine = s.issue(&acme, issue_body("shared-ref")).await.json();
     let id = mine["id"].as_str().expect("id");
-    s.get(&format!("/v1/transactions/{id}"), Some(&globex)).await.problem(404);
-    s.get("/v1/transactions/shared-ref", Some(&globex)).await.problem(404);
+    s.get(&format!("/v1/transactions/{id}"), Some(&globex))
+        .await
+        .problem(404);
+    s.get("/v1/transactions/shared-ref", Some(&globex))
+        .await
+        .problem(404);
     assert!(list(&s, &globex, &all(0, 9_999_999_999)).await.is_empty());
     // The same referenceNumber is free for another business.
     let theirs = s
@@ -226,7 +347,12 @@ async fn businesses_never_see_each_others_transactions() {
         .await;
     assert_eq!(theirs.status, 201);
     assert_ne!(theirs.json()["id"], mine["id"]);
-    assert_eq!(s.get("/v1/transactions/shared-ref", Some(&acme)).await.json()["id"], mine["id"]);
+    assert_eq!(
+        s.get("/v1/transactions/shared-ref", Some(&acme))
+            .await
+            .json()["id"],
+        mine["id"]
+    );
 }
 
 #[tokio::test]
@@ -235,16 +361,27 @@ async fn get_by_reference_percent_decodes_and_unknown_is_404() {
     let token = s.acme().await;
     let r = s.issue(&token, issue_body("inv 2026/11#7")).await;
     assert_eq!(r.status, 201);
-    let got = s.get("/v1/transactions/inv%202026%2F11%237", Some(&token)).await;
+    let got = s
+        .get("/v1/transactions/inv%202026%2F11%237", Some(&token))
+        .await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["referenceNumber"], "inv 2026/11#7");
-    s.get("/v1/transactions/unknown", Some(&token)).await.problem(404);
-    s.get("/v1/transactions/tx_AAAAAAAAAAAAAAAAAAAAAA", Some(&token)).await.problem(404);
-    s.get("/v1/transactions/bad%zz", Some(&token)).await.problem(400);
+    s.get("/v1/transactions/unknown", Some(&token))
+        .await
+        .problem(404);
+    s.get("/v1/transactions/tx_AAAAAAAAAAAAAAAAAAAAAA", Some(&token))
+        .await
+        .problem(404);
+    s.get("/v1/transactions/bad%zz", Some(&token))
+        .await
+        .problem(400);
     s.get("/v1/transactions/inv-1", None).await.problem(401);
     // "preview" is a referenceNumber like any other for GET.
     assert_eq!(s.issue(&token, issue_body("preview")).await.status, 201);
-    assert_eq!(s.get("/v1/transactions/preview", Some(&token)).await.json()["referenceNumber"], "preview");
+    assert_eq!(
+        s.get("/v1/transactions/preview", Some(&token)).await.json()["referenceNumber"],
+        "preview"
+    );
 }
 
 #[tokio::test]
@@ -263,16 +400,40 @@ async fn listing_is_inclusive_ordered_and_filtered_by_program() {
         refs.push(format!("r{i}"));
     }
     let names = |items: Vec<Value>| -> Vec<String> {
-        items.iter().map(|t| t["referenceNumber"].as_str().expect("ref").to_owned()).collect()
+        items
+            .iter()
+            .map(|t| t["referenceNumber"].as_str().expect("ref").to_owned())
+            .collect()
     };
     assert_eq!(names(list(&s, &token, &all(T0, T0 + 20)).await), refs);
-    assert_eq!(names(list(&s, &token, &all(T0 + 10, T0 + 10)).await), ["r2"]);
-    assert_eq!(names(list(&s, &token, &all(T0 + 1, T0 + 9)).await), Vec::<String>::new());
-    assert_eq!(names(list(&s, &token, &all(T0 + 20, T0 + 20)).await), ["r3", "r4", "r5"]);
-    assert_eq!(names(list(&s, &token, &all(T0 - 100, T0 - 1)).await), Vec::<String>::new());
-    let bounded = list(&s, &token, &format!("{}&programId=bounded", all(T0, T0 + 20))).await;
+    assert_eq!(
+        names(list(&s, &token, &all(T0 + 10, T0 + 10)).await),
+        ["r2"]
+    );
+    assert_eq!(
+        names(list(&s, &token, &all(T0 + 1, T0 + 9)).await),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(list(&s, &token, &all(T0 + 20, T0 + 20)).await),
+        ["r3", "r4", "r5"]
+    );
+    assert_eq!(
+        names(list(&s, &token, &all(T0 - 100, T0 - 1)).await),
+        Vec::<String>::new()
+    );
+    let bounded = list(
+        &s,
+        &token,
+        &format!("{}&programId=bounded", all(T0, T0 + 20)),
+    )
+    .await;
     assert_eq!(names(bounded), ["r1", "r3", "r5"]);
-    assert!(list(&s, &token, &format!("{}&programId=tiny", all(T0, T0 + 20))).await.is_empty());
+    assert!(
+        list(&s, &token, &format!("{}&programId=tiny", all(T0, T0 + 20)))
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -296,7 +457,9 @@ async fn bad_listing_queries_are_400() {
         "startDate=1795774500&endDate=1795774500&startDate=1795774500",
         "startDate=1795774500&endDate=1795774500&sort=desc",
     ] {
-        s.get(&format!("/v1/transactions?{query}"), Some(&token)).await.problem(400);
+        s.get(&format!("/v1/transactions?{query}"), Some(&token))
+            .await
+            .problem(400);
     }
 }
 
@@ -306,7 +469,10 @@ async fn pages_follow_the_link_header_to_the_end() {
     let token = s.acme().await;
     for i in 0..7u64 {
         s.clock.set(T0 + i / 3);
-        assert_eq!(s.issue(&token, issue_body(&format!("p{i}"))).await.status, 201);
+        assert_eq!(
+            s.issue(&token, issue_body(&format!("p{i}"))).await.status,
+            201
+        );
     }
     let mut next = Some(format!("/v1/transactions?{}&limit=3", all(T0, T0 + 100)));
     let mut seen = Vec::new();
@@ -350,11 +516,24 @@ async fn a_large_listing_streams_every_transaction_once() {
     for task in tasks {
         assert_eq!(task.await.expect("task"), 201);
     }
-    let r = s.get(&format!("/v1/transactions?{}", all(0, 9_999_999_999)), Some(&token)).await;
-    assert_eq!(r.header("transfer-encoding"), Some("chunked"), "streamed, not buffered");
+    let r = s
+        .get(
+            &format!("/v1/transactions?{}", all(0, 9_999_999_999)),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(
+        r.header("transfer-encoding"),
+        Some("chunked"),
+        "streamed, not buffered"
+    );
     let items = r.json();
-    let refs: std::collections::HashSet<&str> =
-        items.as_array().expect("array").iter().map(|t| t["referenceNumber"].as_str().expect("ref")).collect();
+    let refs: std::collections::HashSet<&str> = items
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|t| t["referenceNumber"].as_str().expect("ref"))
+        .collect();
     assert_eq!(refs.len(), 600);
 }
 
@@ -369,7 +548,10 @@ async fn a_restart_keeps_transactions_and_tokens() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.json()["id"], created["id"]);
     // New transactions still sort after the old ones.
-    assert_eq!(s.issue(&token, issue_body("after-restart")).await.status, 201);
+    assert_eq!(
+        s.issue(&token, issue_body("after-restart")).await.status,
+        201
+    );
     let refs: Vec<Value> = list(&s, &token, &all(0, 9_999_999_999)).await;
     assert_eq!(refs[0]["referenceNumber"], "kept");
     assert_eq!(refs[1]["referenceNumber"], "after-restart");

@@ -25,7 +25,6 @@ pub fn config_text(storage: &str) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
-log_level = "warn"
 [storage]
 path = "{storage}"
 [auth]
@@ -94,7 +93,10 @@ impl TestServer {
     }
 
     /// Starts on the database in `dir`, with the default config text changed by `edit`.
-    pub async fn start_in(dir: Arc<tempfile::TempDir>, edit: impl FnOnce(String) -> String) -> TestServer {
+    pub async fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        edit: impl FnOnce(String) -> String,
+    ) -> TestServer {
         let text = edit(config_text("db/cosmopoints.redb"));
         let config = Config::parse(&text, dir.path()).expect("test config is valid");
         let clock = Clock::manual(T0);
@@ -130,7 +132,11 @@ impl TestServer {
 
     pub async fn token(&self, client: &str, secret: &str) -> String {
         let r = self
-            .post("/v1/auth", None, &serde_json::json!({"clientId": client, "clientSecret": secret}))
+            .post(
+                "/v1/auth",
+                None,
+                &serde_json::json!({"clientId": client, "clientSecret": secret}),
+            )
             .await;
         assert_eq!(r.status, 200, "auth failed: {}", r.text());
         r.json()["accessToken"].as_str().expect("token").to_owned()
@@ -149,13 +155,25 @@ impl TestServer {
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Reply {
-        self.send(Method::POST, path, token, Some(body.to_string().into_bytes()), &[("content-type", "application/json")])
-            .await
+        self.send(
+            Method::POST,
+            path,
+            token,
+            Some(body.to_string().into_bytes()),
+            &[("content-type", "application/json")],
+        )
+        .await
     }
 
     pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> Reply {
-        self.send(Method::PUT, path, token, Some(body.to_string().into_bytes()), &[("content-type", "application/json")])
-            .await
+        self.send(
+            Method::PUT,
+            path,
+            token,
+            Some(body.to_string().into_bytes()),
+            &[("content-type", "application/json")],
+        )
+        .await
     }
 
     pub async fn send(
@@ -189,7 +207,8 @@ impl Reply {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -199,10 +218,15 @@ impl Reply {
     /// Asserts a problem+json error with this status and returns its detail.
     pub fn problem(&self, status: u16) -> String {
         assert_eq!(self.status, status, "body: {}", self.text());
-        assert_eq!(self.header("content-type"), Some("application/problem+json"));
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
         let p = self.json();
         assert_eq!(p["status"], status);
-        assert!(p["type"].as_str().is_some_and(|t| t.starts_with("urn:cosmopoints:problem:")));
+        assert!(p["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("urn:cosmopoints:problem:")));
         assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
         p["detail"].as_str().expect("detail").to_owned()
     }
@@ -230,9 +254,19 @@ pub async fn request_from(
     body: Option<Vec<u8>>,
 ) -> Reply {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.bind(SocketAddr::new(source, 0)).expect("bind source");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .expect("bind source");
     let stream = socket.connect(addr).await.expect("connect");
-    exchange(stream, method, path, None, body, &[("content-type", "application/json")]).await
+    exchange(
+        stream,
+        method,
+        path,
+        None,
+        body,
+        &[("content-type", "application/json")],
+    )
+    .await
 }
 
 async fn exchange(
@@ -243,11 +277,48 @@ async fn exchange(
     body: Option<Vec<u8>>,
     headers: &[(&str, &str)],
 ) -> Reply {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    try_exchange(stream, method, path, token, body, headers)
         .await
-        .expect("handshake");
+        .expect("the server answers")
+}
+
+/// One request on a fresh connection; `None` if the connection fails (a killed server).
+pub async fn try_request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Option<Reply> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    try_exchange(
+        stream,
+        method,
+        path,
+        token,
+        body,
+        &[("content-type", "application/json")],
+    )
+    .await
+}
+
+async fn try_exchange(
+    stream: TcpStream,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Option<Reply> {
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
     tokio::spawn(conn);
-    let mut builder = Request::builder().method(method).uri(path).header("host", "localhost");
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
     if let Some(token) = token {
         builder = builder.header("authorization", format!("Bearer {token}"));
     }
@@ -257,11 +328,118 @@ async fn exchange(
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .expect("request");
-    let response = sender.send_request(request).await.expect("response");
+    let response = sender.send_request(request).await.ok()?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("body").to_bytes();
-    Reply { status, headers, body }
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The real `cosmopoints` binary, serving a config file; its stderr is collected.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    /// Starts `cosmopoints serve --config PATH` and waits for its "listening on" line.
+    pub fn serve(config: &std::path::Path) -> Binary {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (found, addr) = std::sync::mpsc::channel();
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(at) = line.find("listening on ") {
+                    let text = line[at + "listening on ".len()..].trim().to_owned();
+                    let _ = found.send(text);
+                }
+                collected.lock().expect("lines").push(line);
+            }
+        });
+        let addr = match addr.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(text) => text.parse().expect("an address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no listening line; stderr: {:?}",
+                    lines.lock().expect("lines")
+                );
+            }
+        };
+        Binary {
+            child,
+            addr,
+            stderr: lines,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits up to `secs` for the exit code.
+    pub fn wait(&mut self, secs: u64) -> Option<i32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub async fn token(&self, client: &str, secret: &str) -> String {
+        let body = serde_json::json!({"clientId": client, "clientSecret": secret})
+            .to_string()
+            .into_bytes();
+        let r = try_request(self.addr, Method::POST, "/v1/auth", None, Some(body))
+            .await
+            .expect("auth answers");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["accessToken"].as_str().expect("token").to_owned()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the test config (port 0) into `dir` and returns its path.
+pub fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("cosmopoints.toml");
+    std::fs::write(&path, config_text("db/cosmopoints.redb")).expect("write config");
+    path
 }
 
 /// A valid issue-points body with this reference.

@@ -1,0 +1,335 @@
+//! The real binary: command line, config errors, start-up failures, graceful shutdown
+//! on SIGTERM, and a crash (kill -9) under concurrent issuance.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{issue_body, try_request, write_config, Binary};
+use hyper::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_version_and_usage_errors() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["hash-secret", "--help"],
+    ] {
+        let (code, out, _) = run(args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("usage"), "{args:?}: {out}");
+    }
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("cosmopoints "));
+    for args in [
+        &[][..],
+        &["bogus"],
+        &["serve", "--port", "1"],
+        &["serve", "--config"],
+        &["hash-secret", "--iterations", "0"],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn hash_secret_output_is_accepted_by_the_config() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(["hash-secret", "--iterations", "1000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"s3cret\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    assert!(hash.starts_with("$pbkdf2-sha256$i=1000$"), "{hash}");
+    let dir = tempfile::tempdir().expect("dir");
+    let text = common::config_text("db.redb").replace(
+        "secret = \"acme-secret\"",
+        &format!("secret_hash = \"{hash}\""),
+    );
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).expect("write");
+    let server = Binary::serve(&config);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        server.token("acme-pos", "s3cret").await;
+        let body =
+            serde_json::json!({"clientId": "acme-pos", "clientSecret": "s3cret\n"}).to_string();
+        let r = try_request(
+            server.addr,
+            Method::POST,
+            "/v1/auth",
+            None,
+            Some(body.into_bytes()),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, 401);
+    });
+}
+
+#[test]
+fn bad_configs_exit_2_with_one_line_naming_the_key() {
+    let base = common::config_text("db.redb");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            base.replace("currency = \"USD\"", "currency = \"XYZ\""),
+            "businesses[1].currency",
+        ),
+        (
+            base.replace(
+                "programs = [\"skywards\", \"bounded\"]",
+                "programs = [\"skywards\", \"nowhere\"]",
+            ),
+            "businesses[0].programs[1]",
+        ),
+        (
+            base.replace("id = \"globex\"", "id = \"acme\""),
+            "businesses[1].id",
+        ),
+        (
+            base.replace("id = \"tiny\"", "id = \"skywards\""),
+            "programs[1].id",
+        ),
+        (
+            base.replace("client_id = \"globex-pos\"", "client_id = \"acme-pos\""),
+            "businesses[1].clients[0].client_id",
+        ),
+        (
+            base.replace(
+                "price_per_point_usd = \"0.012\"",
+                "price_per_point_usd = \"0.01.2\"",
+            ),
+            "programs[0].price_per_point_usd",
+        ),
+        (
+            base.replace("AED = \"3.6725\"", "AED = \"-3\""),
+            "currencies.AED",
+        ),
+        (
+            base[..base.find("[[businesses]]").expect("businesses")].to_owned(),
+            "businesses",
+        ),
+        (base.replace("[server]", "[server]\nport = 1"), "line"),
+        (
+            base.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
+            "server.listen",
+        ),
+        (
+            base.replace("secret = \"acme-secret\"", "secret_hash = \"plain\""),
+            "secret_hash",
+        ),
+        ("this is not toml".to_owned(), "line 1"),
+    ];
+    let dir = tempfile::tempdir().expect("dir");
+    for (text, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &text).expect("write");
+        let (code, _, err) = run(&["serve", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{key}: {err}");
+        assert!(err.contains(key), "expected {key} in: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{err}"
+        );
+    }
+    let (code, _, err) = run(&["serve", "--config", "/nonexistent/c.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/c.toml"), "{err}");
+}
+
+#[test]
+fn an_unusable_database_stops_start_up_with_exit_2() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    // Another server holds the file.
+    let first = Binary::serve(&config);
+    let (code, _, err) = run(&["serve", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    drop(first);
+    // Not a database at all.
+    let corrupt = dir.path().join("db/cosmopoints.redb");
+    std::fs::write(&corrupt, vec![0x5a; 64 * 1024]).expect("write");
+    let (code, _, err) = run(&["serve", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot open"), "{err}");
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_and_exits_0() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut server = Binary::serve(&write_config(dir.path()));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let body = issue_body("in-flight").to_string();
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/transactions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.write_all(&body.as_bytes()[..10]).await.expect("part");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.signal("TERM");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(&body.as_bytes()[10..]).await.expect("rest");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    });
+    assert_eq!(server.wait(15), Some(0));
+    // The acknowledged transaction is there after a restart.
+    let server = Binary::serve(&write_config(dir.path()));
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let r = try_request(
+            server.addr,
+            Method::GET,
+            "/v1/transactions/in-flight",
+            Some(&token),
+            None,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, 200);
+    });
+}
+
+#[test]
+fn kill_9_under_concurrent_issuance_loses_no_acknowledged_transaction() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    let mut server = Binary::serve(&config);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let acknowledged: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let mut clients = Vec::new();
+        for c in 0..16 {
+            let (addr, token, acked) = (server.addr, token.clone(), acknowledged.clone());
+            clients.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let reference = format!("crash-{c}-{i}");
+                    let body = issue_body(&reference).to_string().into_bytes();
+                    let Some(r) = try_request(
+                        addr,
+                        Method::POST,
+                        "/v1/transactions",
+                        Some(&token),
+                        Some(body),
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    if r.status == 201 || r.status == 200 {
+                        let id = r.json()["id"].as_str().expect("id").to_owned();
+                        acked.lock().expect("acked").insert(reference, id);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.kill9();
+        for client in clients {
+            client.await.expect("client");
+        }
+    });
+    let acknowledged = acknowledged.lock().expect("acked").clone();
+    assert!(
+        acknowledged.len() > 16,
+        "the load ran: {}",
+        acknowledged.len()
+    );
+    let (code, out, err) = run(&["check", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(" 0 problems"), "{out}");
+
+    let server = Binary::serve(&config);
+    // The running server holds the file: check says so and exits 2.
+    let (code, _, err) = run(&["check", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let r = try_request(
+            server.addr,
+            Method::GET,
+            "/v1/transactions?startDate=0000000000&endDate=9999999999",
+            Some(&token),
+            None,
+        )
+        .await
+        .expect("listing");
+        assert_eq!(r.status, 200);
+        let listed: Vec<(String, String)> = r
+            .json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|t| {
+                (
+                    t["referenceNumber"].as_str().expect("ref").to_owned(),
+                    t["id"].as_str().expect("id").to_owned(),
+                )
+            })
+            .collect();
+        let unique: HashSet<&String> = listed.iter().map(|(r, _)| r).collect();
+        assert_eq!(unique.len(), listed.len(), "a reference listed twice");
+        let listed: HashMap<String, String> = listed.into_iter().collect();
+        for (reference, id) in &acknowledged {
+            assert_eq!(
+                listed.get(reference),
+                Some(id),
+                "acknowledged {reference} is missing after the crash"
+            );
+            let got = try_request(
+                server.addr,
+                Method::GET,
+                &format!("/v1/transactions/{reference}"),
+                Some(&token),
+                None,
+            )
+            .await
+            .expect("get");
+            assert_eq!(got.status, 200);
+        }
+    });
+}
