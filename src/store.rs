@@ -150,7 +150,7 @@ enum Job {
 /// The database and its writer. Reads run on the caller's thread (redb reads never wait
 /// for the writer); writes queue for the one writer thread.
 pub struct Store {
-    db: Arc<Database>,
+    handle: Arc<Handle>,
     jobs: mpsc::Sender<Job>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -172,29 +172,32 @@ impl Store {
         }
         let db = Database::create(path).map_err(open_error)?;
         let next_seq = prepare(&db)?;
-        let db = Arc::new(db);
+        let handle = Arc::new(Handle {
+            path: path.to_path_buf(),
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+        });
         let (jobs, rx) = mpsc::channel(queue.max(1));
         let writer = Writer {
-            db: db.clone(),
+            handle: handle.clone(),
             clock,
             max_batch: max_batch.max(1),
             next_seq,
         };
-        let handle = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("cosmopoints-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Unusable(format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
-            db,
+            handle,
             jobs,
-            writer: std::sync::Mutex::new(Some(handle)),
+            writer: std::sync::Mutex::new(Some(thread)),
         })
     }
 
     /// The token signing key kept in the database, made on first use.
     pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
         {
-            let txn = self.db.begin_read().map_err(unavailable)?;
+            let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
             let meta = txn.open_table(META).map_err(unavailable)?;
             if let Some(key) = meta.get("signing_key").map_err(unavailable)? {
                 return Ok(key.value().to_vec());
@@ -202,7 +205,7 @@ impl Store {
         }
         // First start: only `open` (single-threaded, before serving) gets here.
         let key = generate();
-        let txn = self.db.begin_write().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_write().map_err(unavailable)?;
         {
             let mut meta = txn.open_table(META).map_err(unavailable)?;
             meta.insert("signing_key", key.as_slice())
@@ -249,7 +252,7 @@ impl Store {
 
     /// Whether the database answers a read.
     pub fn ping(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         txn.open_table(META).map_err(unavailable)?;
         Ok(())
     }
@@ -260,7 +263,7 @@ impl Store {
         business: &str,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
         if let Some(id) = TransactionId::parse(key) {
             if let Some(tx) = read_tx(&records, id.0)? {
@@ -282,7 +285,7 @@ impl Store {
         business: &str,
         reference: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         let by_ref = txn.open_table(BY_REFERENCE).map_err(unavailable)?;
         match by_ref.get((business, reference)).map_err(unavailable)? {
             Some(id) => {
@@ -306,7 +309,7 @@ impl Store {
         mut visit: impl FnMut(Transaction) -> bool,
     ) -> Result<(), StoreError> {
         use std::ops::Bound::{Excluded, Included};
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
         let mut emit = |id: u128| -> Result<bool, StoreError> {
             let tx = read_tx(&records, id)?.ok_or_else(|| {
@@ -357,7 +360,7 @@ impl Store {
         end_user_id: &str,
         program: Option<&str>,
     ) -> Result<Vec<Connection>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         let table = txn.open_table(CONNECTIONS).map_err(unavailable)?;
         let mut found = Vec::new();
         for entry in table
@@ -376,6 +379,90 @@ impl Store {
             found.push(connection(user, program_id, record));
         }
         Ok(found)
+    }
+}
+
+/// The open database, shared by readers and the writer, and replaced by the writer after
+/// an I/O failure.
+///
+/// redb latches an I/O error (a full disk, say): every later operation on that `Database`
+/// fails until it is reopened. So after a failed commit the writer takes the database out
+/// (requests meanwhile get 503 at once), waits for readers to let go of it, and opens the
+/// file again, which makes redb recover it to the last durable commit. Until that works
+/// (for instance while the disk is still full) it retries on every write and at least
+/// every [`RECOVERY_RETRY`].
+struct Handle {
+    path: std::path::PathBuf,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+/// How often the writer retries opening a database it had to close.
+const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Handle {
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    fn is_open(&self) -> bool {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Closes the database (waiting up to a few seconds for readers to let go of it) and
+    /// opens it again; returns the sequence counter read back from the file.
+    fn reopen(&self) -> Option<u64> {
+        let old = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(mut old) = old {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if std::time::Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(shared) => {
+                        // A long listing still reads it: put it back, retry later.
+                        *self
+                            .db
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shared);
+                        return None;
+                    }
+                }
+            }
+        }
+        let reopened = Database::create(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|db| prepare(&db).map(|seq| (db, seq)).map_err(|e| e.to_string()));
+        match reopened {
+            Ok((db, next_seq)) => {
+                *self
+                    .db
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
+                tracing::warn!("database reopened after a storage failure");
+                Some(next_seq)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "database cannot be reopened yet");
+                None
+            }
+        }
     }
 }
 
@@ -506,7 +593,7 @@ fn connection(end_user_id: &str, program_id: &str, r: ConnectionRecord) -> Conne
 /// `max_batch`), applies them in one write transaction, commits once with
 /// `Durability::Immediate`, and only then answers each job.
 struct Writer {
-    db: Arc<Database>,
+    handle: Arc<Handle>,
     clock: Clock,
     max_batch: usize,
     next_seq: u64,
@@ -523,10 +610,24 @@ impl Writer {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut stopping = false;
         while !stopping {
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            batch.push(first);
+            if !self.handle.is_open() {
+                // Closed after a storage failure: retry now and then, even with no writes,
+                // so that reads come back too.
+                self.recover();
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(RECOVERY_RETRY);
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                batch.push(first);
+            }
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
@@ -565,11 +666,19 @@ impl Writer {
                 }
             }
             Err(_) => {
-                // Logged where it happened; sequence numbers of the lost batch are reused.
+                // Logged where it happened. Nothing was committed, so the sequence
+                // numbers are free again; the database may have latched the error.
                 self.next_seq = first_seq;
+                self.recover();
             }
         }
         batch.clear();
+    }
+
+    fn recover(&mut self) {
+        if let Some(next_seq) = self.handle.reopen() {
+            self.next_seq = next_seq;
+        }
     }
 
     /// Applies the batch in one write transaction and commits it durably, moving each
@@ -580,7 +689,8 @@ impl Writer {
         pending: &mut Vec<Pending>,
     ) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        let db = self.handle.db()?;
+        let mut txn = db.begin_write().map_err(unavailable)?;
         txn.set_durability(Durability::Immediate)
             .map_err(unavailable)?;
         {
@@ -721,7 +831,7 @@ pub struct CheckReport {
 impl Store {
     /// Verifies the live database (see [`check_file`]).
     pub fn check(&self) -> Result<CheckReport, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
         verify(&txn).map_err(unavailable)
     }
 }
@@ -993,7 +1103,12 @@ mod tests {
                 store.issue(issue("b", 100)).await.expect("b");
                 store.shutdown().await;
             });
-            let txn = store.db.begin_write().expect("write");
+            let txn = store
+                .handle
+                .db()
+                .expect("open")
+                .begin_write()
+                .expect("write");
             txn.open_table(BY_DATE)
                 .expect("t")
                 .insert(("acme", 5u64, 999u64), 42u128)
