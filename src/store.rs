@@ -175,6 +175,8 @@ impl Store {
         let handle = Arc::new(Handle {
             path: path.to_path_buf(),
             db: std::sync::RwLock::new(Some(Arc::new(db))),
+            commits: std::sync::atomic::AtomicU64::new(0),
+            writes: std::sync::atomic::AtomicU64::new(0),
         });
         let (jobs, rx) = mpsc::channel(queue.max(1));
         let writer = Writer {
@@ -248,6 +250,13 @@ impl Store {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+    }
+
+    /// Durable commits the writer has made since start, and the writes they held: the
+    /// ratio is the mean group-commit batch size.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.handle.commits), load(&self.handle.writes))
     }
 
     /// Whether the database answers a read.
@@ -394,6 +403,9 @@ impl Store {
 struct Handle {
     path: std::path::PathBuf,
     db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// Durable commits made by the writer, and the writes they held.
+    commits: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// How often the writer retries opening a database it had to close.
@@ -719,6 +731,12 @@ impl Writer {
                 .map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
+        self.handle
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .writes
+            .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
