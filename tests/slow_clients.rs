@@ -38,13 +38,19 @@ async fn slow_header_senders_are_cut_off_and_do_not_slow_others() {
     let mut slow = Vec::new();
     for _ in 0..40 {
         let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.expect("partial head");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .expect("partial head");
         slow.push(stream);
     }
     let started = Instant::now();
     let r = s.get("/healthz", None).await;
     assert_eq!(r.status, 200);
-    assert!(started.elapsed() < Duration::from_millis(900), "a normal client waited on slow ones");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "a normal client waited on slow ones"
+    );
     for stream in &mut slow {
         let closed = read_until_closed(stream, Duration::from_secs(5)).await;
         assert!(closed.is_some(), "a slow header sender was never cut off");
@@ -60,7 +66,9 @@ async fn a_body_that_does_not_arrive_gets_408() {
         "POST /v1/transactions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"value\""
     );
     stream.write_all(head.as_bytes()).await.expect("head");
-    let reply = read_until_closed(&mut stream, Duration::from_secs(5)).await.expect("closed");
+    let reply = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("closed");
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("application/problem+json"), "{reply}");
 }
@@ -69,7 +77,10 @@ async fn a_body_that_does_not_arrive_gets_408() {
 async fn idle_keep_alive_connections_are_closed() {
     let s = start(64).await;
     let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("request");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("request");
     let mut first = [0u8; 12];
     stream.read_exact(&mut first).await.expect("response");
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -84,7 +95,10 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
     let mut hogs = Vec::new();
     for _ in 0..4 {
         let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-        stream.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("partial");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .expect("partial");
         hogs.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -94,6 +108,9 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
     let r = s.get("/healthz", None).await;
     assert_eq!(r.status, 200);
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(500), "served beyond the cap after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served beyond the cap after {waited:?}"
+    );
     drop(hogs);
 }
