@@ -333,3 +333,59 @@ fn kill_9_under_concurrent_issuance_loses_no_acknowledged_transaction() {
         }
     });
 }
+
+#[test]
+fn json_logs_carry_request_ids_and_never_secrets_or_tokens() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = common::config_text("db/cosmopoints.redb")
+        .replace("[server]\n", "[server]\nlog_format = \"json\"\n");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut server = Binary::serve(&config);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let token = rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let wrong = serde_json::json!({"clientId": "acme-pos", "clientSecret": "wrong-secret-xyz"})
+            .to_string();
+        let r = try_request(
+            server.addr,
+            Method::POST,
+            "/v1/auth",
+            None,
+            Some(wrong.into_bytes()),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, 401);
+        let r = try_request(
+            server.addr,
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(issue_body("logged").to_string().into_bytes()),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, 201);
+        token
+    });
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(lines.len() >= 4, "{lines:?}");
+    let mut request_ids = HashSet::new();
+    for line in &lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if let Some(id) = value["span"]["id"].as_str() {
+            request_ids.insert(id.to_owned());
+        }
+        for secret in ["acme-secret", "wrong-secret-xyz", token.as_str()] {
+            assert!(
+                !line.contains(secret),
+                "a secret or token in the log: {line}"
+            );
+        }
+    }
+    assert!(request_ids.len() >= 3, "{lines:?}");
+}

@@ -368,7 +368,10 @@ impl Binary {
                 .map_while(Result::ok)
             {
                 if let Some(at) = line.find("listening on ") {
-                    let text = line[at + "listening on ".len()..].trim().to_owned();
+                    let text: String = line[at + "listening on ".len()..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
                     let _ = found.send(text);
                 }
                 collected.lock().expect("lines").push(line);
