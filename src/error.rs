@@ -131,7 +131,8 @@ impl Error {
             HeaderValue::from_static("application/problem+json"),
         );
         match &self {
-            Error::Unauthenticated(_) => {
+            // RFC 9110 §15.5.2: every 401 carries a challenge, wrong client credentials too.
+            Error::Unauthenticated(_) | Error::BadCredentials => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Error::MethodNotAllowed(allow) => {
@@ -144,7 +145,6 @@ impl Error {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::BadRequest(_)
-            | Error::BadCredentials
             | Error::NotFound(_)
             | Error::Conflict(_)
             | Error::PayloadTooLarge(_)

@@ -18,11 +18,17 @@ pub struct Fields {
 impl Fields {
     /// Parses `body` as a JSON object whose keys are all in `allowed`.
     pub fn parse(body: &[u8], allowed: &[&str]) -> Result<Fields, Error> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| Error::bad_request(format!("the body is not valid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(Error::bad_request("the body must be a JSON object"));
-        };
+        // Not `Value`: serde_json keeps the last of two equal keys, where a proxy, a log or
+        // the client's own validator may have read the first.
+        let UniqueKeys(map) = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                Error::bad_request(format!(
+                    "the body must be a JSON object without repeated keys: {e}"
+                ))
+            } else {
+                Error::bad_request(format!("the body is not valid JSON: {e}"))
+            }
+        })?;
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(Error::bad_request(format!(
                 "unknown field `{unknown}`; this endpoint takes: {}",
@@ -68,6 +74,37 @@ impl Fields {
                 "`{name}` must be true or false"
             ))),
         }
+    }
+}
+
+/// A JSON object in which no key appears twice.
+struct UniqueKeys(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut map = Map::new();
+                while let Some((key, value)) = access.next_entry::<String, Value>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "the key `{key}` appears twice"
+                        )));
+                    }
+                    map.insert(key, value);
+                }
+                Ok(UniqueKeys(map))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -209,5 +246,6 @@ mod tests {
         assert!(detail(r#"{"value":1,"name":"x","extra":0}"#).contains("`extra`"));
         assert!(detail("[1]").contains("object"));
         assert!(detail("{").contains("JSON"));
+        assert!(detail(r#"{"value":1,"name":"x","value":5}"#).contains("`value` appears twice"));
     }
 }
