@@ -278,15 +278,15 @@ fn kill_9_under_concurrent_issuance_loses_no_acknowledged_transaction() {
         "the load ran: {}",
         acknowledged.len()
     );
-    let (code, out, err) = run(&["check", "--config", config.to_str().expect("utf8")]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(" 0 problems"), "{out}");
+    let (code, report) = common::run_check(&config);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains(" 0 problems"), "{report}");
 
     let server = Binary::serve(&config);
     // The running server holds the file: check says so and exits 2.
-    let (code, _, err) = run(&["check", "--config", config.to_str().expect("utf8")]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("in use by another process"), "{err}");
+    let (code, report) = common::run_check(&config);
+    assert_eq!(code, 2, "{report}");
+    assert!(report.contains("in use by another process"), "{report}");
     rt.block_on(async {
         let token = server.token("acme-pos", "acme-secret").await;
         let r = try_request(

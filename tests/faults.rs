@@ -168,13 +168,8 @@ fn a_full_disk_fails_writes_with_503_keeps_reads_and_recovers() {
     server.signal("TERM");
     assert_eq!(server.wait(15), Some(0));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("check runs");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}");
+    let (code, report) = common::run_check(&config);
+    assert_eq!(code, 0, "{report}");
     assert!(
         report.contains(&format!("{} transactions", acknowledged.len())),
         "{report}"

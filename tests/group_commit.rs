@@ -8,23 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{issue_body, TestServer};
-use hyper::Method;
-use serde_json::{json, Value};
-
-fn spawn_issue(s: &TestServer, token: &str, body: Value) -> tokio::task::JoinHandle<common::Reply> {
-    let (addr, token) = (s.addr, token.to_owned());
-    tokio::spawn(async move {
-        common::request(
-            addr,
-            Method::POST,
-            "/v1/transactions",
-            Some(&token),
-            Some(body.to_string().into_bytes()),
-            &[("content-type", "application/json")],
-        )
-        .await
-    })
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_concurrent_issuances_each_get_the_right_answer() {
@@ -63,7 +47,7 @@ async fn mixed_concurrent_issuances_each_get_the_right_answer() {
         tasks.push((
             kind,
             body["referenceNumber"].as_str().expect("ref").to_owned(),
-            spawn_issue(&s, &token, body),
+            common::spawn_issue(s.addr, &token, body),
         ));
     }
     let mut new_ids: HashMap<String, Vec<(u16, String)>> = HashMap::new();
@@ -144,7 +128,7 @@ async fn a_full_write_queue_answers_503_and_stores_nothing_for_it() {
     .await;
     let token = s.acme().await;
     let tasks: Vec<_> = (0..300)
-        .map(|i| spawn_issue(&s, &token, issue_body(&format!("q{i}"))))
+        .map(|i| common::spawn_issue(s.addr, &token, issue_body(&format!("q{i}"))))
         .collect();
     let mut statuses = HashMap::<u16, Vec<String>>::new();
     for (i, task) in tasks.into_iter().enumerate() {

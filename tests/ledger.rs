@@ -298,18 +298,7 @@ async fn concurrent_requests_with_one_reference_make_one_transaction() {
     let token = s.acme().await;
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let (addr, token) = (s.addr, token.clone());
-        tasks.push(tokio::spawn(async move {
-            common::request(
-                addr,
-                Method::POST,
-                "/v1/transactions",
-                Some(&token),
-                Some(issue_body("same-ref").to_string().into_bytes()),
-                &[("content-type", "application/json")],
-            )
-            .await
-        }));
+        tasks.push(common::spawn_issue(s.addr, &token, issue_body("same-ref")));
     }
     let mut created = 0;
     let mut replayed = 0;
@@ -499,22 +488,14 @@ async fn a_large_listing_streams_every_transaction_once() {
     let token = s.acme().await;
     let mut tasks = Vec::new();
     for i in 0..600 {
-        let (addr, token) = (s.addr, token.clone());
-        tasks.push(tokio::spawn(async move {
-            common::request(
-                addr,
-                Method::POST,
-                "/v1/transactions",
-                Some(&token),
-                Some(issue_body(&format!("bulk-{i}")).to_string().into_bytes()),
-                &[("content-type", "application/json")],
-            )
-            .await
-            .status
-        }));
+        tasks.push(common::spawn_issue(
+            s.addr,
+            &token,
+            issue_body(&format!("bulk-{i}")),
+        ));
     }
     for task in tasks {
-        assert_eq!(task.await.expect("task"), 201);
+        assert_eq!(task.await.expect("task").status, 201);
     }
     let r = s
         .get(

@@ -107,16 +107,10 @@ fn kill_9_soak_loses_and_duplicates_nothing() {
                 client.await.expect("client");
             }
         });
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .expect("check runs");
-        assert!(
-            out.status.success(),
-            "round {round}: check failed (seed {seed}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (code, report) = common::run_check(&config);
+        assert_eq!(
+            code, 0,
+            "round {round}: check failed (seed {seed}): {report}"
         );
     }
     let server = Binary::serve(&config);

@@ -445,6 +445,37 @@ pub fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// Issues points in a task of its own, so that many requests are in flight at once.
+pub fn spawn_issue(addr: SocketAddr, token: &str, body: Value) -> tokio::task::JoinHandle<Reply> {
+    let token = token.to_owned();
+    tokio::spawn(async move {
+        request(
+            addr,
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(body.to_string().into_bytes()),
+            &[("content-type", "application/json")],
+        )
+        .await
+    })
+}
+
+/// Runs `cosmopoints check --config PATH`: the exit code and stdout.
+pub fn run_check(config: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("check runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A valid issue-points body with this reference.
 pub fn issue_body(reference: &str) -> Value {
     serde_json::json!({
