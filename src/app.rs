@@ -3,7 +3,7 @@
 use crate::auth::TokenKey;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::store::{OpenError, Store};
+use crate::store::{Limits, OpenError, Store};
 use crate::throttle::Throttle;
 
 pub struct App {
@@ -20,8 +20,11 @@ impl App {
         let store = Store::open(
             &config.storage_path,
             clock.clone(),
-            config.server.max_batch,
-            config.server.write_queue,
+            Limits {
+                max_batch: config.server.max_batch,
+                queue: config.server.write_queue,
+                cache_bytes: config.storage_cache_bytes,
+            },
         )?;
         let key = match &config.auth.signing_key {
             Some(key) => key.clone(),

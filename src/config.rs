@@ -122,6 +122,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The database file; relative paths are resolved against the config file's folder.
     pub storage_path: PathBuf,
+    /// The database's page cache, in bytes.
+    pub storage_cache_bytes: usize,
     pub auth: AuthConfig,
     pub currencies: BTreeMap<String, Currency>,
     pub programs: BTreeMap<String, Program>,
@@ -261,14 +263,21 @@ fn default_max_batch() -> u64 {
 struct RawStorage {
     #[serde(default = "default_storage_path")]
     path: String,
+    #[serde(default = "default_cache_mib")]
+    cache_mib: u64,
 }
 
 impl Default for RawStorage {
     fn default() -> Self {
         RawStorage {
             path: default_storage_path(),
+            cache_mib: default_cache_mib(),
         }
     }
+}
+
+fn default_cache_mib() -> u64 {
+    16
 }
 
 fn default_storage_path() -> String {
@@ -411,6 +420,8 @@ impl RawConfig {
             return Err(err("storage.path", "must not be empty"));
         }
         let storage_path = base.join(&self.storage.path);
+        let storage_cache_bytes =
+            positive("storage.cache_mib", self.storage.cache_mib, 1 << 20)? as usize * (1 << 20);
 
         let a = &self.auth;
         let signing_key = match &a.signing_key {
@@ -608,6 +619,7 @@ impl RawConfig {
         Ok(Config {
             server,
             storage_path,
+            storage_cache_bytes,
             auth,
             currencies,
             programs,

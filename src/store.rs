@@ -147,6 +147,28 @@ enum Job {
     Stop,
 }
 
+/// Bounds on the store's memory and batching.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most writes applied in one commit.
+    pub max_batch: usize,
+    /// Most writes waiting for the writer; beyond it, `StoreError::Busy`.
+    pub queue: usize,
+    /// redb's page cache (its default, 1 GiB, would let the cache grow with the file).
+    pub cache_bytes: usize,
+}
+
+impl Limits {
+    /// Small limits for tests and benchmarks.
+    pub fn new(max_batch: usize, queue: usize) -> Limits {
+        Limits {
+            max_batch,
+            queue,
+            cache_bytes: 16 << 20,
+        }
+    }
+}
+
 /// The database and its writer. Reads run on the caller's thread (redb reads never wait
 /// for the writer); writes queue for the one writer thread.
 pub struct Store {
@@ -157,23 +179,26 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if missing, with its folder) the database at `path` and starts the
-    /// writer. `clock` dates new records; at most `max_batch` writes share a commit and at
-    /// most `queue` wait.
-    pub fn open(
-        path: &Path,
-        clock: Clock,
-        max_batch: usize,
-        queue: usize,
-    ) -> Result<Store, OpenError> {
+    /// writer. `clock` dates new records.
+    pub fn open(path: &Path, clock: Clock, limits: Limits) -> Result<Store, OpenError> {
+        let Limits {
+            max_batch,
+            queue,
+            cache_bytes,
+        } = limits;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 OpenError::Unusable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let db = Database::create(path).map_err(open_error)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(open_error)?;
         let next_seq = prepare(&db)?;
         let handle = Arc::new(Handle {
             path: path.to_path_buf(),
+            cache_bytes,
             db: std::sync::RwLock::new(Some(Arc::new(db))),
             commits: std::sync::atomic::AtomicU64::new(0),
             writes: std::sync::atomic::AtomicU64::new(0),
@@ -402,6 +427,7 @@ impl Store {
 /// every [`RECOVERY_RETRY`].
 struct Handle {
     path: std::path::PathBuf,
+    cache_bytes: usize,
     db: std::sync::RwLock<Option<Arc<Database>>>,
     /// Durable commits made by the writer, and the writes they held.
     commits: std::sync::atomic::AtomicU64,
@@ -458,7 +484,9 @@ impl Handle {
                 }
             }
         }
-        let reopened = Database::create(&self.path)
+        let reopened = Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|db| prepare(&db).map(|seq| (db, seq)).map_err(|e| e.to_string()));
         match reopened {
@@ -1063,7 +1091,7 @@ mod tests {
                 .expect("insert");
             txn.commit().expect("commit");
         }
-        match Store::open(&path, Clock::system(), 8, 8) {
+        match Store::open(&path, Clock::system(), Limits::new(8, 8)) {
             Err(OpenError::NewerSchema(99)) => {}
             Err(other) => panic!("unexpected {other}"),
             Ok(_) => panic!("a newer schema was opened"),
@@ -1074,8 +1102,12 @@ mod tests {
     #[test]
     fn a_batch_applies_duplicates_and_conflicts_per_request() {
         let dir = tempfile::tempdir().expect("dir");
-        let store =
-            Store::open(&dir.path().join("db.redb"), Clock::manual(100), 1000, 1000).expect("open");
+        let store = Store::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(1000, 1000),
+        )
+        .expect("open");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("rt");
@@ -1112,7 +1144,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.redb");
         {
-            let store = Store::open(&path, Clock::manual(100), 8, 8).expect("open");
+            let store = Store::open(&path, Clock::manual(100), Limits::new(8, 8)).expect("open");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("rt");
