@@ -6,6 +6,7 @@
 //! does not receive a [`Caller`] touches no business data.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::app::App;
-use crate::auth::{plain_secret_matches, Claims, SecretHash, TokenError};
+use crate::auth::{plain_secret_matches, Claims, TokenError};
 use crate::body::{self, Body};
 use crate::clock::rfc3339;
 use crate::config::{Business, ClientSecret};
@@ -106,10 +107,24 @@ struct TokenResponse {
     token_type: &'static str,
 }
 
-/// A PBKDF2 hash of nothing in particular, verified when the client id is unknown so that
-/// an unknown id costs as much time as a wrong secret.
-const DUMMY_HASH: &str =
-    "$pbkdf2-sha256$i=100000$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+/// The business of `client_id` if `secret` is its secret. Every path costs at least one
+/// PBKDF2 run as slow as the slowest configured hash: an unknown id and a plain-text
+/// secret are checked against the app's dummy hash too, so that timing does not tell
+/// which client ids exist.
+fn verify_client(app: &App, client_id: &str, secret: &str) -> Option<String> {
+    let Some((business, client)) = app.config.client(client_id) else {
+        let _ = app.dummy_secret.verify(secret.as_bytes());
+        return None;
+    };
+    let ok = match &client.secret {
+        ClientSecret::Hash(hash) => hash.verify(secret.as_bytes()),
+        ClientSecret::Plain(plain) => {
+            let _ = app.dummy_secret.verify(secret.as_bytes());
+            plain_secret_matches(plain, secret.as_bytes())
+        }
+    };
+    ok.then(|| business.id.clone())
+}
 
 pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
     let mut fields = Fields::parse(&body, &["clientId", "clientSecret"])?;
@@ -118,33 +133,24 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
     let client_key = format!("client:{}", truncate(&client_id, 128));
     let addr_key = format!("addr:{remote}");
     let keys = [client_key.as_str(), addr_key.as_str()];
-    if let Err(retry_after) = app.throttle.check(&keys, app.clock.now()) {
+    let started = app.clock.now();
+    if let Err(retry_after) = app.throttle.attempt(&keys, started) {
         return Err(Error::TooManyRequests { retry_after });
     }
     let checker = app.clone();
     let id = client_id.clone();
-    let verified = tokio::task::spawn_blocking(move || match checker.config.client(&id) {
-        Some((business, client)) => {
-            let ok = match &client.secret {
-                ClientSecret::Hash(hash) => hash.verify(secret.as_bytes()),
-                ClientSecret::Plain(plain) => plain_secret_matches(plain, secret.as_bytes()),
-            };
-            ok.then(|| business.id.clone())
-        }
-        None => {
-            let dummy = SecretHash::parse(DUMMY_HASH).expect("the dummy hash is well-formed");
-            let _ = dummy.verify(secret.as_bytes());
-            None
-        }
-    })
-    .await
-    .map_err(|_| Error::Internal)?;
-    let now = app.clock.now();
+    let verified = tokio::task::spawn_blocking(move || verify_client(&checker, &id, &secret))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the secret check did not finish");
+            Error::Internal
+        })?;
     let Some(business) = verified else {
-        app.throttle.record_failure(&keys, now);
         tracing::info!(client_id = %truncate(&client_id, 128), "failed authentication");
         return Err(Error::BadCredentials);
     };
+    app.throttle.succeeded(&keys, started);
+    let now = app.clock.now();
     let ttl = app.config.auth.token_ttl_seconds;
     let claims = Claims {
         business,
@@ -152,7 +158,10 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         issued_at: now,
         expires_at: now + ttl,
     };
-    let access_token = app.tokens.sign(&claims).ok_or(Error::Internal)?;
+    let access_token = app.tokens.sign(&claims).ok_or_else(|| {
+        tracing::error!("a token could not be signed: an id is longer than 255 bytes");
+        Error::Internal
+    })?;
     json(
         StatusCode::OK,
         &TokenResponse {
@@ -532,7 +541,10 @@ async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) ->
         Ok::<_, StoreError>((page, more))
     })
     .await
-    .map_err(|_| Error::Internal)??;
+    .map_err(|e| {
+        tracing::error!(error = %e, "a listing page did not finish");
+        Error::Internal
+    })??;
     let views: Vec<TransactionView> = page.iter().map(transaction_view).collect();
     let mut response = json(StatusCode::OK, &views)?;
     if let (true, Some(last)) = (more, page.last()) {
@@ -547,15 +559,36 @@ async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) ->
             "&limit={limit}&after={}>; rel=\"next\"",
             encode_cursor(Cursor::of(last))
         ));
-        let value = HeaderValue::from_str(&link).map_err(|_| Error::Internal)?;
+        let value = HeaderValue::from_str(&link).map_err(|e| {
+            tracing::error!(error = %e, "the Link header is not a valid header value");
+            Error::Internal
+        })?;
         response.headers_mut().insert(LINK, value);
     }
     Ok(response)
 }
 
 async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
+    // Each streaming listing holds a blocking thread and a read snapshot: bound them.
+    let permit = app
+        .listings
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Overloaded { retry_after: 1 })?;
+    let stall = app.config.server.send_timeout;
+    let runtime = tokio::runtime::Handle::current();
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let complete = Arc::new(AtomicBool::new(false));
+    let completed = complete.clone();
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        // A client that stops reading for `stall` is cut off, so that it cannot hold the
+        // thread and the snapshot (which keeps the file from reusing pages) for ever.
+        let send = |item: std::io::Result<Bytes>| {
+            runtime
+                .block_on(tokio::time::timeout(stall, tx.send(item)))
+                .is_ok_and(|sent| sent.is_ok())
+        };
         let mut buf = BytesMut::with_capacity(CHUNK + 1024);
         buf.put_u8(b'[');
         let mut first = true;
@@ -574,12 +607,9 @@ async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
                 if serde_json::to_writer((&mut buf).writer(), &transaction_view(&t)).is_err() {
                     return false;
                 }
-                if buf.len() >= CHUNK {
-                    let chunk = buf.split().freeze();
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        client_gone = true;
-                        return false;
-                    }
+                if buf.len() >= CHUNK && !send(Ok(buf.split().freeze())) {
+                    client_gone = true;
+                    return false;
                 }
                 true
             },
@@ -587,11 +617,15 @@ async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
         match scanned {
             Ok(()) if !client_gone => {
                 buf.put_u8(b']');
-                let _ = tx.blocking_send(Ok(buf.freeze()));
+                // The sender lives until this closure returns, so the body sees the mark
+                // before it sees the channel close.
+                if send(Ok(buf.freeze())) {
+                    completed.store(true, Ordering::Release);
+                }
             }
-            Ok(()) => {}
+            Ok(()) => tracing::info!("listing abandoned: the client stopped reading"),
             Err(_) => {
-                let _ = tx.blocking_send(Err(std::io::Error::other("the listing failed")));
+                send(Err(std::io::Error::other("the listing failed")));
             }
         }
     });
@@ -601,7 +635,7 @@ async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
         Some(Ok(chunk)) => chunk,
         Some(Err(_)) | None => return Err(Error::Unavailable),
     };
-    let mut response = Response::new(body::channel(Some(first), rx));
+    let mut response = Response::new(body::channel(Some(first), rx, complete));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

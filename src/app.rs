@@ -1,10 +1,16 @@
 //! The shared state every request sees: configuration, store, token key, clock, throttle.
 
-use crate::auth::TokenKey;
+use std::num::NonZeroU32;
+
+use crate::auth::{SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{ClientSecret, Config};
 use crate::store::{Limits, OpenError, Store};
 use crate::throttle::Throttle;
+
+/// Streaming listings at once; more get 503 with `Retry-After`. Well below tokio's
+/// blocking pool (512 threads), which also runs PBKDF2 for logins.
+pub const MAX_LISTINGS: usize = 64;
 
 pub struct App {
     pub config: Config,
@@ -12,6 +18,11 @@ pub struct App {
     pub tokens: TokenKey,
     pub clock: Clock,
     pub throttle: Throttle,
+    /// A hash of nothing, as costly as the costliest configured one: checked when a
+    /// client id is unknown, so that a wrong id takes as long as a wrong secret.
+    pub dummy_secret: SecretHash,
+    /// Streaming listings running at once (each holds a blocking thread and a snapshot).
+    pub listings: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -36,7 +47,23 @@ impl App {
             config.auth.max_failed_attempts,
             config.auth.failed_attempts_window.as_secs(),
         );
+        let iterations = config
+            .businesses
+            .iter()
+            .flat_map(|b| &b.clients)
+            .filter_map(|c| match &c.secret {
+                ClientSecret::Hash(hash) => Some(hash.iterations()),
+                ClientSecret::Plain(_) => None,
+            })
+            .max()
+            .unwrap_or(DEFAULT_ITERATIONS);
+        let dummy_secret = SecretHash::new(
+            b"",
+            NonZeroU32::new(iterations).expect("parsed iterations are at least 1"),
+        );
         Ok(App {
+            dummy_secret,
+            listings: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
             tokens: TokenKey::new(&key),
             config,
             store,

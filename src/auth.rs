@@ -94,6 +94,10 @@ impl SecretHash {
         })
     }
 
+    pub fn iterations(&self) -> u32 {
+        self.iterations.get()
+    }
+
     /// Constant-time check of `secret` against the hash.
     pub fn verify(&self, secret: &[u8]) -> bool {
         pbkdf2::verify(

@@ -6,6 +6,8 @@
 //! transfer, never a silently truncated but well-formed JSON array.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -23,15 +25,26 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// A body that starts with `first` and goes on with the chunks that arrive on `rx`; it
-/// ends when every sender is dropped.
-pub fn channel(first: Option<Bytes>, rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
-    ChannelBody { first, rx }.boxed()
+/// A body that starts with `first` and goes on with the chunks that arrive on `rx`. It
+/// ends well only if the producer set `complete` before dropping its sender; a channel
+/// that closes otherwise (the producer gave up) ends the body with an error.
+pub fn channel(
+    first: Option<Bytes>,
+    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    complete: Arc<AtomicBool>,
+) -> Body {
+    ChannelBody {
+        first,
+        rx,
+        complete,
+    }
+    .boxed()
 }
 
 struct ChannelBody {
     first: Option<Bytes>,
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    complete: Arc<AtomicBool>,
 }
 
 impl hyper::body::Body for ChannelBody {
@@ -45,8 +58,10 @@ impl hyper::body::Body for ChannelBody {
         if let Some(first) = self.first.take() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|result| result.map(Frame::data)))
+        self.rx.poll_recv(cx).map(|chunk| match chunk {
+            Some(result) => Some(result.map(Frame::data)),
+            None if self.complete.load(Ordering::Acquire) => None,
+            None => Some(Err(std::io::Error::other("the stream was cut short"))),
+        })
     }
 }

@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Time a client has to send a request's body once its headers arrived.
     pub body_read_timeout: Duration,
+    /// Time a client may take to accept the next chunk of a streamed response.
+    pub send_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are cut.
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -209,6 +211,8 @@ struct RawServer {
     header_read_timeout_seconds: u64,
     #[serde(default = "default_body_read_timeout")]
     body_read_timeout_seconds: u64,
+    #[serde(default = "default_send_timeout")]
+    send_timeout_seconds: u64,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace_seconds: u64,
     #[serde(default = "default_log_format")]
@@ -240,6 +244,9 @@ fn default_header_read_timeout() -> u64 {
     10
 }
 fn default_body_read_timeout() -> u64 {
+    10
+}
+fn default_send_timeout() -> u64 {
     10
 }
 fn default_shutdown_grace() -> u64 {
@@ -349,6 +356,10 @@ fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.chars().count() > 128 {
         return Err(err(key, "must be 1 to 128 characters"));
     }
+    // Ids travel in tokens, which give each id one length byte.
+    if value.len() > 255 {
+        return Err(err(key, "must be at most 255 bytes of UTF-8"));
+    }
     if value.chars().any(char::is_control) || value.trim() != value {
         return Err(err(
             key,
@@ -401,6 +412,7 @@ impl RawConfig {
                 "server.body_read_timeout_seconds",
                 s.body_read_timeout_seconds,
             )?,
+            send_timeout: secs("server.send_timeout_seconds", s.send_timeout_seconds)?,
             shutdown_grace: secs("server.shutdown_grace_seconds", s.shutdown_grace_seconds)?,
             log_format,
             log_level: {

@@ -106,7 +106,8 @@ impl Error {
                 format!("too many writes are waiting; retry in {retry_after} s")
             }
             Error::Unavailable => {
-                "the service cannot store data right now; nothing was written, retry later"
+                "the service cannot store or read data right now; retry later with the same \
+                 referenceNumber (a retry never issues points twice)"
                     .to_owned()
             }
             Error::Internal => "an internal error occurred; it has been logged".to_owned(),

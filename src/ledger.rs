@@ -179,7 +179,10 @@ pub fn quote(
         currency.units_per_usd,
         program.price_per_point_usd,
     )
-    .ok_or(Error::Internal)?;
+    .ok_or_else(|| {
+        tracing::error!(program = %program.id, "the points formula overflowed or divided by zero");
+        Error::Internal
+    })?;
     let max = program
         .max_points
         .unwrap_or(MAX_SAFE_POINTS)

@@ -224,7 +224,9 @@ impl Store {
     /// The token signing key kept in the database, made on first use.
     pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
         {
-            let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+            // The handle stays held while the transaction reads: a reopen waits for it.
+            let db = self.handle.db()?;
+            let txn = db.begin_read().map_err(unavailable)?;
             let meta = txn.open_table(META).map_err(unavailable)?;
             if let Some(key) = meta.get("signing_key").map_err(unavailable)? {
                 return Ok(key.value().to_vec());
@@ -286,7 +288,9 @@ impl Store {
 
     /// Whether the database answers a read.
     pub fn ping(&self) -> Result<(), StoreError> {
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         txn.open_table(META).map_err(unavailable)?;
         Ok(())
     }
@@ -297,7 +301,9 @@ impl Store {
         business: &str,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
         if let Some(id) = TransactionId::parse(key) {
             if let Some(tx) = read_tx(&records, id.0)? {
@@ -319,7 +325,9 @@ impl Store {
         business: &str,
         reference: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         let by_ref = txn.open_table(BY_REFERENCE).map_err(unavailable)?;
         match by_ref.get((business, reference)).map_err(unavailable)? {
             Some(id) => {
@@ -343,7 +351,9 @@ impl Store {
         mut visit: impl FnMut(Transaction) -> bool,
     ) -> Result<(), StoreError> {
         use std::ops::Bound::{Excluded, Included};
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
         let mut emit = |id: u128| -> Result<bool, StoreError> {
             let tx = read_tx(&records, id)?.ok_or_else(|| {
@@ -394,7 +404,9 @@ impl Store {
         end_user_id: &str,
         program: Option<&str>,
     ) -> Result<Vec<Connection>, StoreError> {
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         let table = txn.open_table(CONNECTIONS).map_err(unavailable)?;
         let mut found = Vec::new();
         for entry in table
@@ -877,7 +889,9 @@ pub struct CheckReport {
 impl Store {
     /// Verifies the live database (see [`check_file`]).
     pub fn check(&self) -> Result<CheckReport, StoreError> {
-        let txn = self.handle.db()?.begin_read().map_err(unavailable)?;
+        // The handle stays held while the transaction reads: a reopen waits for it.
+        let db = self.handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
         verify(&txn).map_err(unavailable)
     }
 }

@@ -27,12 +27,15 @@ impl Throttle {
         }
     }
 
-    /// `Err(retry_after_seconds)` if any key has `limit` failures within the window.
-    pub fn check(&self, keys: &[&str], now: u64) -> Result<(), u64> {
-        let failures = self
+    /// Starts an attempt: `Err(retry_after_seconds)` if any key already has `limit`
+    /// failures within the window; otherwise the attempt is counted as a failure at once,
+    /// in the same step, so that concurrent guesses cannot all slip past the check. A
+    /// successful attempt is taken back with [`Throttle::succeeded`].
+    pub fn attempt(&self, keys: &[&str], now: u64) -> Result<(), u64> {
+        let mut failures = self
             .failures
             .lock()
-            .expect("throttle lock is never poisoned");
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut wait = 0;
         for key in keys {
             if let Some(times) = failures.get(*key) {
@@ -44,18 +47,8 @@ impl Throttle {
             }
         }
         if wait > 0 {
-            Err(wait)
-        } else {
-            Ok(())
+            return Err(wait);
         }
-    }
-
-    /// Records one failure for each key.
-    pub fn record_failure(&self, keys: &[&str], now: u64) {
-        let mut failures = self
-            .failures
-            .lock()
-            .expect("throttle lock is never poisoned");
         for key in keys {
             if !failures.contains_key(*key) && failures.len() >= MAX_KEYS {
                 self.evict(&mut failures, now);
@@ -65,6 +58,25 @@ impl Throttle {
                 times.pop_front();
             }
             times.push_back(now);
+        }
+        Ok(())
+    }
+
+    /// Takes back the attempt started at `started`: it was not a failure.
+    pub fn succeeded(&self, keys: &[&str], started: u64) {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in keys {
+            if let Some(times) = failures.get_mut(*key) {
+                if let Some(i) = times.iter().rposition(|&t| t == started) {
+                    times.remove(i);
+                }
+                if times.is_empty() {
+                    failures.remove(*key);
+                }
+            }
         }
     }
 
@@ -97,46 +109,58 @@ mod tests {
     fn blocks_after_the_limit_within_the_window_only() {
         let throttle = Throttle::new(3, 60);
         for t in [100, 110, 120] {
-            assert_eq!(throttle.check(&["c"], t), Ok(()));
-            throttle.record_failure(&["c"], t);
+            assert_eq!(throttle.attempt(&["c"], t), Ok(()));
         }
         // Three failures at 100, 110, 120: blocked until the first leaves the window.
-        assert_eq!(throttle.check(&["c"], 121), Err(39));
-        assert_eq!(throttle.check(&["c"], 159), Err(1));
-        assert_eq!(throttle.check(&["c"], 160), Ok(()));
-        assert_eq!(throttle.check(&["other"], 121), Ok(()));
+        assert_eq!(throttle.attempt(&["c"], 121), Err(39));
+        assert_eq!(throttle.attempt(&["c"], 159), Err(1));
+        assert_eq!(throttle.attempt(&["c"], 160), Ok(()));
+        assert_eq!(throttle.attempt(&["other"], 121), Ok(()));
     }
 
     #[test]
     fn any_blocked_key_blocks_the_attempt() {
         let throttle = Throttle::new(1, 60);
-        throttle.record_failure(&["client:a", "addr:1"], 0);
-        assert!(throttle.check(&["client:b", "addr:1"], 1).is_err());
-        assert!(throttle.check(&["client:a", "addr:2"], 1).is_err());
-        assert_eq!(throttle.check(&["client:b", "addr:2"], 1), Ok(()));
+        assert_eq!(throttle.attempt(&["client:a", "addr:1"], 0), Ok(()));
+        assert!(throttle.attempt(&["client:b", "addr:1"], 1).is_err());
+        assert!(throttle.attempt(&["client:a", "addr:2"], 1).is_err());
+        assert_eq!(throttle.attempt(&["client:b", "addr:2"], 1), Ok(()));
+    }
+
+    #[test]
+    fn successful_attempts_are_taken_back() {
+        let throttle = Throttle::new(2, 60);
+        for t in 0..10 {
+            assert_eq!(throttle.attempt(&["c"], t), Ok(()));
+            throttle.succeeded(&["c"], t);
+        }
+        assert_eq!(throttle.len(), 0);
+        assert_eq!(throttle.attempt(&["c"], 10), Ok(()));
+        assert_eq!(throttle.attempt(&["c"], 11), Ok(()));
+        assert!(throttle.attempt(&["c"], 12).is_err());
     }
 
     #[test]
     fn memory_stays_bounded() {
         let throttle = Throttle::new(2, 60);
         for i in 0..MAX_KEYS {
-            throttle.record_failure(&[&format!("k{i}")], 5);
+            let _ = throttle.attempt(&[&format!("k{i}")], 5);
         }
         assert_eq!(throttle.len(), MAX_KEYS);
         // A full map of live keys sheds its oldest tenth, never grows past the bound.
-        throttle.record_failure(&["newest"], 6);
+        assert_eq!(throttle.attempt(&["newest"], 6), Ok(()));
         assert!(throttle.len() <= MAX_KEYS);
-        throttle.record_failure(&["newest"], 6);
-        assert!(throttle.check(&["newest"], 7).is_err());
+        assert_eq!(throttle.attempt(&["newest"], 6), Ok(()));
+        assert!(throttle.attempt(&["newest"], 7).is_err());
     }
 
     #[test]
     fn keys_whose_window_passed_are_dropped_first() {
         let throttle = Throttle::new(2, 60);
         for i in 0..MAX_KEYS {
-            throttle.record_failure(&[&format!("k{i}")], 5);
+            let _ = throttle.attempt(&[&format!("k{i}")], 5);
         }
-        throttle.record_failure(&["late"], 1_000);
+        assert_eq!(throttle.attempt(&["late"], 1_000), Ok(()));
         assert_eq!(throttle.len(), 1);
     }
 }

@@ -124,6 +124,39 @@ async fn repeated_failures_get_429_per_client_and_per_address() {
     s.acme().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_cannot_slip_past_the_limit() {
+    let s = TestServer::start().await;
+    let guesses: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                let body = json!({"clientId": "acme-pos", "clientSecret": format!("guess-{i}")});
+                common::request(
+                    addr,
+                    Method::POST,
+                    "/v1/auth",
+                    None,
+                    Some(body.to_string().into_bytes()),
+                    &[("content-type", "application/json")],
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let mut checked = 0;
+    for guess in guesses {
+        match guess.await.expect("task") {
+            401 => checked += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // The limit is 5 failures a minute, however many arrive at once.
+    assert_eq!(checked, 5);
+}
+
 #[tokio::test]
 async fn failures_from_one_address_do_not_hold_back_other_addresses() {
     let s = TestServer::start().await;
@@ -322,6 +355,37 @@ async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         r.problem(405);
         assert_eq!(r.header("allow"), Some(allow), "{path}");
     }
+}
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_gets_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/transactions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let chunk = vec![b' '; 16 * 1024];
+    for _ in 0..5 {
+        let sent = async {
+            stream
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            stream.write_all(&chunk).await?;
+            stream.write_all(b"\r\n").await
+        };
+        if sent.await.is_err() {
+            break; // The server may stop reading once it has refused the body.
+        }
+    }
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
 }
 
 #[tokio::test]

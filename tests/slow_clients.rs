@@ -114,3 +114,88 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
     );
     drop(hogs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_listing_is_cut_off() {
+    use cosmopoints::ledger::NewTransaction;
+    use cosmopoints::store::Issue;
+    let dir = Arc::new(tempfile::tempdir().expect("dir"));
+    let s = TestServer::start_in(dir, |text| {
+        text.replace("[server]\n", "[server]\nsend_timeout_seconds = 1\n")
+    })
+    .await;
+    // Enough transactions that the listing outgrows every socket buffer on the way.
+    let mut pending = Vec::new();
+    for i in 0..20_000 {
+        let app = s.app.clone();
+        pending.push(tokio::spawn(async move {
+            app.store
+                .issue(Issue {
+                    business: "acme".into(),
+                    program_name: "Skywards Miles".into(),
+                    currency: "AED".into(),
+                    total_points: 833,
+                    request: NewTransaction {
+                        program_id: "skywards".into(),
+                        value: 3673,
+                        user_id: "user-1".into(),
+                        reference_number: format!("slow-{i}"),
+                        description: Some("x".repeat(200)),
+                        bonus: false,
+                    },
+                })
+                .await
+                .expect("stored")
+        }));
+        if pending.len() == 1000 {
+            for p in pending.drain(..) {
+                p.await.expect("task");
+            }
+        }
+    }
+    for p in pending {
+        p.await.expect("task");
+    }
+    let token = s.acme().await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let mut stream = socket.connect(s.addr).await.expect("connect");
+    let request = format!(
+        "GET /v1/transactions?startDate=0000000000&endDate=9999999999 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut start = [0u8; 1024];
+    stream
+        .read_exact(&mut start)
+        .await
+        .expect("the start of the listing");
+    assert!(start.starts_with(b"HTTP/1.1 200"));
+    let max = cosmopoints::app::MAX_LISTINGS;
+    assert_eq!(
+        s.app.listings.available_permits(),
+        max - 1,
+        "the listing is running"
+    );
+    // The client stops reading: after the send timeout the server lets go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.app.listings.available_permits(),
+        max,
+        "the listing still holds its slot"
+    );
+    // What the client then reads is a broken transfer, never a complete-looking array.
+    let mut rest = Vec::new();
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(outcome.is_ok(), "the connection was not closed");
+    // A whole listing ends with `}}}]` and the last chunk `0\r\n\r\n`; a cut one has neither.
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a cut listing ended like a whole one"
+    );
+    assert!(
+        !text.contains("}}}]"),
+        "a cut listing ended like a whole one"
+    );
+}
