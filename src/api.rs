@@ -248,11 +248,17 @@ const ISSUE_FIELDS: &[&str] = &[
     "bonus",
 ];
 
-fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
-    let mut f = Fields::parse(body, ISSUE_FIELDS)?;
+/// The `programId` and `value` that issuing and previewing share.
+fn program_and_value(f: &mut Fields) -> Result<(String, u64), Error> {
     let program_id = f.required_string("programId")?;
     check_text("programId", &program_id, MAX_ID_CHARS)?;
     let value = f.required_integer("value", 1, MAX_VALUE)?;
+    Ok((program_id, value))
+}
+
+fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
+    let mut f = Fields::parse(body, ISSUE_FIELDS)?;
+    let (program_id, value) = program_and_value(&mut f)?;
     let user_id = f.required_string("userId")?;
     check_text("userId", &user_id, MAX_ID_CHARS)?;
     let reference_number = f.required_string("referenceNumber")?;
@@ -338,9 +344,7 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
 
 pub fn preview(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let mut f = Fields::parse(&body, &["programId", "value"])?;
-    let program_id = f.required_string("programId")?;
-    check_text("programId", &program_id, MAX_ID_CHARS)?;
-    let value = f.required_integer("value", 1, MAX_VALUE)?;
+    let (program_id, value) = program_and_value(&mut f)?;
     let program = enabled_program(&app.config, caller.business, &program_id)?;
     let total_points = quote(&app.config, caller.business, program, value)?;
     json(
@@ -514,8 +518,13 @@ fn decode_cursor(text: &str) -> Option<Cursor> {
 
 /// The business's transactions in a date range, oldest first. Without `limit` the whole
 /// range is streamed from one read transaction; with it, one page and a `Link` to the next.
-pub async fn list_transactions(app: Arc<App>, business: String, raw_query: Option<&str>) -> Reply {
+pub async fn list_transactions(
+    app: Arc<App>,
+    caller: Caller<'_>,
+    raw_query: Option<&str>,
+) -> Reply {
     let q = parse_list_query(raw_query)?;
+    let business = caller.business.id.clone();
     match q.limit {
         Some(limit) => list_page(app, business, q, limit).await,
         None => list_stream(app, business, q).await,

@@ -169,16 +169,17 @@ impl Config {
     }
 }
 
-/// One line for a TOML syntax or type error: where, and what.
+/// One line for a TOML syntax or type error: the line, its key as written, and what.
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e
-        .span()
-        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-    let message = e.message().replace('\n', " ");
-    match line {
-        Some(line) => err(format!("line {line}"), message.trim().to_owned()),
-        None => err("config", message.trim().to_owned()),
-    }
+    let message = e.message().replace('\n', " ").trim().to_owned();
+    let Some(span) = e.span() else {
+        return err("config", message);
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let written = text.lines().nth(line - 1).unwrap_or("").trim();
+    let written: String = written.chars().take(60).collect();
+    err(format!("line {line} (`{written}`)"), message)
 }
 
 #[derive(Deserialize)]

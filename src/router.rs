@@ -79,8 +79,8 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
             api::issue(&app, caller, body).await
         }
         (&Method::GET, ["v1", "transactions"]) => {
-            let business = authenticate(&app, req.headers())?.business.id.clone();
-            api::list_transactions(app.clone(), business, query.as_deref()).await
+            let caller = authenticate(&app, req.headers())?;
+            api::list_transactions(app.clone(), caller, query.as_deref()).await
         }
         (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, POST")),
 

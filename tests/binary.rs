@@ -142,7 +142,11 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
             base[..base.find("[[businesses]]").expect("businesses")].to_owned(),
             "businesses",
         ),
-        (base.replace("[server]", "[server]\nport = 1"), "line"),
+        (base.replace("[server]", "[server]\nport = 1"), "port"),
+        (
+            base.replace("token_ttl_seconds = 600", "token_ttl_seconds = \"600\""),
+            "token_ttl_seconds",
+        ),
         (
             base.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
             "server.listen",

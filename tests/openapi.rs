@@ -443,3 +443,56 @@ fn the_helpers_normalise_and_match_paths() {
         "/v1/transactions"
     ));
 }
+
+/// (METHOD, normalised path) of every arm of the `match` in `router::dispatch` that names
+/// its methods (the `(_, …)` arms are the 405s).
+fn router_match_arms() -> BTreeSet<(String, String)> {
+    let source = read("src/router.rs");
+    let body = source
+        .split("async fn dispatch(")
+        .nth(1)
+        .expect("router.rs has fn dispatch");
+    let body = body.split("\n}\n").next().expect("fn dispatch ends");
+    let mut arms = BTreeSet::new();
+    for line in body.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("(&Method::") else {
+            continue;
+        };
+        let (methods, rest) = rest
+            .split_once(", [")
+            .expect("an arm is (methods, [segments])");
+        let segments = rest.split_once(']').expect("segments end with ]").0;
+        let path: Vec<String> = segments
+            .split(',')
+            .map(str::trim)
+            .map(
+                |s| match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+                    Some(literal) => literal.to_owned(),
+                    None => "{}".to_owned(),
+                },
+            )
+            .collect();
+        let path = format!("/{}", path.join("/"));
+        for method in methods.split('|') {
+            let method = method.trim().trim_start_matches("&Method::");
+            arms.insert((method.to_owned(), path.clone()));
+        }
+    }
+    arms
+}
+
+#[test]
+fn the_routers_match_is_its_endpoint_table() {
+    let arms = router_match_arms();
+    assert!(arms.len() >= 12, "the match looks misparsed: {arms:?}");
+    let table: BTreeSet<(String, String)> = router_table()
+        .into_iter()
+        .map(|r| (r.method, normalise(&r.path)))
+        .collect();
+    let only_in_match: Vec<_> = arms.difference(&table).collect();
+    let only_in_table: Vec<_> = table.difference(&arms).collect();
+    assert!(
+        only_in_match.is_empty() && only_in_table.is_empty(),
+        "routes in the match but not the table: {only_in_match:?}; in the table but not the match: {only_in_table:?}"
+    );
+}
