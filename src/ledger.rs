@@ -8,6 +8,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::{Business, Config, Program};
@@ -24,19 +25,16 @@ pub const MAX_ID_CHARS: usize = 128;
 /// Longest `description` (characters).
 pub const MAX_DESCRIPTION_CHARS: usize = 512;
 
-/// A transaction id: 128 random bits, shown as `tx_` and 22 base64url characters.
+/// A transaction id as clients see it: `tx_` and 22 base64url characters of 128 bits.
+///
+/// The bits are the transaction's sequence number run through [`IdCipher`], a keyed
+/// permutation: ids look random and reveal neither volume nor order to anyone without the
+/// key, yet the store keeps records in sequence order (appends, not random page writes)
+/// and needs no id index, since an id deciphers to its sequence number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TransactionId(pub u128);
 
 impl TransactionId {
-    pub fn random() -> TransactionId {
-        let mut bytes = [0u8; 16];
-        SystemRandom::new()
-            .fill(&mut bytes)
-            .expect("the operating system's random source works");
-        TransactionId(u128::from_be_bytes(bytes))
-    }
-
     /// `None` if `text` is not the text of some id (it may still be a referenceNumber).
     pub fn parse(text: &str) -> Option<TransactionId> {
         let encoded = text.strip_prefix("tx_")?;
@@ -47,6 +45,63 @@ impl TransactionId {
         let id = TransactionId(u128::from_be_bytes(bytes));
         // Only the canonical spelling names the id (the last character has spare bits).
         (id.to_string() == text).then_some(id)
+    }
+}
+
+/// A 128-bit keyed permutation (a four-round Feistel network with HMAC-SHA256 rounds):
+/// sequence number → [`TransactionId`] and back.
+///
+/// The plaintext is the sequence number in the high half and zero in the low half; an id
+/// whose low half does not decipher to zero was not made with this key, which leaves a
+/// forged id a 2^-64 chance of naming a transaction (and it must still belong to the
+/// caller's business).
+pub struct IdCipher {
+    key: hmac::Key,
+}
+
+impl IdCipher {
+    const ROUNDS: u8 = 4;
+
+    pub fn new(secret: &[u8]) -> IdCipher {
+        IdCipher {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// 32 fresh random bytes, for a key made when a database is created.
+    pub fn generate_secret() -> Vec<u8> {
+        let mut secret = vec![0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .expect("the operating system's random source works");
+        secret
+    }
+
+    fn round(&self, round: u8, half: u64) -> u64 {
+        let mut input = [0u8; 9];
+        input[0] = round;
+        input[1..].copy_from_slice(&half.to_be_bytes());
+        let tag = hmac::sign(&self.key, &input);
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_be_bytes(out)
+    }
+
+    pub fn encode(&self, seq: u64) -> TransactionId {
+        let (mut left, mut right) = (seq, 0u64);
+        for round in 0..Self::ROUNDS {
+            (left, right) = (right, left ^ self.round(round, right));
+        }
+        TransactionId((u128::from(left) << 64) | u128::from(right))
+    }
+
+    /// The sequence number behind `id`, if this key made it.
+    pub fn decode(&self, id: TransactionId) -> Option<u64> {
+        let (mut left, mut right) = ((id.0 >> 64) as u64, id.0 as u64);
+        for round in (0..Self::ROUNDS).rev() {
+            (left, right) = (right ^ self.round(round, left), left);
+        }
+        (right == 0).then_some(left)
     }
 }
 
@@ -213,15 +268,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_url_safe_and_parse_back() {
-        let id = TransactionId::random();
-        let text = id.to_string();
-        assert_eq!(text.len(), 25);
-        assert!(text[3..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        assert_eq!(TransactionId::parse(&text), Some(id));
-        assert_ne!(TransactionId::random(), id);
+    fn ids_are_url_safe_parse_back_and_decipher_to_their_sequence() {
+        let cipher = IdCipher::new(&[1u8; 32]);
+        let mut seen = std::collections::HashSet::new();
+        for seq in (0..1000).chain([u64::MAX - 1, u64::MAX]) {
+            let id = cipher.encode(seq);
+            let text = id.to_string();
+            assert_eq!(text.len(), 25);
+            assert!(text[3..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert_eq!(TransactionId::parse(&text), Some(id));
+            assert_eq!(cipher.decode(id), Some(seq));
+            assert!(seen.insert(id), "two sequence numbers share an id");
+        }
+    }
+
+    #[test]
+    fn consecutive_ids_look_unrelated_and_other_keys_do_not_decipher_them() {
+        let cipher = IdCipher::new(&[1u8; 32]);
+        let (a, b) = (cipher.encode(41), cipher.encode(42));
+        // About half of the 128 bits differ between neighbours.
+        let differing = (a.0 ^ b.0).count_ones();
+        assert!((32..=96).contains(&differing), "{differing}");
+        assert_eq!(IdCipher::new(&[2u8; 32]).decode(a), None);
+        assert_eq!(cipher.decode(TransactionId(a.0 ^ 1)), None);
     }
 
     #[test]

@@ -8,18 +8,20 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `next_seq` (u64 LE) |
-//! | `transactions` | id (u128) | postcard [`TxRecord`] |
-//! | `tx_by_reference` | (business, referenceNumber) | id |
-//! | `tx_by_date` | (business, createdAt, seq) | id |
-//! | `tx_by_program_date` | (business, programId, createdAt, seq) | id |
+//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `id_key`, `next_seq` (u64 LE) |
+//! | `transactions` | seq | postcard [`TxRecord`] |
+//! | `tx_by_reference` | (business, referenceNumber) | seq |
+//! | `tx_by_date` | (business, createdAt, seq) | seq |
+//! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq |
 //! | `connections` | (business, endUserId, programId) | postcard [`ConnectionRecord`] |
 //!
-//! The transaction id is the primary key because ids are random: lookups by id need no
-//! business in the key, and the record's `business` is checked after the read. The date
-//! indexes carry `seq`, a counter that only grows, so that transactions within one second
-//! list in the order they were created and every index key is unique. A record and all its
-//! index entries are written in one write transaction.
+//! Transactions are keyed by `seq`, a counter that only grows: new records append to the
+//! end of the table instead of rewriting random pages. The id a client sees is `seq`
+//! enciphered with a key kept in `meta` (see [`IdCipher`]), so ids reveal no volume or
+//! order and need no index: an id deciphers to its key. The record's `business` is
+//! checked after the read. The date indexes carry `seq` in their keys too, so that
+//! transactions within one second list in creation order and every key is unique. A
+//! record and all its index entries are written in one write transaction.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,16 +35,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
-use crate::ledger::{Connection, NewTransaction, Transaction, TransactionId};
+use crate::ledger::{Connection, IdCipher, NewTransaction, Transaction, TransactionId};
 
 /// The on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const TRANSACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("transactions");
-const BY_REFERENCE: TableDefinition<(&str, &str), u128> = TableDefinition::new("tx_by_reference");
-const BY_DATE: TableDefinition<(&str, u64, u64), u128> = TableDefinition::new("tx_by_date");
-const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u128> =
+const TRANSACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+const BY_REFERENCE: TableDefinition<(&str, &str), u64> = TableDefinition::new("tx_by_reference");
+const BY_DATE: TableDefinition<(&str, u64, u64), u64> = TableDefinition::new("tx_by_date");
+const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u64> =
     TableDefinition::new("tx_by_program_date");
 const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connections");
 
@@ -195,9 +197,10 @@ impl Store {
             .set_cache_size(cache_bytes)
             .create(path)
             .map_err(open_error)?;
-        let next_seq = prepare(&db)?;
+        let (next_seq, id_key) = prepare(&db)?;
         let handle = Arc::new(Handle {
             path: path.to_path_buf(),
+            ids: IdCipher::new(&id_key),
             cache_bytes,
             db: std::sync::RwLock::new(Some(Arc::new(db))),
             commits: std::sync::atomic::AtomicU64::new(0),
@@ -305,8 +308,9 @@ impl Store {
         let db = self.handle.db()?;
         let txn = db.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
-        if let Some(id) = TransactionId::parse(key) {
-            if let Some(tx) = read_tx(&records, id.0)? {
+        let seq = TransactionId::parse(key).and_then(|id| self.handle.ids.decode(id));
+        if let Some(seq) = seq {
+            if let Some(tx) = read_tx(&self.handle.ids, &records, seq)? {
                 if tx.business == business {
                     return Ok(Some(tx));
                 }
@@ -314,7 +318,7 @@ impl Store {
         }
         let by_ref = txn.open_table(BY_REFERENCE).map_err(unavailable)?;
         match by_ref.get((business, key)).map_err(unavailable)? {
-            Some(id) => read_tx(&records, id.value()),
+            Some(seq) => read_tx(&self.handle.ids, &records, seq.value()),
             None => Ok(None),
         }
     }
@@ -332,7 +336,7 @@ impl Store {
         match by_ref.get((business, reference)).map_err(unavailable)? {
             Some(id) => {
                 let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
-                read_tx(&records, id.value())
+                read_tx(&self.handle.ids, &records, id.value())
             }
             None => Ok(None),
         }
@@ -355,9 +359,9 @@ impl Store {
         let db = self.handle.db()?;
         let txn = db.begin_read().map_err(unavailable)?;
         let records = txn.open_table(TRANSACTIONS).map_err(unavailable)?;
-        let mut emit = |id: u128| -> Result<bool, StoreError> {
-            let tx = read_tx(&records, id)?.ok_or_else(|| {
-                tracing::error!(id, "an index entry names a missing transaction");
+        let mut emit = |seq: u64| -> Result<bool, StoreError> {
+            let tx = read_tx(&self.handle.ids, &records, seq)?.ok_or_else(|| {
+                tracing::error!(seq, "an index entry names a missing transaction");
                 StoreError::Corrupt
             })?;
             Ok(visit(tx))
@@ -439,6 +443,8 @@ impl Store {
 /// every [`RECOVERY_RETRY`].
 struct Handle {
     path: std::path::PathBuf,
+    /// Turns sequence numbers into client-facing ids and back.
+    ids: IdCipher,
     cache_bytes: usize,
     db: std::sync::RwLock<Option<Arc<Database>>>,
     /// Durable commits made by the writer, and the writes they held.
@@ -500,7 +506,11 @@ impl Handle {
             .set_cache_size(self.cache_bytes)
             .create(&self.path)
             .map_err(|e| e.to_string())
-            .and_then(|db| prepare(&db).map(|seq| (db, seq)).map_err(|e| e.to_string()));
+            .and_then(|db| {
+                prepare(&db)
+                    .map(|(seq, _)| (db, seq))
+                    .map_err(|e| e.to_string())
+            });
         match reopened {
             Ok((db, next_seq)) => {
                 *self
@@ -541,9 +551,10 @@ fn open_error(e: DatabaseError) -> OpenError {
     }
 }
 
-/// Checks the schema version (writing it into a new file) and reads the next sequence
-/// number; creates every table so that readers never meet a missing one.
-fn prepare(db: &Database) -> Result<u64, OpenError> {
+/// Checks the schema version (writing it and a new id key into a new file) and reads the
+/// next sequence number and the id key; creates every table so that readers never meet a
+/// missing one.
+fn prepare(db: &Database) -> Result<(u64, Vec<u8>), OpenError> {
     let bad = |e: &dyn std::fmt::Display| OpenError::Unusable(e.to_string());
     {
         let txn = db.begin_read().map_err(|e| bad(&e))?;
@@ -564,6 +575,7 @@ fn prepare(db: &Database) -> Result<u64, OpenError> {
     }
     let txn = db.begin_write().map_err(|e| bad(&e))?;
     let next_seq;
+    let id_key;
     {
         let mut meta = txn.open_table(META).map_err(|e| bad(&e))?;
         let fresh = meta.get("schema_version").map_err(|e| bad(&e))?.is_none();
@@ -577,6 +589,18 @@ fn prepare(db: &Database) -> Result<u64, OpenError> {
             meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
                 .map_err(|e| bad(&e))?;
         }
+        let stored_key = meta
+            .get("id_key")
+            .map_err(|e| bad(&e))?
+            .map(|k| k.value().to_vec());
+        id_key = match stored_key {
+            Some(key) => key,
+            None => {
+                let key = IdCipher::generate_secret();
+                meta.insert("id_key", key.as_slice()).map_err(|e| bad(&e))?;
+                key
+            }
+        };
         next_seq = match meta.get("next_seq").map_err(|e| bad(&e))? {
             Some(v) => u64_value(v.value())
                 .ok_or_else(|| OpenError::Unusable("the sequence counter is unreadable".into()))?,
@@ -589,7 +613,7 @@ fn prepare(db: &Database) -> Result<u64, OpenError> {
         txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;
     }
     txn.commit().map_err(|e| bad(&e))?;
-    Ok(next_seq)
+    Ok((next_seq, id_key))
 }
 
 fn u64_value(bytes: &[u8]) -> Option<u64> {
@@ -604,18 +628,19 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
 }
 
 fn read_tx(
-    records: &impl ReadableTable<u128, &'static [u8]>,
-    id: u128,
+    ids: &IdCipher,
+    records: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
 ) -> Result<Option<Transaction>, StoreError> {
-    match records.get(id).map_err(unavailable)? {
-        Some(bytes) => Ok(Some(transaction(id, decode(bytes.value())?))),
+    match records.get(seq).map_err(unavailable)? {
+        Some(bytes) => Ok(Some(transaction(ids, decode(bytes.value())?))),
         None => Ok(None),
     }
 }
 
-fn transaction(id: u128, r: TxRecord) -> Transaction {
+fn transaction(ids: &IdCipher, r: TxRecord) -> Transaction {
     Transaction {
-        id: TransactionId(id),
+        id: ids.encode(r.seq),
         business: r.business,
         reference_number: r.reference_number,
         program_id: r.program_id,
@@ -747,6 +772,7 @@ impl Writer {
             .map_err(unavailable)?;
         {
             let mut tables = WriteTables {
+                ids: &self.handle.ids,
                 records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
                 by_ref: txn.open_table(BY_REFERENCE).map_err(unavailable)?,
                 by_date: txn.open_table(BY_DATE).map_err(unavailable)?,
@@ -783,10 +809,11 @@ impl Writer {
 
 /// The tables one write transaction changes.
 struct WriteTables<'txn> {
-    records: redb::Table<'txn, u128, &'static [u8]>,
-    by_ref: redb::Table<'txn, (&'static str, &'static str), u128>,
-    by_date: redb::Table<'txn, (&'static str, u64, u64), u128>,
-    by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u128>,
+    ids: &'txn IdCipher,
+    records: redb::Table<'txn, u64, &'static [u8]>,
+    by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
+    by_date: redb::Table<'txn, (&'static str, u64, u64), u64>,
+    by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
     connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
 }
 
@@ -800,20 +827,16 @@ impl WriteTables<'_> {
             .by_ref
             .get((b, r.reference_number.as_str()))
             .map_err(unavailable)?
-            .map(|id| id.value());
-        if let Some(id) = existing {
-            let tx = read_tx(&self.records, id)?.ok_or_else(|| {
-                tracing::error!(id, "the reference index names a missing transaction");
+            .map(|seq| seq.value());
+        if let Some(seq) = existing {
+            let tx = read_tx(self.ids, &self.records, seq)?.ok_or_else(|| {
+                tracing::error!(seq, "the reference index names a missing transaction");
                 StoreError::Corrupt
             })?;
             return Ok(match tx.differing_field(r) {
                 None => Issued::Replayed(tx),
                 Some(field) => Issued::Conflict(field),
             });
-        }
-        let mut id = TransactionId::random();
-        while self.records.get(id.0).map_err(unavailable)?.is_some() {
-            id = TransactionId::random();
         }
         let seq = *next_seq;
         *next_seq += 1;
@@ -833,18 +856,18 @@ impl WriteTables<'_> {
         };
         let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.records
-            .insert(id.0, bytes.as_slice())
+            .insert(seq, bytes.as_slice())
             .map_err(unavailable)?;
         self.by_ref
-            .insert((b, r.reference_number.as_str()), id.0)
+            .insert((b, r.reference_number.as_str()), seq)
             .map_err(unavailable)?;
         self.by_date
-            .insert((b, now, seq), id.0)
+            .insert((b, now, seq), seq)
             .map_err(unavailable)?;
         self.by_program
-            .insert((b, r.program_id.as_str(), now, seq), id.0)
+            .insert((b, r.program_id.as_str(), now, seq), seq)
             .map_err(unavailable)?;
-        Ok(Issued::Created(transaction(id.0, record)))
+        Ok(Issued::Created(transaction(self.ids, record)))
     }
 
     /// Creates the connection, or updates its destination and `updated_at`.
@@ -952,7 +975,10 @@ fn verify(txn: &redb::ReadTransaction) -> Result<CheckReport, redb::Error> {
         let id = id.value();
         match postcard::from_bytes::<TxRecord>(bytes.value()) {
             Ok(r) => {
-                let tx = TransactionId(id);
+                let tx = format!("transaction seq {id}");
+                if r.seq != id {
+                    problems.push(format!("{tx}: the record says seq {}", r.seq));
+                }
                 let b = r.business.as_str();
                 if by_ref
                     .get((b, r.reference_number.as_str()))?
@@ -979,10 +1005,7 @@ fn verify(txn: &redb::ReadTransaction) -> Result<CheckReport, redb::Error> {
                 }
                 decoded.insert(id, r);
             }
-            Err(e) => problems.push(format!(
-                "{}: record does not decode: {e}",
-                TransactionId(id)
-            )),
+            Err(e) => problems.push(format!("transaction seq {id}: record does not decode: {e}")),
         }
     }
     for entry in by_ref.iter()? {
@@ -1175,7 +1198,7 @@ mod tests {
                 .expect("write");
             txn.open_table(BY_DATE)
                 .expect("t")
-                .insert(("acme", 5u64, 999u64), 42u128)
+                .insert(("acme", 5u64, 999u64), 42u64)
                 .expect("insert");
             txn.open_table(BY_REFERENCE)
                 .expect("t")

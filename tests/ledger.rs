@@ -528,6 +528,10 @@ async fn a_restart_keeps_transactions_and_tokens() {
     let got = s.get("/v1/transactions/kept", Some(&token)).await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.json()["id"], created["id"]);
+    // Ids keep naming their transactions (the id key is kept in the database).
+    let id = created["id"].as_str().expect("id");
+    let by_id = s.get(&format!("/v1/transactions/{id}"), Some(&token)).await;
+    assert_eq!(by_id.json()["referenceNumber"], "kept");
     // New transactions still sort after the old ones.
     assert_eq!(
         s.issue(&token, issue_body("after-restart")).await.status,
