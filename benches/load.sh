@@ -65,15 +65,16 @@ BASELINE_BIN=$TARGET_DIR/release/examples/baseline_server
 # ---- processes and cleanup -----------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cosmobench.XXXXXX")
 SERVER_PID=""
+NOBATCH_PID=""
 BASELINE_PID=""
 SAMPLER_PID=""
 WRK_PID=""
 cleanup() {
   local pid
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
   done
   if [ "$KEEP" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
@@ -94,6 +95,12 @@ grep -q '^log_level' "$WORK/cosmopoints.toml" ||
 
 "$SERVER_BIN" serve --config "$WORK/cosmopoints.toml" 2>"$WORK/server.log" &
 SERVER_PID=$!
+# The same server with group commit off (one commit per write), on its own database: the
+# "before" of group commit, measured in the same run.
+sed -e 's/^path = .*/path = "nobatch.redb"/' -e 's/^\[server\]/[server]\nmax_batch = 1/' \
+  "$WORK/cosmopoints.toml" > "$WORK/nobatch.toml"
+"$SERVER_BIN" serve --config "$WORK/nobatch.toml" 2>"$WORK/nobatch.log" &
+NOBATCH_PID=$!
 "$BASELINE_BIN" 127.0.0.1:0 >"$WORK/baseline.out" 2>&1 &
 BASELINE_PID=$!
 
@@ -120,6 +127,13 @@ for i in $(seq 150); do
   sleep 0.1
 done
 [ -n "${PORT:-}" ] || die "the server is not listening"
+for i in $(seq 150); do
+  kill -0 "$NOBATCH_PID" 2>/dev/null || { cat "$WORK/nobatch.log" >&2; die "the no-batch server did not start"; }
+  NOBATCH_PORT=$(listen_port "$NOBATCH_PID") && break
+  sleep 0.1
+done
+[ -n "${NOBATCH_PORT:-}" ] || die "the no-batch server is not listening"
+NOBATCH_URL=http://127.0.0.1:$NOBATCH_PORT
 ADDR=127.0.0.1:$PORT
 BASE_ADDR=$(wait_for "$WORK/baseline.out" 'listening on 127\.0\.0\.1:[0-9]*' | awk '{print $3}') ||
   die "the baseline server did not start"
@@ -131,6 +145,10 @@ TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/json' \
   sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
 [ -n "$TOKEN" ] || die "could not mint a token"
 export TOKEN
+NOBATCH_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/json' \
+  -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$NOBATCH_URL/v1/auth" |
+  sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
+[ -n "$NOBATCH_TOKEN" ] || die "could not mint a token on the no-batch server"
 
 # ---- measuring helpers ---------------------------------------------------------------
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
@@ -328,6 +346,15 @@ for r in $(seq "$ROUNDS"); do
   report "get$r" "base_get$r" 0.7 200 >>"$WORK/ratios"
 done
 
+# ---- 3b. group commit off ------------------------------------------------------------------
+say ""
+say "== group commit off (max_batch = 1, its own database), against round 1's baseline"
+wrk_run issue_nobatch "$NOBATCH_PID" "$BENCHES/issue.lua" "$NOBATCH_URL/v1/transactions" "$CONNS" "$DURATION" RUN=nobatch TOKEN="$NOBATCH_TOKEN"
+report issue_nobatch base_post1 0.5 201 >"$WORK/ratios_nobatch"
+kill "$NOBATCH_PID" 2>/dev/null || true
+wait "$NOBATCH_PID" 2>/dev/null || true
+NOBATCH_PID=""
+
 # ---- 4. 256 connections ----------------------------------------------------------------
 say ""
 say "== 256 connections, ${DURATION}s per run (RSS sampled during the server's runs)"
@@ -362,6 +389,8 @@ if [ "$STORED" -lt "$TOTAL_201" ]; then say "   !! fewer stored than acknowledge
 awk '{n[$1]++; s[$1] += $2; if (min[$1] == "" || $2 < min[$1]) min[$1] = $2}
      END {for (k in n) printf "   %-6s ratio to baseline: mean %.2f, worst %.2f over %d rounds\n", k, s[k] / n[k], min[k], n[k]}' "$WORK/ratios" | sort
 awk '{printf "   %-6s ratio to baseline at 256 connections: %s\n", $1, $2}' "$WORK/ratios256"
+awk '{printf "   issue-points with group commit off (max_batch = 1): ratio %s; with it on (round 1): %s\n", $2, on}' \
+  on="$(awk '$1 == "issue" {print $2; exit}' "$WORK/ratios")" "$WORK/ratios_nobatch"
 say "   listing: $LIST_TPS transactions/s"
 say "   RSS: idle $(mib "$IDLE_RSS") MiB, 256 connections $(mib "$C256_RSS_MAX") MiB, listing $(mib "$LIST_RSS_MAX") MiB, now $(mib "$FINAL_RSS") MiB, peak (VmHWM) $(mib "$PEAK") MiB"
 say "   baseline peak RSS (VmHWM): $(mib "$(status_kb "$BASELINE_PID" VmHWM)") MiB"
