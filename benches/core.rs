@@ -23,14 +23,13 @@ use std::task::Poll;
 use std::time::Duration;
 
 use cosmopoints::auth::{Claims, TokenKey};
-use cosmopoints::clock::{rfc3339, Clock};
+use cosmopoints::clock::Clock;
 use cosmopoints::decimal::{points_for, Decimal};
-use cosmopoints::ledger::{NewTransaction, Transaction};
+use cosmopoints::ledger::NewTransaction;
 use cosmopoints::store::{Issue, Issued, Limits, Store};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use serde::Serialize;
 
 const BUSINESS: &str = "demo";
 
@@ -242,67 +241,6 @@ fn filled_store(
     (store, references)
 }
 
-/// Resembles the API's transaction view (same fields, nesting and value formatting).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct View<'a> {
-    id: String,
-    reference_number: &'a str,
-    source_value: u64,
-    currency: &'a str,
-    description: Option<&'a str>,
-    created_at: String,
-    user_id: &'a str,
-    bonus: bool,
-    total_points: u64,
-    point_transactions: [PointView; 1],
-    partnership: Partnership<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PointView {
-    destination_number_of_points: String,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(Serialize)]
-struct Partnership<'a> {
-    destination: Destination<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Destination<'a> {
-    name: &'a str,
-    program_id: &'a str,
-}
-
-fn view(tx: &Transaction) -> View<'_> {
-    View {
-        id: tx.id.to_string(),
-        reference_number: &tx.reference_number,
-        source_value: tx.value,
-        currency: &tx.currency,
-        description: tx.description.as_deref(),
-        created_at: rfc3339(tx.created_at),
-        user_id: &tx.user_id,
-        bonus: tx.bonus,
-        total_points: tx.total_points,
-        point_transactions: [PointView {
-            destination_number_of_points: tx.total_points.to_string(),
-            kind: if tx.bonus { "bonus" } else { "base" },
-        }],
-        partnership: Partnership {
-            destination: Destination {
-                name: &tx.program_name,
-                program_id: &tx.program_id,
-            },
-        },
-    }
-}
-
 fn store_reads(c: &mut Criterion) {
     const ROWS: usize = 10_000;
     let rt = runtime();
@@ -345,7 +283,7 @@ fn store_reads(c: &mut Criterion) {
                         buf.push(b',');
                     }
                     rows += 1;
-                    serde_json::to_writer(&mut buf, &view(&tx)).expect("encode");
+                    cosmopoints::api::write_transaction_json(&tx, &mut buf).expect("encode");
                     true
                 })
                 .expect("scan");

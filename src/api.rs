@@ -413,6 +413,14 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
     }
 }
 
+/// Writes the JSON of a transaction as the API shows it (the listing's per-row work).
+pub fn write_transaction_json(
+    tx: &Transaction,
+    out: impl std::io::Write,
+) -> serde_json::Result<()> {
+    serde_json::to_writer(out, &transaction_view(tx))
+}
+
 /// One transaction by id, else by referenceNumber (`key` is already percent-decoded).
 pub fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
     match app.store.transaction(&caller.business.id, key)? {
@@ -613,7 +621,7 @@ async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
                     buf.put_u8(b',');
                 }
                 first = false;
-                if serde_json::to_writer((&mut buf).writer(), &transaction_view(&t)).is_err() {
+                if write_transaction_json(&t, (&mut buf).writer()).is_err() {
                     return false;
                 }
                 if buf.len() >= CHUNK && !send(Ok(buf.split().freeze())) {

@@ -2,7 +2,7 @@
 
 use std::num::NonZeroU32;
 
-use crate::auth::{SecretHash, TokenKey, DEFAULT_ITERATIONS};
+use crate::auth::{random_secret, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
 use crate::config::{ClientSecret, Config};
 use crate::store::{Limits, OpenError, Store};
@@ -40,7 +40,7 @@ impl App {
         let key = match &config.auth.signing_key {
             Some(key) => key.clone(),
             None => store
-                .signing_key(TokenKey::generate_secret)
+                .signing_key(random_secret)
                 .map_err(|_| OpenError::Unusable("cannot read or store the signing key".into()))?,
         };
         let throttle = Throttle::new(

@@ -123,6 +123,15 @@ impl std::fmt::Display for SecretHash {
     }
 }
 
+/// 32 fresh random bytes: a key made on first start (token signing, id enciphering).
+pub fn random_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .expect("the operating system's random source works");
+    secret
+}
+
 /// Constant-time equality of a plain-text secret: both sides are run through HMAC with a
 /// throw-away key and the tags compared by `ring`, so timing says nothing about a prefix.
 pub fn plain_secret_matches(expected: &str, given: &[u8]) -> bool {
@@ -165,15 +174,6 @@ impl TokenKey {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             id,
         }
-    }
-
-    /// 32 fresh random bytes, for a key generated on first start.
-    pub fn generate_secret() -> Vec<u8> {
-        let mut secret = vec![0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .expect("the operating system's random source works");
-        secret
     }
 
     /// Ids longer than 255 bytes cannot be encoded; validated configuration limits ids to

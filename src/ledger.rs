@@ -9,7 +9,6 @@ use std::fmt;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::{Business, Config, Program};
 use crate::decimal::points_for;
@@ -66,15 +65,6 @@ impl IdCipher {
         IdCipher {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
         }
-    }
-
-    /// 32 fresh random bytes, for a key made when a database is created.
-    pub fn generate_secret() -> Vec<u8> {
-        let mut secret = vec![0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .expect("the operating system's random source works");
-        secret
     }
 
     fn round(&self, round: u8, half: u64) -> u64 {

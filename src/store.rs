@@ -596,7 +596,7 @@ fn prepare(db: &Database) -> Result<(u64, Vec<u8>), OpenError> {
         id_key = match stored_key {
             Some(key) => key,
             None => {
-                let key = IdCipher::generate_secret();
+                let key = crate::auth::random_secret();
                 meta.insert("id_key", key.as_slice()).map_err(|e| bad(&e))?;
                 key
             }
