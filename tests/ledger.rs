@@ -105,7 +105,7 @@ async fn preview_stores_nothing() {
             .await;
         assert_eq!(r.status, 200);
     }
-    assert!(list(&s, &token, &all(0, 9_999_999_999)).await.is_empty());
+    assert!(s.all_transactions(&token).await.is_empty());
     s.post(
         "/v1/transactions/preview",
         Some(&token),
@@ -217,7 +217,7 @@ async fn each_invalid_field_is_a_400_naming_it_and_stores_nothing() {
             .await;
         r.problem(400);
     }
-    assert!(list(&s, &token, &all(0, 9_999_999_999)).await.is_empty());
+    assert!(s.all_transactions(&token).await.is_empty());
 }
 
 #[tokio::test]
@@ -259,7 +259,7 @@ async fn business_rules_are_422_and_store_nothing() {
         .await;
     assert_eq!(ok.status, 201, "{}", ok.text());
     assert_eq!(ok.json()["totalPoints"], 100);
-    assert_eq!(list(&s, &token, &all(0, 9_999_999_999)).await.len(), 1);
+    assert_eq!(s.all_transactions(&token).await.len(), 1);
 }
 
 #[tokio::test]
@@ -289,7 +289,7 @@ async fn the_same_request_again_is_a_200_replay_and_any_difference_a_409() {
         let detail = s.issue(&token, body).await.problem(409);
         assert!(detail.contains(field), "{detail}");
     }
-    assert_eq!(list(&s, &token, &all(0, 9_999_999_999)).await.len(), 1);
+    assert_eq!(s.all_transactions(&token).await.len(), 1);
 }
 
 #[tokio::test]
@@ -313,7 +313,7 @@ async fn concurrent_requests_with_one_reference_make_one_transaction() {
         ids.insert(r.json()["id"].as_str().expect("id").to_owned());
     }
     assert_eq!((created, replayed, ids.len()), (1, 63, 1));
-    assert_eq!(list(&s, &token, &all(0, 9_999_999_999)).await.len(), 1);
+    assert_eq!(s.all_transactions(&token).await.len(), 1);
 }
 
 #[tokio::test]
@@ -329,7 +329,7 @@ async fn businesses_never_see_each_others_transactions() {
     s.get("/v1/transactions/shared-ref", Some(&globex))
         .await
         .problem(404);
-    assert!(list(&s, &globex, &all(0, 9_999_999_999)).await.is_empty());
+    assert!(s.all_transactions(&globex).await.is_empty());
     // The same referenceNumber is free for another business.
     let theirs = s
         .issue(&globex, json!({"programId": "skywards", "value": 1200, "userId": "u", "referenceNumber": "shared-ref"}))
@@ -537,7 +537,7 @@ async fn a_restart_keeps_transactions_and_tokens() {
         s.issue(&token, issue_body("after-restart")).await.status,
         201
     );
-    let refs: Vec<Value> = list(&s, &token, &all(0, 9_999_999_999)).await;
+    let refs: Vec<Value> = s.all_transactions(&token).await;
     assert_eq!(refs[0]["referenceNumber"], "kept");
     assert_eq!(refs[1]["referenceNumber"], "after-restart");
 }

@@ -1,5 +1,5 @@
-//! Crash soak: rounds of kill -9 at random moments during concurrent issuance against the
-//! real binary. After each kill, `cosmopoints check` must pass; after each restart, every
+//! Crash soak: rounds of kill -9 at random moments during concurrent issuance (16
+//! clients) against the real binary. After each kill, `cosmopoints check` must pass; after each restart, every
 //! acknowledged transaction must be there exactly once, and a request whose answer was
 //! lost in the crash, sent again, must come back as that same single transaction.
 //!
@@ -60,11 +60,17 @@ fn kill_9_soak_loses_and_duplicates_nothing() {
 
     for round in 0..rounds {
         let mut server = Binary::serve(&config);
+        if round == 0 {
+            // While a server holds the file, check says so in one line and exits 2.
+            let (code, report) = common::run_check(&config);
+            assert_eq!(code, 2, "{report}");
+            assert!(report.contains("in use by another process"), "{report}");
+        }
         rt.block_on(async {
             let token = server.token("acme-pos", "acme-secret").await;
             verify(&server, &token, &ledger, round).await;
             let mut clients = Vec::new();
-            for c in 0..8 {
+            for c in 0..16 {
                 let (addr, token, ledger) = (server.addr, token.clone(), ledger.clone());
                 clients.push(tokio::spawn(async move {
                     for i in 0.. {

@@ -187,6 +187,18 @@ impl TestServer {
         request(self.addr, method, path, token, body, headers).await
     }
 
+    /// Every transaction of the token's business, oldest first (the whole-range listing).
+    pub async fn all_transactions(&self, token: &str) -> Vec<Value> {
+        let r = self
+            .get(
+                "/v1/transactions?startDate=0000000000&endDate=9999999999",
+                Some(token),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().as_array().expect("an array").clone()
+    }
+
     /// Issues points for acme and returns the reply.
     pub async fn issue(&self, token: &str, body: Value) -> Reply {
         self.post("/v1/transactions", Some(token), &body).await
