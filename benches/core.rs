@@ -25,8 +25,9 @@ use std::time::Duration;
 use cosmopoints::auth::{Claims, TokenKey};
 use cosmopoints::clock::Clock;
 use cosmopoints::decimal::{points_for, Decimal};
+use cosmopoints::domain::{BusinessId, Description, ProgramId, ReferenceNumber, UserId};
 use cosmopoints::ledger::NewTransaction;
-use cosmopoints::store::{Issue, Issued, Limits, Store};
+use cosmopoints::store::{Issue, Issued, Limits, Store, TxQuery};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -36,18 +37,24 @@ const BUSINESS: &str = "demo";
 /// Unique referenceNumbers across the whole process.
 static NEXT_REF: AtomicU64 = AtomicU64::new(0);
 
+fn business() -> BusinessId {
+    BusinessId::parse(BUSINESS).expect("a valid id")
+}
+
 fn issue(reference: String, value: u64) -> Issue {
     Issue {
-        business: BUSINESS.to_owned(),
+        business: business(),
         program_name: "Skywards Miles".to_owned(),
         currency: "AED".to_owned(),
         total_points: value / 44,
         request: NewTransaction {
-            program_id: "skywards".to_owned(),
+            program_id: ProgramId::parse("skywards").expect("a valid id"),
             value,
-            user_id: format!("user-{:06}", value % 1_000_000),
-            reference_number: reference,
-            description: Some("Flat white and a croissant, table 12".to_owned()),
+            user_id: UserId::parse(format!("user-{:06}", value % 1_000_000)).expect("a valid id"),
+            reference_number: ReferenceNumber::parse(reference).expect("a valid reference"),
+            description: Some(
+                Description::parse("Flat white and a croissant, table 12").expect("a description"),
+            ),
             bonus: false,
         },
     }
@@ -247,13 +254,17 @@ fn store_reads(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let (store, references) = filled_store(&rt, &dir.path().join("reads.redb"), ROWS, 1000);
 
+    let business = business();
     let mut group = c.benchmark_group("store");
     group.throughput(Throughput::Elements(1));
     let mut i = 0usize;
     group.bench_function("by_reference", |b| {
         b.iter(|| {
             i = (i + 7919) % ROWS;
-            let found = store.by_reference(BUSINESS, &references[i]).expect("read");
+            let reference = ReferenceNumber::parse(references[i].as_str()).expect("valid");
+            let found = rt
+                .block_on(store.by_reference(&business, &reference))
+                .expect("read");
             assert!(found.is_some());
             found
         })
@@ -261,7 +272,9 @@ fn store_reads(c: &mut Criterion) {
     group.bench_function("transaction_by_ref", |b| {
         b.iter(|| {
             i = (i + 7919) % ROWS;
-            let found = store.transaction(BUSINESS, &references[i]).expect("read");
+            let found = rt
+                .block_on(store.transaction(&business, &references[i]))
+                .expect("read");
             assert!(found.is_some());
             found
         })
@@ -277,16 +290,26 @@ fn store_reads(c: &mut Criterion) {
             buf.clear();
             buf.push(b'[');
             let mut rows = 0usize;
-            store
-                .scan(BUSINESS, None, 0, u64::MAX, None, |tx| {
-                    if rows > 0 {
-                        buf.push(b',');
+            let query = TxQuery {
+                business: business.clone(),
+                program: None,
+                start: 0,
+                end: u64::MAX,
+                after: None,
+                limit: None,
+            };
+            rt.block_on(async {
+                let mut listing = store.list(query).expect("list");
+                while let Some(batch) = listing.next().await {
+                    for tx in batch.expect("scan") {
+                        if rows > 0 {
+                            buf.push(b',');
+                        }
+                        rows += 1;
+                        cosmopoints::api::write_transaction_json(&tx, &mut buf).expect("encode");
                     }
-                    rows += 1;
-                    cosmopoints::api::write_transaction_json(&tx, &mut buf).expect("encode");
-                    true
-                })
-                .expect("scan");
+                }
+            });
             buf.push(b']');
             assert_eq!(rows, ROWS);
             buf.len()

@@ -19,26 +19,16 @@ use crate::app::App;
 use crate::auth::{plain_secret_matches, Claims, TokenError};
 use crate::body::{self, Body};
 use crate::clock::rfc3339;
-use crate::config::{Business, ClientSecret};
+use crate::domain::{
+    Business, ClientSecret, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber,
+    UserId,
+};
 use crate::error::Error;
 use crate::input::{encode_component, query, Fields};
-use crate::ledger::{
-    check_description, check_text, enabled_program, quote, Connection, NewTransaction, Transaction,
-    MAX_ID_CHARS, MAX_VALUE,
-};
-use crate::store::{Connect, Cursor, Issue, Issued, StoreError};
+use crate::ledger::{enabled_program, quote, Connection, NewTransaction, Transaction, MAX_VALUE};
+use crate::store::{Connect, Cursor, Issue, Issued, TxQuery};
 
 pub type Reply = Result<Response<Body>, Error>;
-
-impl From<StoreError> for Error {
-    fn from(e: StoreError) -> Error {
-        match e {
-            StoreError::Busy => Error::Overloaded { retry_after: 1 },
-            StoreError::Unavailable => Error::Unavailable,
-            StoreError::Corrupt => Error::Internal,
-        }
-    }
-}
 
 /// The authenticated business behind a request.
 pub struct Caller<'a> {
@@ -74,7 +64,7 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<Caller<'a>,
             }
         })?;
     match app.config.client(&claims.client) {
-        Some((business, _)) if business.id == claims.business => Ok(Caller { business }),
+        Some((business, _)) if business.id == *claims.business => Ok(Caller { business }),
         _ => Err(Error::Unauthenticated(
             "the token's client no longer exists; get a new token from POST /v1/auth",
         )),
@@ -95,7 +85,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Reply {
 }
 
 pub async fn health(app: &App) -> Reply {
-    app.store.ping()?;
+    app.store.ping().await?;
     json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
@@ -123,7 +113,7 @@ fn verify_client(app: &App, client_id: &str, secret: &str) -> Option<String> {
             plain_secret_matches(plain, secret.as_bytes())
         }
     };
-    ok.then(|| business.id.clone())
+    ok.then(|| business.id.to_string())
 }
 
 pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
@@ -217,7 +207,7 @@ pub fn programs(app: &App, caller: Caller<'_>) -> Reply {
         .business
         .programs
         .iter()
-        .filter_map(|id| app.config.programs.get(id))
+        .filter_map(|id| app.config.programs.get(id.as_str()))
         .map(|p| ProgramView {
             id: &p.id,
             name: &p.name,
@@ -249,9 +239,8 @@ const ISSUE_FIELDS: &[&str] = &[
 ];
 
 /// The `programId` and `value` that issuing and previewing share.
-fn program_and_value(f: &mut Fields) -> Result<(String, u64), Error> {
-    let program_id = f.required_string("programId")?;
-    check_text("programId", &program_id, MAX_ID_CHARS)?;
+fn program_and_value(f: &mut Fields) -> Result<(ProgramId, u64), Error> {
+    let program_id = ProgramId::parse(f.required_string(ProgramId::FIELD)?)?;
     let value = f.required_integer("value", 1, MAX_VALUE)?;
     Ok((program_id, value))
 }
@@ -259,14 +248,12 @@ fn program_and_value(f: &mut Fields) -> Result<(String, u64), Error> {
 fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
     let mut f = Fields::parse(body, ISSUE_FIELDS)?;
     let (program_id, value) = program_and_value(&mut f)?;
-    let user_id = f.required_string("userId")?;
-    check_text("userId", &user_id, MAX_ID_CHARS)?;
-    let reference_number = f.required_string("referenceNumber")?;
-    check_text("referenceNumber", &reference_number, MAX_ID_CHARS)?;
-    let description = f.string("description")?;
-    if let Some(d) = &description {
-        check_description(d)?;
-    }
+    let user_id = UserId::parse(f.required_string(UserId::FIELD)?)?;
+    let reference_number = ReferenceNumber::parse(f.required_string(ReferenceNumber::FIELD)?)?;
+    let description = f
+        .string("description")?
+        .map(Description::parse)
+        .transpose()?;
     let bonus = f.boolean("bonus")?.unwrap_or(false);
     Ok(NewTransaction {
         program_id,
@@ -293,13 +280,13 @@ fn issued(status: StatusCode, tx: &Transaction) -> Reply {
         &IssuedView {
             id: tx.id.to_string(),
             total_points: tx.total_points,
-            reference_number: &tx.reference_number,
+            reference_number: tx.reference_number.as_str(),
             date: rfc3339(tx.created_at),
         },
     )
 }
 
-fn conflict(reference: &str, field: &str) -> Error {
+fn conflict(reference: &ReferenceNumber, field: &str) -> Error {
     Error::Conflict(format!(
         "referenceNumber \"{reference}\" was already used with a different `{field}`; \
          use a new referenceNumber, or resend the original request to get its result"
@@ -315,15 +302,20 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let business = caller.business;
     if let Some(existing) = app
         .store
-        .by_reference(&business.id, &request.reference_number)?
+        .by_reference(&business.id, &request.reference_number)
+        .await?
     {
         return match existing.differing_field(&request) {
             None => issued(StatusCode::OK, &existing),
             Some(field) => Err(conflict(&request.reference_number, field)),
         };
     }
-    let program = enabled_program(&app.config, business, &request.program_id)?;
-    let total_points = quote(&app.config, business, program, request.value)?;
+    let program = enabled_program(&app.config.programs, business, &request.program_id)?;
+    let total_points = quote(
+        app.config.currency(&business.currency),
+        program,
+        request.value,
+    )?;
     let reference = request.reference_number.clone();
     let outcome = app
         .store
@@ -345,8 +337,12 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
 pub fn preview(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let mut f = Fields::parse(&body, &["programId", "value"])?;
     let (program_id, value) = program_and_value(&mut f)?;
-    let program = enabled_program(&app.config, caller.business, &program_id)?;
-    let total_points = quote(&app.config, caller.business, program, value)?;
+    let program = enabled_program(&app.config.programs, caller.business, &program_id)?;
+    let total_points = quote(
+        app.config.currency(&caller.business.currency),
+        program,
+        value,
+    )?;
     json(
         StatusCode::OK,
         &serde_json::json!({ "totalPoints": total_points }),
@@ -392,12 +388,12 @@ struct DestinationView<'a> {
 fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
     TransactionView {
         id: tx.id.to_string(),
-        reference_number: &tx.reference_number,
+        reference_number: tx.reference_number.as_str(),
         source_value: tx.value,
         currency: &tx.currency,
-        description: tx.description.as_deref(),
+        description: tx.description.as_ref().map(Description::as_str),
         created_at: rfc3339(tx.created_at),
-        user_id: &tx.user_id,
+        user_id: tx.user_id.as_str(),
         bonus: tx.bonus,
         total_points: tx.total_points,
         point_transactions: [PointTransactionView {
@@ -407,7 +403,7 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
         partnership: PartnershipView {
             destination: DestinationView {
                 name: &tx.program_name,
-                program_id: &tx.program_id,
+                program_id: tx.program_id.as_str(),
             },
         },
     }
@@ -422,8 +418,8 @@ pub fn write_transaction_json(
 }
 
 /// One transaction by id, else by referenceNumber (`key` is already percent-decoded).
-pub fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
-    match app.store.transaction(&caller.business.id, key)? {
+pub async fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
+    match app.store.transaction(&caller.business.id, key).await? {
         Some(tx) => json(StatusCode::OK, &transaction_view(&tx)),
         None => Err(Error::NotFound(format!(
             "no transaction has the id or referenceNumber \"{key}\""
@@ -432,17 +428,9 @@ pub fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
 }
 
 /// Most transactions in one page when `limit` is given.
-pub const MAX_PAGE: u64 = 1000;
+pub const MAX_PAGE: usize = 1000;
 /// The listing is streamed in chunks of about this many bytes.
 const CHUNK: usize = 32 * 1024;
-
-struct ListQuery {
-    start: u64,
-    end: u64,
-    program: Option<String>,
-    limit: Option<u64>,
-    after: Option<Cursor>,
-}
 
 fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
     let value =
@@ -457,8 +445,8 @@ fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
         .map_err(|_| Error::bad_request(format!("`{name}` is not a number")))
 }
 
-fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
-    let q = query(
+fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, Error> {
+    let mut q = query(
         raw,
         &["startDate", "endDate", "programId", "limit", "after"],
     )?;
@@ -469,18 +457,12 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
             "`startDate` must not be after `endDate`",
         ));
     }
-    let program = match q.get("programId") {
-        Some(p) => {
-            check_text("programId", p, MAX_ID_CHARS)?;
-            Some(p.clone())
-        }
-        None => None,
-    };
+    let program = q.remove("programId").map(ProgramId::parse).transpose()?;
     let limit = match q.get("limit") {
         Some(l) => Some(
             Some(l)
                 .filter(|l| !l.is_empty() && l.len() <= 4 && l.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|l| l.parse::<u64>().ok())
+                .and_then(|l| l.parse::<usize>().ok())
                 .filter(|l| (1..=MAX_PAGE).contains(l))
                 .ok_or_else(|| {
                     Error::bad_request(format!("`limit` must be an integer from 1 to {MAX_PAGE}"))
@@ -494,12 +476,13 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
         })?),
         None => None,
     };
-    Ok(ListQuery {
+    Ok(TxQuery {
+        business: business.id.clone(),
+        program,
         start,
         end,
-        program,
-        limit,
         after,
+        limit,
     })
 }
 
@@ -525,43 +508,31 @@ fn decode_cursor(text: &str) -> Option<Cursor> {
 }
 
 /// The business's transactions in a date range, oldest first. Without `limit` the whole
-/// range is streamed from one read transaction; with it, one page and a `Link` to the next.
+/// range is streamed from one read snapshot; with it, one page and a `Link` to the next.
 pub async fn list_transactions(
     app: Arc<App>,
     caller: Caller<'_>,
     raw_query: Option<&str>,
 ) -> Reply {
-    let q = parse_list_query(raw_query)?;
-    let business = caller.business.id.clone();
+    let q = parse_list_query(raw_query, caller.business)?;
     match q.limit {
-        Some(limit) => list_page(app, business, q, limit).await,
-        None => list_stream(app, business, q).await,
+        Some(limit) => list_page(&app, q, limit).await,
+        None => list_stream(&app, q).await,
     }
 }
 
-async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) -> Reply {
-    let scan_app = app.clone();
-    let (program, start, end, after) = (q.program.clone(), q.start, q.end, q.after);
-    let (page, more) = tokio::task::spawn_blocking(move || {
-        let mut page = Vec::new();
-        let mut more = false;
-        scan_app
-            .store
-            .scan(&business, program.as_deref(), start, end, after, |tx| {
-                if page.len() as u64 == limit {
-                    more = true;
-                    return false;
-                }
-                page.push(tx);
-                true
-            })?;
-        Ok::<_, StoreError>((page, more))
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "a listing page did not finish");
-        Error::Internal
-    })??;
+async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
+    // One more than the page: whether there is a next page.
+    let mut listing = app.store.list(TxQuery {
+        limit: Some(limit + 1),
+        ..q.clone()
+    })?;
+    let mut page = Vec::with_capacity(limit + 1);
+    while let Some(batch) = listing.next().await {
+        page.extend(batch?);
+    }
+    let more = page.len() > limit;
+    page.truncate(limit);
     let views: Vec<TransactionView> = page.iter().map(transaction_view).collect();
     let mut response = json(StatusCode::OK, &views)?;
     if let (true, Some(last)) = (more, page.last()) {
@@ -585,74 +556,76 @@ async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) ->
     Ok(response)
 }
 
-async fn list_stream(app: Arc<App>, business: String, q: ListQuery) -> Reply {
-    // Each streaming listing holds a blocking thread and a read snapshot: bound them.
-    let permit = app
-        .listings
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Overloaded { retry_after: 1 })?;
+/// Streams the whole range as one JSON array, in chunks of about [`CHUNK`] bytes. A client
+/// that stops reading for `send_timeout` is cut off, so that it cannot hold the store's
+/// snapshot for ever; a cut or failed stream ends in a transfer error, never in a short
+/// array that looks whole.
+async fn list_stream(app: &App, q: TxQuery) -> Reply {
+    let mut listing = app.store.list(q)?;
+    // The status is decided by the first batch: a store that fails at once gets a 503,
+    // not a 200 with a broken body.
+    let first = match listing.next().await {
+        Some(Ok(rows)) => rows,
+        Some(Err(e)) => return Err(e.into()),
+        None => Vec::new(),
+    };
     let stall = app.config.server.send_timeout;
-    let runtime = tokio::runtime::Handle::current();
-    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let complete = Arc::new(AtomicBool::new(false));
     let completed = complete.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        // A client that stops reading for `stall` is cut off, so that it cannot hold the
-        // thread and the snapshot (which keeps the file from reusing pages) for ever.
-        let send = |item: std::io::Result<Bytes>| {
-            runtime
-                .block_on(tokio::time::timeout(stall, tx.send(item)))
-                .is_ok_and(|sent| sent.is_ok())
-        };
-        let mut buf = BytesMut::with_capacity(CHUNK + 1024);
-        buf.put_u8(b'[');
-        let mut first = true;
-        let mut client_gone = false;
-        let scanned = app.store.scan(
-            &business,
-            q.program.as_deref(),
-            q.start,
-            q.end,
-            q.after,
-            |t| {
-                if !first {
-                    buf.put_u8(b',');
-                }
-                first = false;
-                if write_transaction_json(&t, (&mut buf).writer()).is_err() {
-                    return false;
-                }
-                if buf.len() >= CHUNK && !send(Ok(buf.split().freeze())) {
-                    client_gone = true;
-                    return false;
-                }
-                true
-            },
-        );
-        match scanned {
-            Ok(()) if !client_gone => {
-                buf.put_u8(b']');
-                // The sender lives until this closure returns, so the body sees the mark
-                // before it sees the channel close.
-                if send(Ok(buf.freeze())) {
-                    completed.store(true, Ordering::Release);
-                }
+    let mut buf = BytesMut::with_capacity(CHUNK + 1024);
+    buf.put_u8(b'[');
+    let mut first_row = true;
+    let mut encode = move |rows: Vec<Transaction>, buf: &mut BytesMut| -> Result<(), Error> {
+        for t in &rows {
+            if !first_row {
+                buf.put_u8(b',');
             }
-            Ok(()) => tracing::info!("listing abandoned: the client stopped reading"),
-            Err(_) => {
-                send(Err(std::io::Error::other("the listing failed")));
+            first_row = false;
+            write_transaction_json(t, buf.writer()).map_err(|e| {
+                tracing::error!(error = %e, "cannot encode a listing row");
+                Error::Internal
+            })?;
+        }
+        Ok(())
+    };
+    encode(first, &mut buf)?;
+    tokio::spawn(async move {
+        let send = |chunk: std::io::Result<Bytes>| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::timeout(stall, tx.send(chunk))
+                    .await
+                    .is_ok_and(|sent| sent.is_ok())
+            }
+        };
+        loop {
+            if buf.len() >= CHUNK && !send(Ok(buf.split().freeze())).await {
+                tracing::info!("listing abandoned: the client stopped reading");
+                return;
+            }
+            match listing.next().await {
+                Some(Ok(rows)) => {
+                    if encode(rows, &mut buf).is_err() {
+                        send(Err(std::io::Error::other("the listing failed"))).await;
+                        return;
+                    }
+                }
+                Some(Err(_)) => {
+                    send(Err(std::io::Error::other("the listing failed"))).await;
+                    return;
+                }
+                None => break,
             }
         }
+        buf.put_u8(b']');
+        // The sender lives until this task ends, so the body sees the mark before it
+        // sees the channel close.
+        if send(Ok(buf.freeze())).await {
+            completed.store(true, Ordering::Release);
+        }
     });
-    // The status is decided by the first chunk: a store that fails at once gets a 503,
-    // not a 200 with a broken body.
-    let first = match rx.recv().await {
-        Some(Ok(chunk)) => chunk,
-        Some(Err(_)) | None => return Err(Error::Unavailable),
-    };
-    let mut response = Response::new(body::channel(Some(first), rx, complete));
+    let mut response = Response::new(body::channel(None, rx, complete));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -673,9 +646,9 @@ struct ConnectionView<'a> {
 
 fn connection_view(c: &Connection) -> ConnectionView<'_> {
     ConnectionView {
-        end_user_id: &c.end_user_id,
-        program_id: &c.program_id,
-        destination_user_id: &c.destination_user_id,
+        end_user_id: c.end_user_id.as_str(),
+        program_id: c.program_id.as_str(),
+        destination_user_id: c.destination_user_id.as_str(),
         created_at: rfc3339(c.created_at),
         updated_at: rfc3339(c.updated_at),
     }
@@ -684,15 +657,11 @@ fn connection_view(c: &Connection) -> ConnectionView<'_> {
 /// Creates (201) or updates (200) the link between an end user and a partner member id.
 pub async fn connect(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let mut f = Fields::parse(&body, CONNECTION_FIELDS)?;
-    let mut text = |name: &str| -> Result<String, Error> {
-        let value = f.required_string(name)?;
-        check_text(name, &value, MAX_ID_CHARS)?;
-        Ok(value)
-    };
-    let program_id = text("programId")?;
-    let end_user_id = text("endUserId")?;
-    let destination_user_id = text("destinationUserId")?;
-    enabled_program(&app.config, caller.business, &program_id)?;
+    let program_id = ProgramId::parse(f.required_string(ProgramId::FIELD)?)?;
+    let end_user_id = EndUserId::parse(f.required_string(EndUserId::FIELD)?)?;
+    let destination_user_id =
+        DestinationUserId::parse(f.required_string(DestinationUserId::FIELD)?)?;
+    enabled_program(&app.config.programs, caller.business, &program_id)?;
     let (connection, created) = app
         .store
         .connect(Connect {
@@ -710,19 +679,17 @@ pub async fn connect(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     json(status, &connection_view(&connection))
 }
 
-pub fn list_connections(app: &App, caller: Caller<'_>, raw_query: Option<&str>) -> Reply {
-    let q = query(raw_query, &["endUserId", "programId"])?;
+pub async fn list_connections(app: &App, caller: Caller<'_>, raw_query: Option<&str>) -> Reply {
+    let mut q = query(raw_query, &["endUserId", "programId"])?;
     let end_user = q
-        .get("endUserId")
+        .remove("endUserId")
         .ok_or_else(|| Error::bad_request("query parameter `endUserId` is required"))?;
-    check_text("endUserId", end_user, MAX_ID_CHARS)?;
-    let program = q.get("programId");
-    if let Some(p) = program {
-        check_text("programId", p, MAX_ID_CHARS)?;
-    }
-    let found =
-        app.store
-            .connections(&caller.business.id, end_user, program.map(String::as_str))?;
+    let end_user = EndUserId::parse(end_user)?;
+    let program = q.remove("programId").map(ProgramId::parse).transpose()?;
+    let found = app
+        .store
+        .connections(&caller.business.id, &end_user, program.as_ref())
+        .await?;
     let views: Vec<ConnectionView> = found.iter().map(connection_view).collect();
     json(StatusCode::OK, &views)
 }

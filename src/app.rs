@@ -4,13 +4,10 @@ use std::num::NonZeroU32;
 
 use crate::auth::{random_secret, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
-use crate::config::{ClientSecret, Config};
+use crate::config::Config;
+use crate::domain::ClientSecret;
 use crate::store::{Limits, OpenError, Store};
 use crate::throttle::Throttle;
-
-/// Streaming listings at once; more get 503 with `Retry-After`. Well below tokio's
-/// blocking pool (512 threads), which also runs PBKDF2 for logins.
-pub const MAX_LISTINGS: usize = 64;
 
 pub struct App {
     pub config: Config,
@@ -21,8 +18,6 @@ pub struct App {
     /// A hash of nothing, as costly as the costliest configured one: checked when a
     /// client id is unknown, so that a wrong id takes as long as a wrong secret.
     pub dummy_secret: SecretHash,
-    /// Streaming listings running at once (each holds a blocking thread and a snapshot).
-    pub listings: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -63,7 +58,6 @@ impl App {
         );
         Ok(App {
             dummy_secret,
-            listings: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
             tokens: TokenKey::new(&key),
             config,
             store,

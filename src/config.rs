@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::auth::SecretHash;
 use crate::decimal::{minor_unit_exponent, Decimal};
+use crate::domain::{Business, BusinessId, Client, ClientSecret, Currency, Program, ProgramId};
 
 /// A configuration problem: `key` names the TOML key, `reason` says what is wrong with it.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,47 +78,6 @@ pub struct AuthConfig {
     pub failed_attempts_window: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct Currency {
-    pub code: String,
-    pub units_per_usd: Decimal,
-    /// ISO 4217 minor-unit exponent: `value` 3673 in AED (exponent 2) is 36.73 AED.
-    pub exponent: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct Program {
-    pub id: String,
-    pub name: String,
-    pub price_per_point_usd: Decimal,
-    pub min_points: u64,
-    pub max_points: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub enum ClientSecret {
-    Hash(SecretHash),
-    /// Accepted for trying things out; a warning is logged at start-up.
-    Plain(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct Client {
-    pub client_id: String,
-    pub secret: ClientSecret,
-}
-
-#[derive(Debug, Clone)]
-pub struct Business {
-    pub id: String,
-    pub name: String,
-    pub program_id: String,
-    pub currency: String,
-    /// Enabled partner programs, in config order; each is a key of [`Config::programs`].
-    pub programs: Vec<String>,
-    pub clients: Vec<Client>,
-}
-
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -128,7 +88,7 @@ pub struct Config {
     pub storage_cache_bytes: usize,
     pub auth: AuthConfig,
     pub currencies: BTreeMap<String, Currency>,
-    pub programs: BTreeMap<String, Program>,
+    pub programs: BTreeMap<ProgramId, Program>,
     pub businesses: Vec<Business>,
     /// Things worth a warning in the log once tracing is up (plain-text secrets).
     pub warnings: Vec<String>,
@@ -152,7 +112,7 @@ impl Config {
     }
 
     pub fn business(&self, id: &str) -> Option<&Business> {
-        self.businesses.iter().find(|b| b.id == id)
+        self.businesses.iter().find(|b| b.id == *id)
     }
 
     /// The business and client that own `client_id`.
@@ -514,13 +474,14 @@ impl RawConfig {
                     return Err(err(key("max_points"), "must not be less than min_points"));
                 }
             }
-            if programs.contains_key(&p.id) {
+            if programs.contains_key(p.id.as_str()) {
                 return Err(err(key("id"), format!("duplicate program id \"{}\"", p.id)));
             }
+            let id = ProgramId::trusted(p.id);
             programs.insert(
-                p.id.clone(),
+                id.clone(),
                 Program {
-                    id: p.id,
+                    id,
                     name: p.name,
                     price_per_point_usd: price,
                     min_points,
@@ -563,7 +524,7 @@ impl RawConfig {
             }
             let mut enabled = HashSet::new();
             for (j, program) in b.programs.iter().enumerate() {
-                if !programs.contains_key(program) {
+                if !programs.contains_key(program.as_str()) {
                     return Err(err(
                         format!("businesses[{i}].programs[{j}]"),
                         format!("program \"{program}\" is not defined in [[programs]]"),
@@ -620,11 +581,11 @@ impl RawConfig {
                 });
             }
             businesses.push(Business {
-                id: b.id,
+                id: BusinessId::trusted(b.id),
                 name: b.name,
                 program_id: b.program_id,
                 currency: b.currency,
-                programs: b.programs,
+                programs: b.programs.into_iter().map(ProgramId::trusted).collect(),
                 clients: business_clients,
             });
         }

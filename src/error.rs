@@ -9,6 +9,9 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTIC
 use hyper::{Response, StatusCode};
 
 use crate::body::{full, Body};
+use crate::domain::Invalid;
+use crate::ledger::Rejection;
+use crate::store::StoreError;
 
 /// Everything a request can fail with. Each variant carries only what the client may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,42 @@ pub enum Error {
     Unavailable,
     /// A bug or an unexpected failure; the detail is in the log.
     Internal,
+}
+
+/// Untrusted text that is not a valid value: 400, naming the field.
+impl From<Invalid> for Error {
+    fn from(e: Invalid) -> Error {
+        Error::BadRequest(e.to_string())
+    }
+}
+
+/// A business rule refused the request: 422, except for a configuration the server
+/// cannot price with, which is our fault.
+impl From<Rejection> for Error {
+    fn from(e: Rejection) -> Error {
+        match e {
+            Rejection::Unpriceable(_) => {
+                tracing::error!(reason = %e, "a quote failed");
+                Error::Internal
+            }
+            Rejection::ProgramNotEnabled(_)
+            | Rejection::ZeroPoints { .. }
+            | Rejection::BelowMinimum { .. }
+            | Rejection::AboveMaximum { .. } => Error::Unprocessable(e.to_string()),
+        }
+    }
+}
+
+/// A storage failure: busy is 503 with `Retry-After`, unavailable 503, damage 500. The
+/// store logged the detail where it happened.
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        match e {
+            StoreError::Busy => Error::Overloaded { retry_after: 1 },
+            StoreError::Unavailable => Error::Unavailable,
+            StoreError::Corrupt => Error::Internal,
+        }
+    }
 }
 
 impl Error {

@@ -1,8 +1,9 @@
-//! The domain: what a transaction and a program connection are, the rules a request must
+//! The ledger: what a transaction and a program connection are, the rules an issuance must
 //! satisfy, and the points quote. Plain Rust types; no HTTP, no JSON, no storage format.
 //!
 //! Invariant: values of these types were validated when they were made, so the store and
-//! the API layer never re-check them.
+//! the API layer never re-check them. A rule that refuses a request says why in a
+//! [`Rejection`]; only `error` turns that into an HTTP answer.
 
 use std::fmt;
 
@@ -10,19 +11,17 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::digest;
 
-use crate::config::{Business, Config, Program};
 use crate::decimal::points_for;
-use crate::error::Error;
+use crate::domain::{
+    Business, BusinessId, Currency, Description, DestinationUserId, EndUserId, Program, ProgramId,
+    ReferenceNumber, UserId,
+};
 
 /// The largest `value` accepted, in minor units.
 pub const MAX_VALUE: u64 = 1_000_000_000_000;
 /// Points above 2^53 − 1 would not survive a JSON parser that uses doubles, so no
 /// issuance may exceed it, whatever the program's maximum says.
 pub const MAX_SAFE_POINTS: u64 = (1 << 53) - 1;
-/// Longest `userId`, `referenceNumber`, `endUserId`, `destinationUserId` (characters).
-pub const MAX_ID_CHARS: usize = 128;
-/// Longest `description` (characters).
-pub const MAX_DESCRIPTION_CHARS: usize = 512;
 
 /// A transaction id as clients see it: `tx_` and 22 base64url characters of 128 bits.
 ///
@@ -108,11 +107,11 @@ impl fmt::Display for TransactionId {
 /// A validated request to issue points, before the store gives it an id and a time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewTransaction {
-    pub program_id: String,
+    pub program_id: ProgramId,
     pub value: u64,
-    pub user_id: String,
-    pub reference_number: String,
-    pub description: Option<String>,
+    pub user_id: UserId,
+    pub reference_number: ReferenceNumber,
+    pub description: Option<Description>,
     pub bonus: bool,
 }
 
@@ -120,13 +119,13 @@ pub struct NewTransaction {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transaction {
     pub id: TransactionId,
-    pub business: String,
-    pub reference_number: String,
-    pub program_id: String,
+    pub business: BusinessId,
+    pub reference_number: ReferenceNumber,
+    pub program_id: ProgramId,
     /// The program's name when the points were issued.
     pub program_name: String,
-    pub user_id: String,
-    pub description: Option<String>,
+    pub user_id: UserId,
+    pub description: Option<Description>,
     pub currency: String,
     /// Minor units of `currency`.
     pub value: u64,
@@ -160,99 +159,123 @@ impl Transaction {
 /// The link between a business's end user and their member id in a partner program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection {
-    pub end_user_id: String,
-    pub program_id: String,
-    pub destination_user_id: String,
+    pub end_user_id: EndUserId,
+    pub program_id: ProgramId,
+    pub destination_user_id: DestinationUserId,
     pub created_at: u64,
     pub updated_at: u64,
 }
 
-/// Checks an id-like text field: 1..=max characters, no control characters.
-pub fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), Error> {
-    let chars = value.chars().count();
-    if chars == 0 || chars > max_chars {
-        return Err(Error::bad_request(format!(
-            "`{field}` must be 1 to {max_chars} characters long, not {chars}"
-        )));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(Error::bad_request(format!(
-            "`{field}` must not contain control characters"
-        )));
-    }
-    Ok(())
+/// Why the ledger refuses a well-formed request. Each says what to do instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The program is not one of the business's enabled programs.
+    ProgramNotEnabled(ProgramId),
+    /// The value buys no points at all.
+    ZeroPoints { value: u64, program: ProgramId },
+    /// Fewer points than the program's minimum for one issuance.
+    BelowMinimum {
+        value: u64,
+        points: u128,
+        min: u64,
+        program: ProgramId,
+    },
+    /// More points than the program's (or JSON's) maximum for one issuance.
+    AboveMaximum {
+        value: u64,
+        points: u128,
+        max: u64,
+        program: ProgramId,
+    },
+    /// The points formula overflowed: a configuration the server cannot price with. A bug
+    /// in validation, not the client's fault.
+    Unpriceable(ProgramId),
 }
 
-/// Checks a free-text description: at most [`MAX_DESCRIPTION_CHARS`] characters.
-pub fn check_description(value: &str) -> Result<(), Error> {
-    let chars = value.chars().count();
-    if chars > MAX_DESCRIPTION_CHARS {
-        return Err(Error::bad_request(format!(
-            "`description` must be at most {MAX_DESCRIPTION_CHARS} characters long, not {chars}"
-        )));
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::ProgramNotEnabled(id) => write!(
+                f,
+                "program \"{id}\" is not enabled for this business; GET /v1/programs lists the enabled ones"
+            ),
+            Rejection::ZeroPoints { value, program } => write!(
+                f,
+                "value {value} is worth 0 points in program \"{program}\"; send a larger value"
+            ),
+            Rejection::BelowMinimum {
+                value,
+                points,
+                min,
+                program,
+            } => write!(
+                f,
+                "value {value} is worth {points} points, below the minimum of {min} for program \"{program}\""
+            ),
+            Rejection::AboveMaximum {
+                value,
+                points,
+                max,
+                program,
+            } => write!(
+                f,
+                "value {value} is worth {points} points, above the maximum of {max} for program \"{program}\""
+            ),
+            Rejection::Unpriceable(program) => write!(
+                f,
+                "the points formula overflowed or divided by zero for program \"{program}\""
+            ),
+        }
     }
-    Ok(())
 }
 
-/// The program, if `business` has it enabled; 422 otherwise.
+/// The program, if `business` has it enabled.
 pub fn enabled_program<'c>(
-    config: &'c Config,
+    programs: &'c std::collections::BTreeMap<ProgramId, Program>,
     business: &Business,
-    program_id: &str,
-) -> Result<&'c Program, Error> {
+    program_id: &ProgramId,
+) -> Result<&'c Program, Rejection> {
     business
-        .programs
-        .iter()
-        .any(|p| p == program_id)
-        .then(|| config.programs.get(program_id))
+        .has_program(program_id)
+        .then(|| programs.get(program_id.as_str()))
         .flatten()
-        .ok_or_else(|| {
-            Error::Unprocessable(format!(
-                "program \"{program_id}\" is not enabled for this business; GET /v1/programs lists the enabled ones"
-            ))
-        })
+        .ok_or_else(|| Rejection::ProgramNotEnabled(program_id.clone()))
 }
 
-/// Points for `value` minor units of the business currency in `program`, within the
-/// program's limits; 422 when zero or outside them.
-pub fn quote(
-    config: &Config,
-    business: &Business,
-    program: &Program,
-    value: u64,
-) -> Result<u64, Error> {
-    let currency = config.currency(&business.currency);
+/// Points for `value` minor units of `currency` in `program`, within the program's limits.
+pub fn quote(currency: &Currency, program: &Program, value: u64) -> Result<u64, Rejection> {
     let points = points_for(
         value,
         currency.exponent,
         currency.units_per_usd,
         program.price_per_point_usd,
     )
-    .ok_or_else(|| {
-        tracing::error!(program = %program.id, "the points formula overflowed or divided by zero");
-        Error::Internal
-    })?;
+    .ok_or_else(|| Rejection::Unpriceable(program.id.clone()))?;
     let max = program
         .max_points
         .unwrap_or(MAX_SAFE_POINTS)
         .min(MAX_SAFE_POINTS);
     if points == 0 {
-        return Err(Error::Unprocessable(format!(
-            "value {value} is worth 0 points in program \"{}\"; send a larger value",
-            program.id
-        )));
+        return Err(Rejection::ZeroPoints {
+            value,
+            program: program.id.clone(),
+        });
     }
     if points < u128::from(program.min_points) {
-        return Err(Error::Unprocessable(format!(
-            "value {value} is worth {points} points, below the minimum of {} for program \"{}\"",
-            program.min_points, program.id
-        )));
+        return Err(Rejection::BelowMinimum {
+            value,
+            points,
+            min: program.min_points,
+            program: program.id.clone(),
+        });
     }
     if points > u128::from(max) {
-        return Err(Error::Unprocessable(format!(
-            "value {value} is worth {points} points, above the maximum of {max} for program \"{}\"",
-            program.id
-        )));
+        return Err(Rejection::AboveMaximum {
+            value,
+            points,
+            max,
+            program: program.id.clone(),
+        });
     }
     Ok(points as u64)
 }
@@ -300,17 +323,5 @@ mod tests {
         ] {
             assert_eq!(TransactionId::parse(text), None, "{text}");
         }
-    }
-
-    #[test]
-    fn text_fields_are_checked_in_characters() {
-        assert!(check_text("userId", "u", 128).is_ok());
-        assert!(check_text("userId", &"é".repeat(128), 128).is_ok());
-        assert!(check_text("userId", &"é".repeat(129), 128).is_err());
-        assert!(check_text("userId", "", 128).is_err());
-        assert!(check_text("userId", "a\nb", 128).is_err());
-        assert!(check_text("userId", "a\u{7f}", 128).is_err());
-        assert!(check_description(&"x".repeat(512)).is_ok());
-        assert!(check_description(&"x".repeat(513)).is_err());
     }
 }

@@ -4,37 +4,53 @@
 //!
 //! # Bird's-eye view
 //!
-//! A request arrives in [`server`] (hyper), which gives it a request id and a span and
-//! hands it to [`router`]: one `match` on (method, path) that authenticates (via
-//! [`api::authenticate`] and [`auth`]) and calls one handler in [`api`]. Handlers parse
-//! input with [`input`] into [`ledger`] types, apply the business rules of [`ledger`]
-//! (pricing with [`decimal`]), and read or write through [`store`]. Writes go to the
-//! store's single writer thread, which commits many of them in one durable transaction.
-//! Every failure is an [`error::Error`], turned into problem+json in one place.
+//! [`service`] owns the lifecycle: it starts the API listener (and any background tasks)
+//! over the shared [`app::App`], and on shutdown stops them in order before it flushes and
+//! closes the store. A request arrives in [`server`] (hyper), which gives it a request id
+//! and a span and hands it to the route function it was given: [`router::route`], one
+//! `match` on (method, path) that authenticates (via [`api::authenticate`] and [`auth`])
+//! and calls one handler in [`api`]. Handlers parse input with [`input`] into the checked
+//! types of [`domain`], apply the rules of [`ledger`] (pricing with [`decimal`]), and read
+//! or write through [`store`]. Writes go to the store's single writer thread, which
+//! commits many of them in one durable transaction. Every failure becomes an
+//! [`error::Error`], turned into problem+json in one place.
 //!
 //! # Code map
 //!
 //! - `main.rs`: the command line; thin.
 //! - [`config`]: TOML → validated [`config::Config`], once.
 //! - [`app`]: the shared state (config, store, token key, clock, throttle).
-//! - [`server`]: accept loop, limits, timeouts, graceful shutdown.
+//! - [`service`]: the lifecycle owner: start, and stop in order.
+//! - [`server`]: accept loop, limits, timeouts, graceful drain; serves any route function.
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs.
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
 //! - [`throttle`]: failed-login counting per client id and per address.
-//! - [`ledger`]: transactions, connections, validation, the points quote.
+//! - [`domain`]: checked identifiers; businesses, programs, currencies.
+//! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`decimal`]: exact decimals and the points formula.
-//! - [`store`]: redb tables, postcard records, the group-commit writer.
+//! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
+//!   versioned records, the group-commit writer, reads, `check`).
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
 //!
 //! # Invariants
 //!
-//! - Only `store` knows redb and postcard.
-//! - Only `server`, `router`, `api`, `body`, `error` and `openapi` know hyper.
+//! - Only `store` knows redb and postcard; its public interface names neither.
+//! - Only `server`, `router`, `api`, `body`, `error` and `openapi` know hyper; `server`
+//!   does not know the routes or the store.
+//! - `domain` and `ledger` know no HTTP, JSON or storage format: the ledger says why it
+//!   refuses in its own [`ledger::Rejection`], which `error` maps to HTTP.
+//! - Identifiers from a request are checked once, into [`domain`] types; the store takes
+//!   only those types.
+//! - Every stored value is a versioned enum; old variants never change (see
+//!   [`store::schema`]). A file of an older schema is migrated on open in one write
+//!   transaction; a newer one is refused.
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
 //! - A write is acknowledged only after its commit is durable.
+//! - Shutdown order: stop accepting, drain requests, stop background tasks, flush the
+//!   writer, close the store.
 
 #![forbid(unsafe_code)]
 
@@ -45,11 +61,13 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod decimal;
+pub mod domain;
 pub mod error;
 pub mod input;
 pub mod ledger;
 pub mod openapi;
 pub mod router;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod throttle;

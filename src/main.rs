@@ -132,8 +132,9 @@ fn check(path: Option<&Path>) -> ExitCode {
                 println!("problem: {problem}");
             }
             println!(
-                "{}: {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} problems",
+                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} problems",
                 path.display(),
+                report.schema,
                 report.transactions,
                 report.references,
                 report.date_entries,
@@ -175,6 +176,12 @@ fn serve(path: Option<&Path>) -> ExitCode {
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
+    if let Some(from) = app.store.migrated_from() {
+        tracing::info!(
+            "database migrated from schema {from} to {}",
+            cosmopoints::store::SCHEMA_VERSION
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -197,7 +204,9 @@ fn serve(path: Option<&Path>) -> ExitCode {
             Ok(addr) => tracing::info!("listening on {addr}"),
             Err(e) => tracing::warn!(error = %e, "listening, address unknown"),
         }
-        cosmopoints::server::run(listener, app, shutdown_signal()).await;
+        cosmopoints::service::Service::new(app)
+            .run(listener, shutdown_signal())
+            .await;
         ExitCode::SUCCESS
     })
 }

@@ -91,7 +91,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (&Method::GET, ["v1", "transactions", key]) if !key.is_empty() => {
             let caller = authenticate(&app, req.headers())?;
-            api::get_transaction(&app, caller, &decode_component(key, false)?)
+            api::get_transaction(&app, caller, &decode_component(key, false)?).await
         }
         (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, POST")),
         (_, ["v1", "transactions", key]) if !key.is_empty() => Err(Error::MethodNotAllowed("GET")),
@@ -103,7 +103,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (&Method::GET, ["v1", "program-connections"]) => {
             let caller = authenticate(&app, req.headers())?;
-            api::list_connections(&app, caller, query.as_deref())
+            api::list_connections(&app, caller, query.as_deref()).await
         }
         (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, POST, PUT")),
 

@@ -1,5 +1,6 @@
 //! The HTTP server: accept loop, connection cap, timeouts, per-request span and request
-//! id, and graceful shutdown. Knows hyper and tokio, not the database.
+//! id, and graceful shutdown. Knows hyper and tokio; not the database, not the routes:
+//! what answers a request is the function it is given.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,15 +21,21 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::app::App;
 use crate::body::Body;
-use crate::router;
+use crate::config::ServerConfig;
 
-/// Serves `listener` until `shutdown` completes; then stops accepting, lets in-flight
-/// requests finish (for at most the configured grace), and lets the writer commit what
-/// it has queued.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    let config = app.config.server.clone();
+/// Serves `listener` with `route` until `shutdown` completes; then stops accepting and
+/// lets in-flight requests finish (for at most the configured grace). Returns when the
+/// last connection is done or cut.
+pub async fn serve<R, F>(
+    listener: TcpListener,
+    config: &ServerConfig,
+    route: R,
+    shutdown: impl Future<Output = ()>,
+) where
+    R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
     let ids = Arc::new(RequestIds::new());
@@ -61,12 +68,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let route = route.clone();
         let ids = ids.clone();
         let service = service_fn(move |req| {
-            let app = app.clone();
+            let route = route.clone();
             let id = ids.next();
-            async move { Ok::<_, Infallible>(handle(app, req, remote, id).await) }
+            async move { Ok::<_, Infallible>(handle(route, req, remote, id).await) }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -85,8 +92,6 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
     }
-    app.store.shutdown().await;
-    tracing::info!("stopped");
 }
 
 /// Request ids: a random per-process prefix and a counter, cheap and unique enough to
@@ -122,12 +127,16 @@ fn client_request_id(req: &Request<Incoming>) -> Option<String> {
     ok.then(|| value.to_owned())
 }
 
-async fn handle(
-    app: Arc<App>,
+async fn handle<R, F>(
+    route: R,
     req: Request<Incoming>,
     remote: SocketAddr,
     id: String,
-) -> Response<Body> {
+) -> Response<Body>
+where
+    R: Fn(Request<Incoming>, SocketAddr) -> F,
+    F: Future<Output = Response<Body>>,
+{
     let id = client_request_id(&req).unwrap_or(id);
     let span = tracing::info_span!(
         "request",
@@ -136,9 +145,7 @@ async fn handle(
         path = %req.uri().path(),
     );
     let started = Instant::now();
-    let mut response = router::route(app, req, remote)
-        .instrument(span.clone())
-        .await;
+    let mut response = route(req, remote).instrument(span.clone()).await;
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),

@@ -190,14 +190,23 @@ fn an_unusable_database_stops_start_up_with_exit_2() {
         let txn = db.begin_write().expect("write");
         txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("meta"))
             .expect("meta")
-            .insert("schema_version", 2u64.to_le_bytes().as_slice())
+            .insert(
+                "schema_version",
+                (cosmopoints::store::SCHEMA_VERSION + 1)
+                    .to_le_bytes()
+                    .as_slice(),
+            )
             .expect("insert");
         txn.commit().expect("commit");
     }
     let (code, _, err) = run(&["serve", "--config", config.to_str().expect("utf8")]);
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("schema version 2, newer"), "{err}");
+    let newer = format!(
+        "schema version {}, newer",
+        cosmopoints::store::SCHEMA_VERSION + 1
+    );
+    assert!(err.contains(&newer), "{err}");
     // Not a database at all.
     let corrupt = dir.path().join("db/cosmopoints.redb");
     std::fs::write(&corrupt, vec![0x5a; 64 * 1024]).expect("write");

@@ -311,11 +311,9 @@ secret = "openapi-test-secret"
         .unwrap_or_else(|e| panic!("cannot open the app: {e:?}"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
-    tokio::spawn(cosmopoints::server::run(
-        listener,
-        Arc::new(app),
-        std::future::pending(),
-    ));
+    tokio::spawn(
+        cosmopoints::service::Service::new(Arc::new(app)).run(listener, std::future::pending()),
+    );
     addr
 }
 

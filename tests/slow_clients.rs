@@ -117,6 +117,7 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_listing_is_cut_off() {
+    use cosmopoints::domain::{BusinessId, Description, ProgramId, ReferenceNumber, UserId};
     use cosmopoints::ledger::NewTransaction;
     use cosmopoints::store::Issue;
     let dir = Arc::new(tempfile::tempdir().expect("dir"));
@@ -131,16 +132,17 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
         pending.push(tokio::spawn(async move {
             app.store
                 .issue(Issue {
-                    business: "acme".into(),
+                    business: BusinessId::parse("acme").expect("id"),
                     program_name: "Skywards Miles".into(),
                     currency: "AED".into(),
                     total_points: 833,
                     request: NewTransaction {
-                        program_id: "skywards".into(),
+                        program_id: ProgramId::parse("skywards").expect("id"),
                         value: 3673,
-                        user_id: "user-1".into(),
-                        reference_number: format!("slow-{i}"),
-                        description: Some("x".repeat(200)),
+                        user_id: UserId::parse("user-1").expect("id"),
+                        reference_number: ReferenceNumber::parse(format!("slow-{i}"))
+                            .expect("reference"),
+                        description: Some(Description::parse("x".repeat(200)).expect("text")),
                         bonus: false,
                     },
                 })
@@ -170,17 +172,12 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
         .await
         .expect("the start of the listing");
     assert!(start.starts_with(b"HTTP/1.1 200"));
-    let max = cosmopoints::app::MAX_LISTINGS;
-    assert_eq!(
-        s.app.listings.available_permits(),
-        max - 1,
-        "the listing is running"
-    );
+    assert_eq!(s.app.store.running_listings(), 1, "the listing is running");
     // The client stops reading: after the send timeout the server lets go.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        s.app.listings.available_permits(),
-        max,
+        s.app.store.running_listings(),
+        0,
         "the listing still holds its slot"
     );
     // What the client then reads is a broken transfer, never a complete-looking array.

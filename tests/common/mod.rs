@@ -99,12 +99,23 @@ impl TestServer {
     ) -> TestServer {
         let text = edit(config_text("db/cosmopoints.redb"));
         let config = Config::parse(&text, dir.path()).expect("test config is valid");
+        TestServer::start_with(dir, config, |_| {}).await
+    }
+
+    /// Starts on `config` (its database in `dir`); `prepare` may add background tasks.
+    pub async fn start_with(
+        dir: Arc<tempfile::TempDir>,
+        config: Config,
+        prepare: impl FnOnce(&mut cosmopoints::service::Service),
+    ) -> TestServer {
         let clock = Clock::manual(T0);
         let app = Arc::new(App::open(config, clock.clone()).expect("store opens"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cosmopoints::server::run(listener, app.clone(), async {
+        let mut service = cosmopoints::service::Service::new(app.clone());
+        prepare(&mut service);
+        let task = tokio::spawn(service.run(listener, async {
             let _ = stopped.await;
         }));
         TestServer {

@@ -1,0 +1,157 @@
+//! `cosmopoints check`: verifies that every record decodes and has exactly its index
+//! entries, on the live database or on a file opened read-only.
+
+use std::path::Path;
+
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable};
+
+use super::handle::{open_error, stored_version};
+use super::schema::{
+    decode_connection, decode_tx, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS,
+    SCHEMA_VERSION, TRANSACTIONS,
+};
+use super::OpenError;
+
+/// What `check` found: how many of each, and every inconsistency.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The schema version of the file checked.
+    pub schema: u64,
+    pub transactions: u64,
+    pub references: u64,
+    pub date_entries: u64,
+    pub program_date_entries: u64,
+    pub connections: u64,
+    pub problems: Vec<String>,
+}
+
+/// Opens the file at `path` read-only (after redb's own recovery if the last process
+/// using it crashed) and verifies it (see [`verify`]). A file of an older schema is read
+/// as that schema wrote it; it is migrated only when a server opens it.
+pub fn check_file(path: &Path) -> Result<CheckReport, OpenError> {
+    if !path.exists() {
+        return Err(OpenError::Unusable(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    let db = match Database::builder().open_read_only(path) {
+        // Not shut down cleanly (a crash, kill -9): redb recovers such a file when it is
+        // opened for writing, as a server start would. Do that, then check read-only.
+        Err(DatabaseError::RepairAborted) => {
+            drop(Database::open(path).map_err(open_error)?);
+            Database::builder()
+                .open_read_only(path)
+                .map_err(open_error)?
+        }
+        other => other.map_err(open_error)?,
+    };
+    let txn = db
+        .begin_read()
+        .map_err(|e| OpenError::Unusable(e.to_string()))?;
+    let schema = match stored_version(&txn)? {
+        Some(v) if v > SCHEMA_VERSION => return Err(OpenError::NewerSchema(v)),
+        Some(v) => v,
+        None => return Err(OpenError::Unusable("no schema version".into())),
+    };
+    verify(&txn, schema).map_err(|e| OpenError::Unusable(e.to_string()))
+}
+
+/// Verifies that every index entry points to a record with the same key fields, every
+/// record has exactly its index entries (so no two records share a business and
+/// referenceNumber), and every record decodes.
+pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckReport, redb::Error> {
+    let mut report = CheckReport {
+        schema,
+        ..CheckReport::default()
+    };
+    let records = txn.open_table(TRANSACTIONS)?;
+    let by_ref = txn.open_table(BY_REFERENCE)?;
+    let by_date = txn.open_table(BY_DATE)?;
+    let by_program = txn.open_table(BY_PROGRAM_DATE)?;
+    let problems = &mut report.problems;
+    let mut decoded = std::collections::HashMap::new();
+    for entry in records.iter()? {
+        let (id, bytes) = entry?;
+        report.transactions += 1;
+        let id = id.value();
+        match decode_tx(schema, bytes.value()) {
+            Ok(r) => {
+                let tx = format!("transaction seq {id}");
+                if r.seq != id {
+                    problems.push(format!("{tx}: the record says seq {}", r.seq));
+                }
+                let b = r.business.as_str();
+                if by_ref
+                    .get((b, r.reference_number.as_str()))?
+                    .map(|v| v.value())
+                    != Some(id)
+                {
+                    problems.push(format!(
+                        "{tx}: reference index entry missing or pointing elsewhere"
+                    ));
+                }
+                if by_date.get((b, r.created_at, r.seq))?.map(|v| v.value()) != Some(id) {
+                    problems.push(format!(
+                        "{tx}: date index entry missing or pointing elsewhere"
+                    ));
+                }
+                if by_program
+                    .get((b, r.program_id.as_str(), r.created_at, r.seq))?
+                    .map(|v| v.value())
+                    != Some(id)
+                {
+                    problems.push(format!(
+                        "{tx}: program date index entry missing or pointing elsewhere"
+                    ));
+                }
+                decoded.insert(id, r);
+            }
+            Err(e) => problems.push(format!("transaction seq {id}: record does not decode: {e}")),
+        }
+    }
+    for entry in by_ref.iter()? {
+        let (key, id) = entry?;
+        report.references += 1;
+        let (b, reference) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.reference_number == reference => {}
+            _ => problems.push(format!(
+                "reference index ({b}, {reference}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in by_date.iter()? {
+        let (key, id) = entry?;
+        report.date_entries += 1;
+        let (b, created, seq) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.created_at == created && r.seq == seq => {}
+            _ => problems.push(format!(
+                "date index ({b}, {created}, {seq}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in by_program.iter()? {
+        let (key, id) = entry?;
+        report.program_date_entries += 1;
+        let (b, program, created, seq) = key.value();
+        match decoded.get(&id.value()) {
+            Some(r) if r.business == b && r.program_id == program && r.created_at == created && r.seq == seq => {}
+            _ => problems.push(format!(
+                "program date index ({b}, {program}, {created}, {seq}) names a missing or different record"
+            )),
+        }
+    }
+    for entry in txn.open_table(CONNECTIONS)?.iter()? {
+        let (key, bytes) = entry?;
+        report.connections += 1;
+        if let Err(e) = decode_connection(schema, bytes.value()) {
+            let (b, user, program) = key.value();
+            problems.push(format!(
+                "connection ({b}, {user}, {program}) does not decode: {e}"
+            ));
+        }
+    }
+    Ok(report)
+}

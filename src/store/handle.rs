@@ -1,0 +1,227 @@
+//! The open database file: opening it (schema check, migrations, tables), sharing it
+//! between readers and the writer, and reopening it after an I/O failure.
+
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError};
+
+use super::schema::{
+    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, META, MIGRATIONS, SCHEMA_VERSION,
+    TRANSACTIONS,
+};
+use super::{OpenError, StoreError};
+use crate::ledger::IdCipher;
+
+/// The open database, shared by readers and the writer, and replaced by the writer after
+/// an I/O failure.
+///
+/// redb latches an I/O error (a full disk, say): every later operation on that `Database`
+/// fails until it is reopened. So after a failed commit the writer takes the database out
+/// (requests meanwhile get 503 at once), waits for readers to let go of it, and opens the
+/// file again, which makes redb recover it to the last durable commit. Until that works
+/// (for instance while the disk is still full) it retries on every write and at least
+/// every [`RECOVERY_RETRY`].
+pub(super) struct Handle {
+    pub path: PathBuf,
+    /// Turns sequence numbers into client-facing ids and back.
+    pub ids: IdCipher,
+    pub cache_bytes: usize,
+    db: RwLock<Option<Arc<Database>>>,
+    /// Durable commits made by the writer, and the writes they held.
+    pub commits: std::sync::atomic::AtomicU64,
+    pub writes: std::sync::atomic::AtomicU64,
+}
+
+/// How often the writer retries opening a database it had to close.
+pub(super) const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What opening found in the file.
+pub(super) struct Prepared {
+    pub next_seq: u64,
+    pub id_key: Vec<u8>,
+    /// The schema version the file had, if it was migrated on this open.
+    pub migrated_from: Option<u64>,
+}
+
+impl Handle {
+    pub fn new(path: PathBuf, ids: IdCipher, cache_bytes: usize, db: Database) -> Handle {
+        Handle {
+            path,
+            ids,
+            cache_bytes,
+            db: RwLock::new(Some(Arc::new(db))),
+            commits: 0.into(),
+            writes: 0.into(),
+        }
+    }
+
+    /// The database, while it is open. Holding the `Arc` keeps a reopen waiting: readers
+    /// hold it for as long as their read transaction lives.
+    pub fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Takes the database out, waiting up to `patience` for readers to let go of it, so
+    /// that the file is released. `false` if a reader still held it (it is put back).
+    pub fn close(&self, patience: std::time::Duration) -> bool {
+        let old = self
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut old) = old else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    return true;
+                }
+                Err(shared) if std::time::Instant::now() < deadline => {
+                    old = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(shared) => {
+                    // A long listing still reads it: put it back.
+                    *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(shared);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Closes the database (waiting up to a few seconds for readers to let go of it) and
+    /// opens it again; returns the sequence counter read back from the file.
+    pub fn reopen(&self) -> Option<u64> {
+        if !self.close(std::time::Duration::from_secs(5)) {
+            return None;
+        }
+        let reopened = Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|db| {
+                prepare(&db)
+                    .map(|p| (db, p.next_seq))
+                    .map_err(|e| e.to_string())
+            });
+        match reopened {
+            Ok((db, next_seq)) => {
+                *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));
+                tracing::warn!("database reopened after a storage failure");
+                Some(next_seq)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "database cannot be reopened yet");
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn open_error(e: DatabaseError) -> OpenError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => OpenError::Locked,
+        other => OpenError::Unusable(other.to_string()),
+    }
+}
+
+/// The schema version a file records, if it has one.
+pub(super) fn stored_version(txn: &redb::ReadTransaction) -> Result<Option<u64>, OpenError> {
+    let bad = |e: &dyn std::fmt::Display| OpenError::Unusable(e.to_string());
+    match txn.open_table(META) {
+        Ok(meta) => match meta.get("schema_version").map_err(|e| bad(&e))? {
+            Some(v) => u64_value(v.value())
+                .map(Some)
+                .ok_or_else(|| OpenError::Unusable("the schema version is unreadable".into())),
+            None => Ok(None),
+        },
+        Err(TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(bad(&e)),
+    }
+}
+
+/// Checks the schema version (writing it and a new id key into a new file, migrating an
+/// older file in one write transaction), reads the next sequence number and the id key,
+/// and creates every table so that readers never meet a missing one.
+pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
+    let bad = |e: &dyn std::fmt::Display| OpenError::Unusable(e.to_string());
+    let version = stored_version(&db.begin_read().map_err(|e| bad(&e))?)?;
+    if let Some(v) = version.filter(|v| *v > SCHEMA_VERSION) {
+        return Err(OpenError::NewerSchema(v));
+    }
+    let txn = db.begin_write().map_err(|e| bad(&e))?;
+    let mut migrated_from = None;
+    match version {
+        None => {
+            let data_tables = txn.list_tables().map_err(|e| bad(&e))?.count();
+            if data_tables > 1 {
+                return Err(OpenError::Unusable(
+                    "it has tables but no schema version: not a Cosmopoints database".into(),
+                ));
+            }
+        }
+        Some(v) if v < SCHEMA_VERSION => {
+            for (_, step) in MIGRATIONS.iter().filter(|(to, _)| *to > v) {
+                step(&txn).map_err(|e| OpenError::Unusable(format!("migration failed: {e}")))?;
+            }
+            migrated_from = Some(v);
+        }
+        Some(_) => {}
+    }
+    let next_seq;
+    let id_key;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| bad(&e))?;
+        if version != Some(SCHEMA_VERSION) {
+            meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| bad(&e))?;
+        }
+        let stored_key = meta
+            .get("id_key")
+            .map_err(|e| bad(&e))?
+            .map(|k| k.value().to_vec());
+        id_key = match stored_key {
+            Some(key) => key,
+            None => {
+                let key = crate::auth::random_secret();
+                meta.insert("id_key", key.as_slice()).map_err(|e| bad(&e))?;
+                key
+            }
+        };
+        next_seq = match meta.get("next_seq").map_err(|e| bad(&e))? {
+            Some(v) => u64_value(v.value())
+                .ok_or_else(|| OpenError::Unusable("the sequence counter is unreadable".into()))?,
+            None => 0,
+        };
+        txn.open_table(TRANSACTIONS).map_err(|e| bad(&e))?;
+        txn.open_table(BY_REFERENCE).map_err(|e| bad(&e))?;
+        txn.open_table(BY_DATE).map_err(|e| bad(&e))?;
+        txn.open_table(BY_PROGRAM_DATE).map_err(|e| bad(&e))?;
+        txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;
+    }
+    txn.commit().map_err(|e| bad(&e))?;
+    Ok(Prepared {
+        next_seq,
+        id_key,
+        migrated_from,
+    })
+}
+
+pub(super) fn u64_value(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}

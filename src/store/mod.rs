@@ -1,0 +1,613 @@
+//! The database: what callers may ask of it, and its one implementation on an embedded
+//! redb file with a single group-commit writer thread.
+//!
+//! Invariant: this is the only module that knows redb and postcard, and its interface
+//! (this file's public items) names neither: callers pass domain values and query types
+//! and get domain values back, from `async` methods, and listings as a [`Listing`] of
+//! batches. That is the seam a second backend fills (see docs/API.md, "Storage").
+//!
+//! - [`schema`]: tables, versioned records, migrations.
+//! - `handle`: opening, sharing and reopening the file.
+//! - `writer`: the group-commit writer; every write is a closure over its tables.
+//! - `read`: read transactions, records → domain values, the listing scan.
+//! - `check`: the consistency check.
+//!
+//! Tables (keys → values):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `id_key`, `next_seq` (u64 LE) |
+//! | `transactions` | seq | postcard `TxRecord` |
+//! | `tx_by_reference` | (business, referenceNumber) | seq |
+//! | `tx_by_date` | (business, createdAt, seq) | seq |
+//! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq |
+//! | `connections` | (business, endUserId, programId) | postcard `ConnectionRecord` |
+//!
+//! Transactions are keyed by `seq`, a counter that only grows: new records append to the
+//! end of the table instead of rewriting random pages. The id a client sees is `seq`
+//! enciphered with a key kept in `meta` (see [`IdCipher`]), so ids reveal no volume or
+//! order and need no index: an id deciphers to its key. The record's `business` is
+//! checked after the read. The date indexes carry `seq` in their keys too, so that
+//! transactions within one second list in creation order and every key is unique. A
+//! record and all its index entries are written in one write transaction.
+
+mod check;
+mod handle;
+mod read;
+pub mod schema;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::Database;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+pub use check::{check_file, CheckReport};
+pub use schema::SCHEMA_VERSION;
+
+use handle::{open_error, prepare, Handle};
+use read::{connection, decode, read_tx, Reader};
+use schema::{ConnectionRecord, BY_REFERENCE, CONNECTIONS, META, TRANSACTIONS};
+use writer::{Answer, Job, Tables, Writer};
+
+use crate::clock::Clock;
+use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber};
+use crate::ledger::{Connection, IdCipher, NewTransaction, Transaction, TransactionId};
+
+/// Why the database could not be opened; each is a one-line message for the operator.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Another process (a running server) holds the file.
+    Locked,
+    /// Written by a newer Cosmopoints.
+    NewerSchema(u64),
+    /// Not a database, damaged, or unreadable.
+    Unusable(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Locked => write!(f, "the database file is in use by another process (is a server already running on it?)"),
+            OpenError::NewerSchema(v) => write!(f, "the database file has schema version {v}, newer than this build's {SCHEMA_VERSION}; use a newer cosmopoints"),
+            OpenError::Unusable(reason) => write!(f, "the database file cannot be used: {reason}"),
+        }
+    }
+}
+
+/// A storage failure on the request path. Details go to the log, never to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The write queue, or the set of running listings, is full.
+    Busy,
+    /// The database cannot be written or read now (I/O failure, disk full, shutting down).
+    Unavailable,
+    /// A stored record does not decode: a bug or damage.
+    Corrupt,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    tracing::error!(error = %e, "storage failure");
+    StoreError::Unavailable
+}
+
+/// What issuing a transaction came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issued {
+    /// New and durable.
+    Created(Transaction),
+    /// The same request was made before; nothing was written.
+    Replayed(Transaction),
+    /// The referenceNumber exists with another request; the first differing field.
+    Conflict(&'static str),
+}
+
+/// A program connection write: the stored connection and whether it is new.
+pub type Connected = (Connection, bool);
+
+/// An issuance: the checked request and what the ledger decided for it.
+pub struct Issue {
+    pub business: BusinessId,
+    pub program_name: String,
+    pub currency: String,
+    pub total_points: u64,
+    pub request: NewTransaction,
+}
+
+/// A connection upsert.
+pub struct Connect {
+    pub business: BusinessId,
+    pub end_user_id: EndUserId,
+    pub program_id: ProgramId,
+    pub destination_user_id: DestinationUserId,
+}
+
+/// A position in a listing: after the transaction created at `created_at` with `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: u64,
+    pub seq: u64,
+}
+
+impl Cursor {
+    pub fn of(tx: &Transaction) -> Cursor {
+        Cursor {
+            created_at: tx.created_at,
+            seq: tx.seq,
+        }
+    }
+}
+
+/// A listing of one business's transactions: created in `start..=end` (epoch seconds),
+/// optionally in one program, oldest first (creation order within a second), strictly
+/// after `after`, at most `limit` of them.
+#[derive(Clone, Debug)]
+pub struct TxQuery {
+    pub business: BusinessId,
+    pub program: Option<ProgramId>,
+    pub start: u64,
+    pub end: u64,
+    pub after: Option<Cursor>,
+    pub limit: Option<usize>,
+}
+
+/// The rows of a listing as they are read, in batches, all from one snapshot. Dropping
+/// it stops the scan.
+pub struct Listing {
+    rx: mpsc::Receiver<Result<Vec<Transaction>, StoreError>>,
+}
+
+/// Listings running at once; more get `Busy`. Each holds a blocking thread and a read
+/// snapshot (which keeps the file from reusing pages); well below tokio's blocking pool
+/// (512 threads), which also runs PBKDF2 for logins.
+pub const MAX_LISTINGS: usize = 64;
+
+/// Bounds on the store's memory and batching.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most writes applied in one commit.
+    pub max_batch: usize,
+    /// Most writes waiting for the writer; beyond it, `StoreError::Busy`.
+    pub queue: usize,
+    /// redb's page cache (its default, 1 GiB, would let the cache grow with the file).
+    pub cache_bytes: usize,
+}
+
+impl Limits {
+    /// Small limits for tests and benchmarks.
+    pub fn new(max_batch: usize, queue: usize) -> Limits {
+        Limits {
+            max_batch,
+            queue,
+            cache_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The database and its writer. Reads run on the caller's thread (redb reads never wait
+/// for the writer; they take microseconds, so the `async` read methods do not yield);
+/// writes queue for the one writer thread; listings run on a blocking thread each.
+pub struct Store {
+    handle: Arc<Handle>,
+    jobs: mpsc::Sender<Job>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    listings: Arc<Semaphore>,
+    migrated_from: Option<u64>,
+}
+
+impl Store {
+    /// Opens (creating if missing, with its folder) the database at `path`, migrates an
+    /// older schema, and starts the writer. `clock` dates new records.
+    pub fn open(path: &Path, clock: Clock, limits: Limits) -> Result<Store, OpenError> {
+        let Limits {
+            max_batch,
+            queue,
+            cache_bytes,
+        } = limits;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                OpenError::Unusable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(open_error)?;
+        let prepared = prepare(&db)?;
+        let handle = Arc::new(Handle::new(
+            path.to_path_buf(),
+            IdCipher::new(&prepared.id_key),
+            cache_bytes,
+            db,
+        ));
+        let (jobs, rx) = mpsc::channel(queue.max(1));
+        let writer = Writer {
+            handle: handle.clone(),
+            clock,
+            max_batch: max_batch.max(1),
+            next_seq: prepared.next_seq,
+        };
+        let thread = std::thread::Builder::new()
+            .name("cosmopoints-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError::Unusable(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            handle,
+            jobs,
+            writer: Mutex::new(Some(thread)),
+            listings: Arc::new(Semaphore::new(MAX_LISTINGS)),
+            migrated_from: prepared.migrated_from,
+        })
+    }
+
+    /// The schema version the file had if this open migrated it (for the start-up log).
+    pub fn migrated_from(&self) -> Option<u64> {
+        self.migrated_from
+    }
+
+    /// The token signing key kept in the database, made on first use.
+    pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        {
+            let reader = Reader::begin(&self.handle)?;
+            let meta = reader.table(META)?;
+            if let Some(key) = meta.get("signing_key").map_err(unavailable)? {
+                return Ok(key.value().to_vec());
+            }
+        }
+        // First start: only `open` (single-threaded, before serving) gets here.
+        let key = generate();
+        let txn = self.handle.db()?.begin_write().map_err(unavailable)?;
+        {
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            meta.insert("signing_key", key.as_slice())
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(key)
+    }
+
+    /// Issues points: durable before this returns `Created`.
+    pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
+        self.write(move |tables| tables.issue(&issue)).await
+    }
+
+    /// Creates or updates a program connection: durable before this returns.
+    pub async fn connect(&self, connect: Connect) -> Result<Connected, StoreError> {
+        self.write(move |tables| tables.connect(&connect)).await
+    }
+
+    /// Queues `apply` for the writer and waits until the batch holding it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        apply: impl for<'t> FnOnce(&mut Tables<'t>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Write(Box::new(move |tables| {
+            let outcome = apply(tables)?;
+            Ok(Box::new(move || {
+                let _ = reply.send(outcome);
+            }) as Answer)
+        }));
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,
+        })?;
+        answer.await.map_err(|_| StoreError::Unavailable)
+    }
+
+    /// Lets the writer finish every queued write, then stops it. Later writes get
+    /// `Unavailable`.
+    pub async fn shutdown(&self) {
+        let _ = self.jobs.send(Job::Stop).await;
+        let handle = self
+            .writer
+            .lock()
+            .expect("writer lock is never poisoned")
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    /// Releases the file (after [`Store::shutdown`]), waiting a few seconds for running
+    /// reads to finish. Later reads get `Unavailable`.
+    pub async fn close(&self) {
+        let handle = self.handle.clone();
+        let closed =
+            tokio::task::spawn_blocking(move || handle.close(std::time::Duration::from_secs(5)))
+                .await
+                .unwrap_or(false);
+        if !closed {
+            tracing::warn!("a reader still held the database at shutdown");
+        }
+    }
+
+    /// Durable commits the writer has made since start, and the writes they held: the
+    /// ratio is the mean group-commit batch size.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.handle.commits.load(Relaxed),
+            self.handle.writes.load(Relaxed),
+        )
+    }
+
+    /// Listings running now (each holds a blocking thread and a snapshot).
+    pub fn running_listings(&self) -> usize {
+        MAX_LISTINGS - self.listings.available_permits()
+    }
+
+    /// Whether the database answers a read.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Reader::begin(&self.handle)?.table(META).map(drop)
+    }
+
+    /// The business's transaction whose id, else whose referenceNumber, is `key`.
+    pub async fn transaction(
+        &self,
+        business: &BusinessId,
+        key: &str,
+    ) -> Result<Option<Transaction>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let records = reader.table(TRANSACTIONS)?;
+        let seq = TransactionId::parse(key).and_then(|id| reader.ids.decode(id));
+        if let Some(seq) = seq {
+            if let Some(tx) = read_tx(reader.ids, &records, seq)? {
+                if tx.business == *business {
+                    return Ok(Some(tx));
+                }
+            }
+        }
+        match reader
+            .table(BY_REFERENCE)?
+            .get((business.as_str(), key))
+            .map_err(unavailable)?
+        {
+            Some(seq) => read_tx(reader.ids, &records, seq.value()),
+            None => Ok(None),
+        }
+    }
+
+    /// The business's transaction with this referenceNumber.
+    pub async fn by_reference(
+        &self,
+        business: &BusinessId,
+        reference: &ReferenceNumber,
+    ) -> Result<Option<Transaction>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let by_ref = reader.table(BY_REFERENCE)?;
+        match by_ref
+            .get((business.as_str(), reference.as_str()))
+            .map_err(unavailable)?
+        {
+            Some(seq) => read_tx(reader.ids, &reader.table(TRANSACTIONS)?, seq.value()),
+            None => Ok(None),
+        }
+    }
+
+    /// Starts the listing `query`; its rows arrive through the [`Listing`]. `Busy` when
+    /// [`MAX_LISTINGS`] are running.
+    pub fn list(&self, query: TxQuery) -> Result<Listing, StoreError> {
+        let permit = self
+            .listings
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::Busy)?;
+        let (tx, rx) = mpsc::channel(2);
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if let Err(e) = read::scan(&handle, &query, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(Listing { rx })
+    }
+
+    /// The end user's connections, optionally in one program, ordered by program id.
+    pub async fn connections(
+        &self,
+        business: &BusinessId,
+        end_user_id: &EndUserId,
+        program: Option<&ProgramId>,
+    ) -> Result<Vec<Connection>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let table = reader.table(CONNECTIONS)?;
+        let mut found = Vec::new();
+        for entry in table
+            .range((business.as_str(), end_user_id.as_str(), "")..)
+            .map_err(unavailable)?
+        {
+            let (key, value) = entry.map_err(unavailable)?;
+            let (b, user, program_id) = key.value();
+            if b != business.as_str() || user != end_user_id.as_str() {
+                break;
+            }
+            if program.is_some_and(|p| p != program_id) {
+                continue;
+            }
+            let record = decode::<ConnectionRecord>(value.value())?.latest();
+            found.push(connection(user, program_id, record));
+        }
+        Ok(found)
+    }
+
+    /// Verifies the live database (see [`check_file`]).
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        check::verify(&reader.txn, SCHEMA_VERSION).map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schema::BY_DATE;
+    use super::*;
+    use crate::domain::UserId;
+
+    fn issue(reference: &str, value: u64) -> Issue {
+        Issue {
+            business: BusinessId::trusted("acme".into()),
+            program_name: "Skywards".into(),
+            currency: "AED".into(),
+            total_points: value / 10,
+            request: NewTransaction {
+                program_id: ProgramId::trusted("skywards".into()),
+                value,
+                user_id: UserId::trusted("u".into()),
+                reference_number: ReferenceNumber::trusted(reference.into()),
+                description: None,
+                bonus: false,
+            },
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt")
+    }
+
+    #[test]
+    fn a_file_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(META)
+                .expect("meta")
+                .insert("schema_version", 99u64.to_le_bytes().as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        match Store::open(&path, Clock::system(), Limits::new(8, 8)) {
+            Err(OpenError::NewerSchema(99)) => {}
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+        assert!(matches!(check_file(&path), Err(OpenError::NewerSchema(99))));
+    }
+
+    #[test]
+    fn a_batch_applies_duplicates_and_conflicts_per_request() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(1000, 1000),
+        )
+        .expect("open");
+        let outcomes = runtime().block_on(async {
+            // All submitted before the writer runs a batch: they share one commit.
+            let futures = vec![
+                store.issue(issue("a", 100)),
+                store.issue(issue("a", 100)),
+                store.issue(issue("a", 200)),
+                store.issue(issue("b", 100)),
+            ];
+            let mut outcomes = Vec::new();
+            for f in futures {
+                outcomes.push(f.await.expect("stored"));
+            }
+            outcomes
+        });
+        let Issued::Created(a) = &outcomes[0] else {
+            panic!("{:?}", outcomes[0])
+        };
+        assert_eq!(outcomes[1], Issued::Replayed(a.clone()));
+        assert_eq!(outcomes[2], Issued::Conflict("value"));
+        assert!(matches!(outcomes[3], Issued::Created(_)));
+        let report = store.check().expect("check");
+        assert_eq!(
+            (report.transactions, report.references, report.date_entries),
+            (2, 2, 2)
+        );
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn a_listing_streams_in_batches_from_one_snapshot_and_honours_its_limit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(1000, 1000),
+        )
+        .expect("open");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            for i in 0..600 {
+                store.issue(issue(&format!("r{i}"), 100)).await.expect("a");
+            }
+            let query = TxQuery {
+                business: BusinessId::trusted("acme".into()),
+                program: None,
+                start: 0,
+                end: 1000,
+                after: None,
+                limit: None,
+            };
+            let mut listing = store.list(query.clone()).expect("list");
+            // Written after the listing began: not in its snapshot.
+            let first = listing.next().await.expect("batch").expect("ok");
+            store.issue(issue("late", 100)).await.expect("late");
+            let mut seen: Vec<_> = first;
+            while let Some(batch) = listing.next().await {
+                seen.extend(batch.expect("ok"));
+            }
+            assert_eq!(seen.len(), 600);
+            assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq));
+            let mut page = store
+                .list(TxQuery {
+                    limit: Some(10),
+                    after: Some(Cursor::of(&seen[4])),
+                    ..query
+                })
+                .expect("list");
+            let rows = page.next().await.expect("batch").expect("ok");
+            assert_eq!(rows.len(), 10);
+            assert_eq!(rows[0].seq, seen[5].seq);
+            assert!(page.next().await.is_none());
+        });
+    }
+
+    #[test]
+    fn check_finds_an_index_entry_without_its_record() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(&path, Clock::manual(100), Limits::new(8, 8)).expect("open");
+            runtime().block_on(async {
+                store.issue(issue("a", 100)).await.expect("a");
+                store.issue(issue("b", 100)).await.expect("b");
+                store.shutdown().await;
+            });
+            let txn = store
+                .handle
+                .db()
+                .expect("open")
+                .begin_write()
+                .expect("write");
+            txn.open_table(BY_DATE)
+                .expect("t")
+                .insert(("acme", 5u64, 999u64), 42u64)
+                .expect("insert");
+            txn.open_table(BY_REFERENCE)
+                .expect("t")
+                .remove(("acme", "b"))
+                .expect("remove");
+            txn.commit().expect("commit");
+        }
+        let report = check_file(&path).expect("readable");
+        assert_eq!(report.transactions, 2);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        assert!(report.problems[0].contains("reference index entry missing"));
+        assert!(report.problems[1].contains("date index (acme, 5, 999)"));
+    }
+}

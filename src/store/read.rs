@@ -1,0 +1,174 @@
+//! Reads: one read transaction per call (redb reads never wait for the writer), stored
+//! records turned into domain values, and the listing scan that feeds a [`Listing`].
+
+use std::ops::Bound::{Excluded, Included};
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, ReadableTable};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::handle::Handle;
+use super::schema::{Conn, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE, TRANSACTIONS};
+use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
+use crate::domain::{
+    BusinessId, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId,
+};
+use crate::ledger::{Connection, IdCipher, Transaction};
+
+/// Rows per batch a listing hands to its consumer.
+const LISTING_BATCH: usize = 256;
+
+/// A read transaction and what reads need beside it. The database handle is held for as
+/// long as the transaction lives, so that a reopen after a storage failure waits for it.
+pub(super) struct Reader<'h> {
+    pub txn: redb::ReadTransaction,
+    pub ids: &'h IdCipher,
+    _db: Arc<redb::Database>,
+}
+
+impl<'h> Reader<'h> {
+    pub fn begin(handle: &'h Handle) -> Result<Reader<'h>, StoreError> {
+        let db = handle.db()?;
+        let txn = db.begin_read().map_err(unavailable)?;
+        Ok(Reader {
+            txn,
+            ids: &handle.ids,
+            _db: db,
+        })
+    }
+
+    pub fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        definition: redb::TableDefinition<K, V>,
+    ) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
+        self.txn.open_table(definition).map_err(unavailable)
+    }
+}
+
+pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        tracing::error!(error = %e, "a stored record does not decode");
+        StoreError::Corrupt
+    })
+}
+
+pub(super) fn read_tx(
+    ids: &IdCipher,
+    records: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+) -> Result<Option<Transaction>, StoreError> {
+    match records.get(seq).map_err(unavailable)? {
+        Some(bytes) => Ok(Some(transaction(
+            ids,
+            decode::<TxRecord>(bytes.value())?.latest(),
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// A stored transaction as the domain sees it. Its text was checked before it was
+/// written.
+pub(super) fn transaction(ids: &IdCipher, r: Tx) -> Transaction {
+    Transaction {
+        id: ids.encode(r.seq),
+        business: BusinessId::trusted(r.business),
+        reference_number: ReferenceNumber::trusted(r.reference_number),
+        program_id: ProgramId::trusted(r.program_id),
+        program_name: r.program_name,
+        user_id: UserId::trusted(r.user_id),
+        description: r.description.map(Description::trusted),
+        currency: r.currency,
+        value: r.value,
+        total_points: r.total_points,
+        bonus: r.bonus,
+        created_at: r.created_at,
+        seq: r.seq,
+    }
+}
+
+pub(super) fn connection(end_user_id: &str, program_id: &str, r: Conn) -> Connection {
+    Connection {
+        end_user_id: EndUserId::trusted(end_user_id.to_owned()),
+        program_id: ProgramId::trusted(program_id.to_owned()),
+        destination_user_id: DestinationUserId::trusted(r.destination_user_id),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+/// Runs the listing `q` in one read transaction (one snapshot), sending batches of rows
+/// to `out` until the range, the limit or the consumer ends. Blocking: runs on its own
+/// thread. A consumer that drops its [`Listing`] stops the scan at the next batch.
+pub(super) fn scan(
+    handle: &Handle,
+    q: &TxQuery,
+    out: &mpsc::Sender<Result<Vec<Transaction>, StoreError>>,
+) -> Result<(), StoreError> {
+    let reader = Reader::begin(handle)?;
+    let records = reader.table(TRANSACTIONS)?;
+    let business = q.business.as_str();
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let mut batch = Vec::with_capacity(LISTING_BATCH.min(limit));
+    let mut sent = 0usize;
+    // `false` once the consumer is gone or the limit is reached.
+    let mut emit = |seq: u64, batch: &mut Vec<Transaction>| -> Result<bool, StoreError> {
+        let tx = read_tx(reader.ids, &records, seq)?.ok_or_else(|| {
+            tracing::error!(seq, "an index entry names a missing transaction");
+            StoreError::Corrupt
+        })?;
+        batch.push(tx);
+        sent += 1;
+        if batch.len() == LISTING_BATCH || sent == limit {
+            let full = std::mem::replace(batch, Vec::with_capacity(LISTING_BATCH));
+            if out.blocking_send(Ok(full)).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(sent < limit)
+    };
+    let after = q.after.filter(|c: &Cursor| c.created_at >= q.start);
+    match &q.program {
+        None => {
+            let index = reader.table(BY_DATE)?;
+            let lower = match after {
+                Some(c) => Excluded((business, c.created_at, c.seq)),
+                None => Included((business, q.start, 0)),
+            };
+            let upper = Included((business, q.end, u64::MAX));
+            for entry in index.range((lower, upper)).map_err(unavailable)? {
+                let (_, seq) = entry.map_err(unavailable)?;
+                if !emit(seq.value(), &mut batch)? {
+                    return Ok(());
+                }
+            }
+        }
+        Some(program) => {
+            let index = reader.table(BY_PROGRAM_DATE)?;
+            let program = program.as_str();
+            let lower = match after {
+                Some(c) => Excluded((business, program, c.created_at, c.seq)),
+                None => Included((business, program, q.start, 0)),
+            };
+            let upper = Included((business, program, q.end, u64::MAX));
+            for entry in index.range((lower, upper)).map_err(unavailable)? {
+                let (_, seq) = entry.map_err(unavailable)?;
+                if !emit(seq.value(), &mut batch)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = out.blocking_send(Ok(batch));
+    }
+    Ok(())
+}
+
+impl Listing {
+    /// The next batch of rows, oldest first; `None` at the end. An `Err` ends the listing:
+    /// what came before it is not the whole range.
+    pub async fn next(&mut self) -> Option<Result<Vec<Transaction>, StoreError>> {
+        self.rx.recv().await
+    }
+}

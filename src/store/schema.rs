@@ -1,0 +1,306 @@
+//! The on-disk layout: table definitions, the versioned records, and the migrations that
+//! bring a file written by an earlier release up to this one.
+//!
+//! # Versioning
+//!
+//! postcard is not self-describing: it cannot skip or default a field that old bytes lack.
+//! So every stored value is a versioned enum (`TxRecord::V1(TxV1)`, …), whose variant
+//! index is the first byte(s) of the value. A new field means a new struct and a new
+//! variant at the END of the enum (old variants never change), a `From` from the previous
+//! version with the documented default, and the writer writing the newest variant. Old
+//! bytes keep decoding; reads turn any variant into the newest one. No rewrite is needed.
+//!
+//! [`SCHEMA_VERSION`] counts layout changes that old code cannot read (a table's key type,
+//! a table's meaning, a value that was not yet versioned). Opening an older file runs the
+//! [`MIGRATIONS`] after its version in one write transaction; a newer file is refused.
+//!
+//! | schema | release | change |
+//! |---|---|---|
+//! | 1 | 0.1.0 | first layout; values are bare postcard structs |
+//! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front) |
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+/// The on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 2;
+
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(super) const TRANSACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+pub(super) const BY_REFERENCE: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("tx_by_reference");
+pub(super) const BY_DATE: TableDefinition<(&str, u64, u64), u64> =
+    TableDefinition::new("tx_by_date");
+pub(super) const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u64> =
+    TableDefinition::new("tx_by_program_date");
+pub(super) const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
+    TableDefinition::new("connections");
+
+/// A transaction as release 0.1.0 stored it. Field order is the format: never change it.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct TxV1 {
+    pub business: String,
+    pub reference_number: String,
+    pub program_id: String,
+    pub program_name: String,
+    pub user_id: String,
+    pub description: Option<String>,
+    pub currency: String,
+    pub value: u64,
+    pub total_points: u64,
+    pub bonus: bool,
+    pub created_at: u64,
+    pub seq: u64,
+}
+
+/// Every stored transaction. Append variants only.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(super) enum TxRecord {
+    V1(TxV1),
+}
+
+/// The newest transaction record version: what reads work with and the writer writes.
+pub(super) type Tx = TxV1;
+
+impl TxRecord {
+    pub fn latest(self) -> Tx {
+        match self {
+            TxRecord::V1(r) => r,
+        }
+    }
+}
+
+impl From<Tx> for TxRecord {
+    fn from(r: Tx) -> TxRecord {
+        TxRecord::V1(r)
+    }
+}
+
+/// A program connection as release 0.1.0 stored it (the key holds business, end user
+/// and program).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct ConnectionV1 {
+    pub destination_user_id: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// Every stored program connection. Append variants only.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(super) enum ConnectionRecord {
+    V1(ConnectionV1),
+}
+
+/// The newest connection record version.
+pub(super) type Conn = ConnectionV1;
+
+impl ConnectionRecord {
+    pub fn latest(self) -> Conn {
+        match self {
+            ConnectionRecord::V1(r) => r,
+        }
+    }
+}
+
+impl From<Conn> for ConnectionRecord {
+    fn from(r: Conn) -> ConnectionRecord {
+        ConnectionRecord::V1(r)
+    }
+}
+
+/// Decodes a transaction value written under `schema` (older files are read as they are,
+/// by `check`, before they are migrated).
+pub(super) fn decode_tx(schema: u64, bytes: &[u8]) -> postcard::Result<Tx> {
+    if schema < 2 {
+        postcard::from_bytes::<TxV1>(bytes)
+    } else {
+        postcard::from_bytes::<TxRecord>(bytes).map(TxRecord::latest)
+    }
+}
+
+/// Decodes a connection value written under `schema`.
+pub(super) fn decode_connection(schema: u64, bytes: &[u8]) -> postcard::Result<Conn> {
+    if schema < 2 {
+        postcard::from_bytes::<ConnectionV1>(bytes)
+    } else {
+        postcard::from_bytes::<ConnectionRecord>(bytes).map(ConnectionRecord::latest)
+    }
+}
+
+/// One step of the layout: run inside the write transaction that also records the new
+/// version, so that a file is either wholly migrated or not at all.
+pub(super) type Migration = fn(&WriteTransaction) -> Result<(), redb::Error>;
+
+/// `(version it produces, step)`, in order.
+pub(super) const MIGRATIONS: &[(u64, Migration)] = &[(2, wrap_values_in_versioned_enums)];
+
+/// Rows rewritten per range read while migrating (bounds the memory a migration takes).
+const MIGRATION_CHUNK: usize = 4096;
+
+/// Schema 1 → 2: every transaction and connection value gains its enum tag. postcard
+/// writes variant 0 as one zero byte followed by the variant's fields, which are exactly
+/// the schema-1 bytes; so each value is its old bytes with a 0 in front.
+fn wrap_values_in_versioned_enums(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    let tagged = |old: &[u8]| {
+        let mut bytes = Vec::with_capacity(old.len() + 1);
+        bytes.push(0u8);
+        bytes.extend_from_slice(old);
+        bytes
+    };
+    let mut records = txn.open_table(TRANSACTIONS)?;
+    let mut from = Some(0u64);
+    while let Some(start) = from {
+        let chunk = records
+            .range(start..)?
+            .take(MIGRATION_CHUNK)
+            .map(|e| e.map(|(k, v)| (k.value(), tagged(v.value()))))
+            .collect::<Result<Vec<_>, _>>()?;
+        from = match chunk.last() {
+            Some((last, _)) if chunk.len() == MIGRATION_CHUNK => last.checked_add(1),
+            _ => None,
+        };
+        for (seq, bytes) in chunk {
+            records.insert(seq, bytes.as_slice())?;
+        }
+    }
+    let mut connections = txn.open_table(CONNECTIONS)?;
+    let mut after: Option<(String, String, String)> = None;
+    loop {
+        let range = match &after {
+            None => connections.range::<(&str, &str, &str)>(..)?,
+            Some((b, u, p)) => {
+                use std::ops::Bound::{Excluded, Unbounded};
+                connections.range::<(&str, &str, &str)>((
+                    Excluded((b.as_str(), u.as_str(), p.as_str())),
+                    Unbounded,
+                ))?
+            }
+        };
+        let chunk = range
+            .take(MIGRATION_CHUNK)
+            .map(|e| {
+                e.map(|(k, v)| {
+                    let (b, u, p) = k.value();
+                    (
+                        (b.to_owned(), u.to_owned(), p.to_owned()),
+                        tagged(v.value()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let full = chunk.len() == MIGRATION_CHUNK;
+        for ((b, u, p), bytes) in &chunk {
+            connections.insert((b.as_str(), u.as_str(), p.as_str()), bytes.as_slice())?;
+        }
+        match chunk.into_iter().last() {
+            Some((key, _)) if full => after = Some(key),
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx_v1() -> TxV1 {
+        TxV1 {
+            business: "acme".into(),
+            reference_number: "inv-1".into(),
+            program_id: "sky".into(),
+            program_name: "Sky".into(),
+            user_id: "u1".into(),
+            description: Some("d".into()),
+            currency: "AED".into(),
+            value: 3673,
+            total_points: 833,
+            bonus: true,
+            created_at: 1_795_774_500,
+            seq: 7,
+        }
+    }
+
+    /// The schema-1 bytes of [`tx_v1`]: what release 0.1.0 wrote.
+    const TX_V1_BYTES: &[u8] = &[
+        4, b'a', b'c', b'm', b'e', 5, b'i', b'n', b'v', b'-', b'1', 3, b's', b'k', b'y', 3, b'S',
+        b'k', b'y', 2, b'u', b'1', 1, 1, b'd', 3, b'A', b'E', b'D', 0xd9, 0x1c, 0xc1, 0x06, 1,
+        0xa4, 0xb0, 0xa5, 0xd8, 0x06, 7,
+    ];
+
+    #[test]
+    fn the_stored_record_formats_are_pinned() {
+        // Schema 1's bare struct, still readable.
+        assert_eq!(
+            postcard::to_allocvec(&tx_v1()).expect("encodes"),
+            TX_V1_BYTES
+        );
+        assert_eq!(decode_tx(1, TX_V1_BYTES).expect("decodes"), tx_v1());
+        // Schema 2: the same bytes behind the variant tag.
+        let bytes = postcard::to_allocvec(&TxRecord::from(tx_v1())).expect("encodes");
+        assert_eq!(
+            bytes[0], 0,
+            "a change here needs a new variant, not an edit"
+        );
+        assert_eq!(&bytes[1..], TX_V1_BYTES);
+        assert_eq!(decode_tx(2, &bytes).expect("decodes"), tx_v1());
+
+        let connection = ConnectionV1 {
+            destination_user_id: "EK1".into(),
+            created_at: 1,
+            updated_at: 2,
+        };
+        let bytes =
+            postcard::to_allocvec(&ConnectionRecord::from(connection.clone())).expect("encodes");
+        assert_eq!(bytes, [0, 3, b'E', b'K', b'1', 1, 2]);
+        assert_eq!(decode_connection(2, &bytes).expect("decodes"), connection);
+        assert_eq!(
+            decode_connection(1, &bytes[1..]).expect("decodes"),
+            connection
+        );
+    }
+
+    /// What a later release will do to add a field: a new struct, a new variant at the end,
+    /// a default for records written before it.
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+    struct TxV2 {
+        v1: TxV1,
+        status: Option<String>,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+    enum TxRecordNext {
+        V1(TxV1),
+        V2(TxV2),
+    }
+
+    impl TxRecordNext {
+        fn latest(self) -> TxV2 {
+            match self {
+                TxRecordNext::V1(v1) => TxV2 { v1, status: None },
+                TxRecordNext::V2(r) => r,
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_written_before_a_field_was_added_decodes_with_its_default() {
+        let written_today = postcard::to_allocvec(&TxRecord::from(tx_v1())).expect("encodes");
+        let read_later: TxRecordNext = postcard::from_bytes(&written_today).expect("decodes");
+        assert_eq!(
+            read_later.latest(),
+            TxV2 {
+                v1: tx_v1(),
+                status: None
+            }
+        );
+        // And a record of the later version is refused by today's code, not misread
+        // (the schema version keeps such a file from being opened at all).
+        let written_later = postcard::to_allocvec(&TxRecordNext::V2(TxV2 {
+            v1: tx_v1(),
+            status: Some("completed".into()),
+        }))
+        .expect("encodes");
+        assert!(decode_tx(SCHEMA_VERSION, &written_later).is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! The one thread that writes. It takes every write waiting in the queue (up to
+//! `max_batch`), applies them in one write transaction, commits once with
+//! `Durability::Immediate`, and only then answers each of them: group commit.
+//!
+//! A write is a closure over [`Tables`] (one request type for every kind of write): a new
+//! kind of write is a new method on `Tables` and a new `Store` method that submits it;
+//! nothing here changes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use redb::{Durability, ReadableTable};
+use tokio::sync::mpsc;
+
+use super::handle::{Handle, RECOVERY_RETRY};
+use super::read::{connection, decode, read_tx, transaction};
+use super::schema::{
+    Conn, ConnectionRecord, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS,
+    META, TRANSACTIONS,
+};
+use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
+use crate::clock::Clock;
+use crate::ledger::IdCipher;
+
+/// Sends a write's outcome to its caller; run only after the batch's commit returned.
+pub(super) type Answer = Box<dyn FnOnce() + Send>;
+
+/// Applies one write inside the batch's write transaction. On `Err` the whole batch is
+/// abandoned (nothing commits) and every caller in it sees `Unavailable`.
+pub(super) type Apply =
+    Box<dyn for<'t> FnOnce(&mut Tables<'t>) -> Result<Answer, StoreError> + Send>;
+
+pub(super) enum Job {
+    Write(Apply),
+    /// Finish what is queued before this, then stop.
+    Stop,
+}
+
+pub(super) struct Writer {
+    pub handle: Arc<Handle>,
+    pub clock: Clock,
+    pub max_batch: usize,
+    pub next_seq: u64,
+}
+
+impl Writer {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        let mut stopping = false;
+        while !stopping {
+            if !self.handle.is_open() {
+                // Closed after a storage failure: retry now and then, even with no writes,
+                // so that reads come back too.
+                self.recover();
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(RECOVERY_RETRY);
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                batch.push(first);
+            }
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if let Some(stop) = batch.iter().position(|j| matches!(j, Job::Stop)) {
+                // Jobs queued after Stop are dropped: their callers get Unavailable.
+                batch.truncate(stop);
+                stopping = true;
+            }
+            self.apply(&mut batch);
+        }
+        rx.close();
+    }
+
+    /// Writes the batch and answers every job in it. A job whose answer is dropped unsent
+    /// (the batch failed) makes its caller see `Unavailable`: nothing of it was committed.
+    fn apply(&mut self, batch: &mut Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        let first_seq = self.next_seq;
+        let mut answers = Vec::with_capacity(batch.len());
+        match self.write(batch, &mut answers) {
+            Ok(()) => answers.into_iter().for_each(|answer| answer()),
+            Err(_) => {
+                // Logged where it happened. Nothing was committed, so the sequence
+                // numbers are free again; the database may have latched the error.
+                self.next_seq = first_seq;
+                self.recover();
+            }
+        }
+        batch.clear();
+    }
+
+    fn recover(&mut self) {
+        if let Some(next_seq) = self.handle.reopen() {
+            self.next_seq = next_seq;
+        }
+    }
+
+    /// Applies the batch in one write transaction and commits it durably, collecting each
+    /// write's answer. On error nothing is committed.
+    fn write(&mut self, batch: &mut Vec<Job>, answers: &mut Vec<Answer>) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let db = self.handle.db()?;
+        let mut txn = db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        {
+            let mut tables = Tables {
+                ids: &self.handle.ids,
+                now,
+                next_seq: self.next_seq,
+                records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
+                by_ref: txn.open_table(BY_REFERENCE).map_err(unavailable)?,
+                by_date: txn.open_table(BY_DATE).map_err(unavailable)?,
+                by_program: txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?,
+                connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
+            };
+            for job in batch.drain(..) {
+                if let Job::Write(apply) = job {
+                    answers.push(apply(&mut tables)?);
+                }
+            }
+            self.next_seq = tables.next_seq;
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            meta.insert("next_seq", self.next_seq.to_le_bytes().as_slice())
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        self.handle.commits.fetch_add(1, Ordering::Relaxed);
+        self.handle
+            .writes
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The tables one write transaction changes, and what every write in it shares.
+pub(super) struct Tables<'txn> {
+    ids: &'txn IdCipher,
+    /// The batch's time: every record it writes is dated with it.
+    now: u64,
+    /// The next transaction sequence number.
+    next_seq: u64,
+    records: redb::Table<'txn, u64, &'static [u8]>,
+    by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
+    by_date: redb::Table<'txn, (&'static str, u64, u64), u64>,
+    by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
+    connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+}
+
+impl Tables<'_> {
+    /// A replay or a conflict if the referenceNumber exists (also when an earlier write of
+    /// this same batch made it); else the record and its three index entries.
+    pub fn issue(&mut self, issue: &Issue) -> Result<Issued, StoreError> {
+        let b = issue.business.as_str();
+        let r = &issue.request;
+        let existing = self
+            .by_ref
+            .get((b, r.reference_number.as_str()))
+            .map_err(unavailable)?
+            .map(|seq| seq.value());
+        if let Some(seq) = existing {
+            let tx = read_tx(self.ids, &self.records, seq)?.ok_or_else(|| {
+                tracing::error!(seq, "the reference index names a missing transaction");
+                StoreError::Corrupt
+            })?;
+            return Ok(match tx.differing_field(r) {
+                None => Issued::Replayed(tx),
+                Some(field) => Issued::Conflict(field),
+            });
+        }
+        let (seq, now) = (self.next_seq, self.now);
+        self.next_seq += 1;
+        let record = TxRecord::from(Tx {
+            business: issue.business.to_string(),
+            reference_number: r.reference_number.to_string(),
+            program_id: r.program_id.to_string(),
+            program_name: issue.program_name.clone(),
+            user_id: r.user_id.to_string(),
+            description: r.description.as_ref().map(|d| d.as_str().to_owned()),
+            currency: issue.currency.clone(),
+            value: r.value,
+            total_points: issue.total_points,
+            bonus: r.bonus,
+            created_at: now,
+            seq,
+        });
+        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
+        self.records
+            .insert(seq, bytes.as_slice())
+            .map_err(unavailable)?;
+        self.by_ref
+            .insert((b, r.reference_number.as_str()), seq)
+            .map_err(unavailable)?;
+        self.by_date
+            .insert((b, now, seq), seq)
+            .map_err(unavailable)?;
+        self.by_program
+            .insert((b, r.program_id.as_str(), now, seq), seq)
+            .map_err(unavailable)?;
+        Ok(Issued::Created(transaction(self.ids, record.latest())))
+    }
+
+    /// Creates the connection, or updates its destination and `updated_at`.
+    pub fn connect(&mut self, c: &Connect) -> Result<Connected, StoreError> {
+        let key = (
+            c.business.as_str(),
+            c.end_user_id.as_str(),
+            c.program_id.as_str(),
+        );
+        let previous = match self.connections.get(key).map_err(unavailable)? {
+            Some(bytes) => Some(decode::<ConnectionRecord>(bytes.value())?.latest()),
+            None => None,
+        };
+        let record = ConnectionRecord::from(Conn {
+            destination_user_id: c.destination_user_id.to_string(),
+            created_at: previous.as_ref().map_or(self.now, |p| p.created_at),
+            updated_at: self.now,
+        });
+        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
+        self.connections
+            .insert(key, bytes.as_slice())
+            .map_err(unavailable)?;
+        Ok((
+            connection(&c.end_user_id, &c.program_id, record.latest()),
+            previous.is_none(),
+        ))
+    }
+}

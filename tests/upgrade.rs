@@ -1,0 +1,126 @@
+//! Upgrades keep data: a database written by an earlier release opens in this one, is
+//! migrated once, and every transaction and connection in it reads back unchanged.
+//! One pinned file per released schema lives under `tests/data/schemaN/`, with the config
+//! it was written with and what that release's API showed (`expected.json`).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use common::{issue_body, TestServer};
+use cosmopoints::config::Config;
+
+/// Copies a pinned schema's folder into a fresh temp dir (tests never touch the original).
+fn copy_pinned(schema: &str) -> Arc<tempfile::TempDir> {
+    let dir = tempfile::tempdir().expect("dir");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(schema);
+    for name in ["config.toml", "cosmopoints.redb", "expected.json"] {
+        std::fs::copy(source.join(name), dir.path().join(name)).expect("copy pinned file");
+    }
+    Arc::new(dir)
+}
+
+/// Every field the old release showed is shown again with the same value. Fields added
+/// since may appear beside them.
+fn assert_shows(old: &Value, new: &Value, at: &str) {
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            for (key, value) in o {
+                let shown = n
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{at}.{key} is no longer shown"));
+                assert_shows(value, shown, &format!("{at}.{key}"));
+            }
+        }
+        (Value::Array(o), Value::Array(n)) => {
+            assert_eq!(o.len(), n.len(), "{at}: a different number of entries");
+            for (i, (o, n)) in o.iter().zip(n).enumerate() {
+                assert_shows(o, n, &format!("{at}[{i}]"));
+            }
+        }
+        _ => assert_eq!(old, new, "{at} changed"),
+    }
+}
+
+#[tokio::test]
+async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
+    let dir = copy_pinned("schema1");
+    let config_path = dir.path().join("config.toml");
+    // `check` reads the old file as it is, before anything migrates it.
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("24 transactions"), "{out}");
+
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
+    )
+    .expect("JSON");
+    // The config the old release accepted starts this one.
+    let config = Config::load(&config_path).expect("the 0.1.0 config still loads");
+    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    assert_eq!(s.app.store.migrated_from(), Some(1));
+    for (business, client, secret) in [
+        ("acme", "acme-pos", "acme-secret"),
+        ("globex", "globex-pos", "globex-secret"),
+    ] {
+        let token = s.token(client, secret).await;
+        let listed = Value::Array(s.all_transactions(&token).await);
+        assert_shows(
+            &expected["transactions"][business],
+            &listed,
+            &format!("{business} listing"),
+        );
+        for tx in listed.as_array().expect("array") {
+            let id = tx["id"].as_str().expect("id");
+            let by_id = s.get(&format!("/v1/transactions/{id}"), Some(&token)).await;
+            assert_eq!(by_id.json(), *tx, "by id");
+            let reference = tx["referenceNumber"].as_str().expect("reference");
+            let path = format!(
+                "/v1/transactions/{}",
+                cosmopoints::input::encode_component(reference)
+            );
+            assert_eq!(s.get(&path, Some(&token)).await.json(), *tx, "by reference");
+        }
+        let connections = s
+            .get("/v1/program-connections?endUserId=eu-1", Some(&token))
+            .await;
+        assert_shows(
+            &expected["connections"][business],
+            &connections.json(),
+            &format!("{business} connections"),
+        );
+    }
+
+    // Idempotency holds across the upgrade: the old request replays, a new one is stored.
+    let acme = s.acme().await;
+    let old = &expected["transactions"]["acme"][0];
+    let replay = s
+        .issue(
+            &acme,
+            serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
+                               "referenceNumber": "inv-1"}),
+        )
+        .await;
+    assert_eq!(replay.status, 200, "{}", replay.text());
+    assert_eq!(replay.json()["id"], old["id"]);
+    let fresh = s.issue(&acme, issue_body("after-upgrade")).await;
+    assert_eq!(fresh.status, 201, "{}", fresh.text());
+    s.stop().await;
+
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("25 transactions"), "{out}");
+    assert!(out.contains("schema 2"), "{out}");
+
+    // A second start finds nothing to migrate.
+    let config = Config::load(&config_path).expect("config");
+    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    assert_eq!(s.app.store.migrated_from(), None);
+    assert_eq!(s.all_transactions(&s.acme().await).await.len(), 24);
+    s.stop().await;
+}
