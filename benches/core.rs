@@ -57,6 +57,7 @@ fn issue(reference: String, value: u64) -> Issue {
             ),
             bonus: false,
         },
+        deliver: false,
     }
 }
 
@@ -297,6 +298,7 @@ fn store_reads(c: &mut Criterion) {
                 end: u64::MAX,
                 after: None,
                 limit: None,
+                status: None,
             };
             rt.block_on(async {
                 let mut listing = store.list(query).expect("list");

@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::auth::{plain_secret_matches, Claims, TokenError};
 use crate::body::{self, Body};
 use crate::clock::rfc3339;
+use crate::delivery::{Delivery, DeliveryStatus};
 use crate::domain::{
     Business, ClientSecret, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber,
     UserId,
@@ -272,6 +273,7 @@ struct IssuedView<'a> {
     total_points: u64,
     reference_number: &'a str,
     date: String,
+    status: &'static str,
 }
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
@@ -282,6 +284,7 @@ fn issued(status: StatusCode, tx: &Transaction) -> Reply {
             total_points: tx.total_points,
             reference_number: tx.reference_number.as_str(),
             date: rfc3339(tx.created_at),
+            status: tx.status().as_str(),
         },
     )
 }
@@ -325,6 +328,7 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             currency: business.currency.clone(),
             total_points,
             request,
+            deliver: false,
         })
         .await?;
     match outcome {
@@ -363,6 +367,41 @@ struct TransactionView<'a> {
     total_points: u64,
     point_transactions: [PointTransactionView; 1],
     partnership: PartnershipView<'a>,
+    status: &'static str,
+    delivery: Option<DeliveryView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryView<'a> {
+    attempts: u32,
+    last_attempt_at: Option<String>,
+    next_attempt_at: Option<String>,
+    partner_transaction_id: Option<&'a str>,
+    error: Option<DeliveryErrorView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryErrorView<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    http_status: Option<u16>,
+    detail: &'a str,
+}
+
+fn delivery_view(d: &Delivery) -> DeliveryView<'_> {
+    DeliveryView {
+        attempts: d.attempts,
+        last_attempt_at: d.last_attempt_at.map(rfc3339),
+        next_attempt_at: d.next_attempt_at.map(rfc3339),
+        partner_transaction_id: d.partner_transaction_id.as_deref(),
+        error: d.error.as_ref().map(|e| DeliveryErrorView {
+            kind: e.kind.as_str(),
+            http_status: e.http_status,
+            detail: &e.detail,
+        }),
+    }
 }
 
 #[derive(Serialize)]
@@ -406,6 +445,8 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
                 program_id: tx.program_id.as_str(),
             },
         },
+        status: tx.status().as_str(),
+        delivery: tx.delivery.as_ref().map(delivery_view),
     }
 }
 
@@ -421,10 +462,42 @@ pub fn write_transaction_json(
 pub async fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
     match app.store.transaction(&caller.business.id, key).await? {
         Some(tx) => json(StatusCode::OK, &transaction_view(&tx)),
-        None => Err(Error::NotFound(format!(
-            "no transaction has the id or referenceNumber \"{key}\""
-        ))),
+        None => Err(not_found(key)),
     }
+}
+
+/// Sends a `failed` transaction to its partner again, with a fresh retry schedule: 202 with
+/// the transaction, now `pending`. Any other status is 409 (a transaction without a
+/// partner is `completed`).
+pub async fn redeliver(app: &App, caller: Caller<'_>, key: &str) -> Reply {
+    let tx = app
+        .store
+        .transaction(&caller.business.id, key)
+        .await?
+        .ok_or_else(|| not_found(key))?;
+    let updated = app
+        .store
+        .update_delivery(tx.seq, |d, now| d.redeliver(now))
+        .await?;
+    match updated {
+        Some((tx, true)) => json(StatusCode::ACCEPTED, &transaction_view(&tx)),
+        Some((tx, false)) => Err(not_failed(&tx)),
+        None => Err(not_failed(&tx)),
+    }
+}
+
+fn not_found(key: &str) -> Error {
+    Error::NotFound(format!(
+        "no transaction has the id or referenceNumber \"{key}\""
+    ))
+}
+
+fn not_failed(tx: &Transaction) -> Error {
+    Error::StateConflict(format!(
+        "transaction {} is {}; only a failed delivery can be redelivered",
+        tx.id,
+        tx.status().as_str()
+    ))
 }
 
 /// Most transactions in one page when `limit` is given.
@@ -448,7 +521,14 @@ fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
 fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, Error> {
     let mut q = query(
         raw,
-        &["startDate", "endDate", "programId", "limit", "after"],
+        &[
+            "startDate",
+            "endDate",
+            "programId",
+            "limit",
+            "after",
+            "status",
+        ],
     )?;
     let start = epoch_param("startDate", q.get("startDate"))?;
     let end = epoch_param("endDate", q.get("endDate"))?;
@@ -458,6 +538,12 @@ fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, E
         ));
     }
     let program = q.remove("programId").map(ProgramId::parse).transpose()?;
+    let status = match q.remove("status") {
+        Some(s) => Some(DeliveryStatus::parse(&s).ok_or_else(|| {
+            Error::bad_request("`status` must be one of pending, completed, failed")
+        })?),
+        None => None,
+    };
     let limit = match q.get("limit") {
         Some(l) => Some(
             Some(l)
@@ -483,6 +569,7 @@ fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, E
         end,
         after,
         limit,
+        status,
     })
 }
 
@@ -542,6 +629,9 @@ async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
         );
         if let Some(p) = &q.program {
             link.push_str(&format!("&programId={}", encode_component(p)));
+        }
+        if let Some(status) = q.status {
+            link.push_str(&format!("&status={}", status.as_str()));
         }
         link.push_str(&format!(
             "&limit={limit}&after={}>; rel=\"next\"",

@@ -28,6 +28,9 @@ pub enum Error {
     MethodNotAllowed(&'static str),
     /// An idempotency key reused with a different request.
     Conflict(String),
+    /// The resource is not in a state that allows this action (redelivering a delivery
+    /// that has not failed).
+    StateConflict(String),
     /// The request body is larger than the configured limit (in bytes).
     PayloadTooLarge(usize),
     /// The body did not arrive within the body read timeout.
@@ -93,7 +96,7 @@ impl Error {
             Error::Unauthenticated(_) | Error::BadCredentials => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::StateConflict(_) => StatusCode::CONFLICT,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -113,6 +116,7 @@ impl Error {
             Error::NotFound(_) => ("not-found", "Not found"),
             Error::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             Error::Conflict(_) => ("idempotency-conflict", "Reference number already used"),
+            Error::StateConflict(_) => ("invalid-state", "Not allowed in the current state"),
             Error::RequestTimeout => ("request-timeout", "Request body too slow"),
             Error::PayloadTooLarge(_) => ("payload-too-large", "Request body too large"),
             Error::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
@@ -127,6 +131,7 @@ impl Error {
     fn detail(&self) -> String {
         match self {
             Error::BadRequest(d) | Error::NotFound(d) | Error::Conflict(d) => d.clone(),
+            Error::StateConflict(d) => d.clone(),
             Error::Unprocessable(d) => d.clone(),
             Error::Unauthenticated(d) => (*d).to_owned(),
             Error::BadCredentials => "the client id or the client secret is wrong".to_owned(),
@@ -187,6 +192,7 @@ impl Error {
             Error::BadRequest(_)
             | Error::NotFound(_)
             | Error::Conflict(_)
+            | Error::StateConflict(_)
             | Error::PayloadTooLarge(_)
             | Error::RequestTimeout
             | Error::UnsupportedMediaType

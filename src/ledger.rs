@@ -12,6 +12,7 @@ use base64::Engine;
 use ring::digest;
 
 use crate::decimal::points_for;
+use crate::delivery::{Delivery, DeliveryStatus};
 use crate::domain::{
     Business, BusinessId, Currency, Description, DestinationUserId, EndUserId, Program, ProgramId,
     ReferenceNumber, UserId,
@@ -134,9 +135,18 @@ pub struct Transaction {
     pub created_at: u64,
     /// Position in the order of creation: orders transactions within one second.
     pub seq: u64,
+    /// Its delivery to the program's partner; `None` when it was never to be delivered.
+    pub delivery: Option<Delivery>,
 }
 
 impl Transaction {
+    /// Where its delivery stands: `completed` when there was nothing to deliver.
+    pub fn status(&self) -> DeliveryStatus {
+        self.delivery
+            .as_ref()
+            .map_or(DeliveryStatus::Completed, |d| d.status)
+    }
+
     /// The first field in which `request` differs from what this transaction was made
     /// from, if any: `None` means the request is a replay.
     pub fn differing_field(&self, request: &NewTransaction) -> Option<&'static str> {

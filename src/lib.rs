@@ -29,6 +29,7 @@
 //! - [`throttle`]: failed-login counting per client id and per address.
 //! - [`domain`]: checked identifiers; businesses, programs, currencies.
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
+//! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
 //!   versioned records, the group-commit writer, reads, `check`).
@@ -61,6 +62,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod decimal;
+pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod input;

@@ -132,7 +132,7 @@ fn check(path: Option<&Path>) -> ExitCode {
                 println!("problem: {problem}");
             }
             println!(
-                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} problems",
+                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} problems",
                 path.display(),
                 report.schema,
                 report.transactions,
@@ -140,6 +140,8 @@ fn check(path: Option<&Path>) -> ExitCode {
                 report.date_entries,
                 report.program_date_entries,
                 report.connections,
+                report.deliveries,
+                report.outbox_entries,
                 report.problems.len()
             );
             if report.problems.is_empty() {

@@ -9,9 +9,10 @@
 //! | GET | /v1/programs | bearer |
 //! | GET | /v1/currencies | bearer |
 //! | POST | /v1/transactions | bearer |
-//! | GET | /v1/transactions?startDate&endDate[&programId][&limit][&after] | bearer |
+//! | GET | /v1/transactions?startDate&endDate[&programId][&status][&limit][&after] | bearer |
 //! | POST | /v1/transactions/preview | bearer |
 //! | GET | /v1/transactions/{id or referenceNumber} | bearer |
+//! | POST | /v1/transactions/{id or referenceNumber}/redeliver | bearer |
 //! | PUT, POST | /v1/program-connections | bearer |
 //! | GET | /v1/program-connections?endUserId[&programId] | bearer |
 //!
@@ -92,6 +93,13 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         (&Method::GET, ["v1", "transactions", key]) if !key.is_empty() => {
             let caller = authenticate(&app, req.headers())?;
             api::get_transaction(&app, caller, &decode_component(key, false)?).await
+        }
+        (&Method::POST, ["v1", "transactions", key, "redeliver"]) if !key.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            api::redeliver(&app, caller, &decode_component(key, false)?).await
+        }
+        (_, ["v1", "transactions", key, "redeliver"]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("POST"))
         }
         (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, POST")),
         (_, ["v1", "transactions", key]) if !key.is_empty() => Err(Error::MethodNotAllowed("GET")),

@@ -46,7 +46,12 @@ async fn issuing_returns_201_with_exact_points_and_the_transaction_reads_back() 
         "bonus": true, "totalPoints": 833,
         "pointTransactions": [{"destinationNumberOfPoints": "833", "type": "bonus"}],
         "partnership": {"destination": {"name": "Skywards Miles", "programId": "skywards"}},
+        "status": "completed", "delivery": null,
     });
+    assert_eq!(
+        created["status"], "completed",
+        "no partner: completed at once"
+    );
     assert_eq!(
         s.get(&format!("/v1/transactions/{id}"), Some(&token))
             .await

@@ -46,6 +46,7 @@ async fn a_background_task_sees_the_stop_before_the_store_closes() {
                         description: None,
                         bonus: false,
                     },
+                    deliver: false,
                 })
                 .await;
             *record.lock().expect("lock") = Some((api_open, outcome));

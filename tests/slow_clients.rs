@@ -145,6 +145,7 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
                         description: Some(Description::parse("x".repeat(200)).expect("text")),
                         bonus: false,
                     },
+                    deliver: false,
                 })
                 .await
                 .expect("stored")

@@ -7,8 +7,8 @@ use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable};
 
 use super::handle::{open_error, stored_version};
 use super::schema::{
-    decode_connection, decode_tx, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS,
-    SCHEMA_VERSION, TRANSACTIONS,
+    decode_connection, decode_tx, DeliveryRecord, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE,
+    CONNECTIONS, DELIVERIES, JOB_CREDIT, OUTBOX, SCHEMA_VERSION, TRANSACTIONS,
 };
 use super::OpenError;
 
@@ -22,6 +22,8 @@ pub struct CheckReport {
     pub date_entries: u64,
     pub program_date_entries: u64,
     pub connections: u64,
+    pub deliveries: u64,
+    pub outbox_entries: u64,
     pub problems: Vec<String>,
 }
 
@@ -142,6 +144,59 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
                 "program date index ({b}, {program}, {created}, {seq}) names a missing or different record"
             )),
         }
+    }
+    // Tables a file of schema 1 does not have yet (they are made on first open).
+    let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    let mut pending = std::collections::HashMap::new();
+    match txn.open_table(DELIVERIES) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(deliveries) => {
+            for entry in deliveries.iter()? {
+                let (seq, bytes) = entry?;
+                report.deliveries += 1;
+                let seq = seq.value();
+                if !decoded.contains_key(&seq) {
+                    problems.push(format!("delivery {seq} names a missing transaction"));
+                }
+                match postcard::from_bytes::<DeliveryRecord>(bytes.value()) {
+                    Ok(d) => {
+                        let d = d.latest();
+                        match (d.status, d.next_attempt_at) {
+                            (0, Some(due)) => {
+                                pending.insert(seq, due);
+                            }
+                            (0, None) => {
+                                problems.push(format!("delivery {seq} is pending with no due time"))
+                            }
+                            (1 | 2, _) => {}
+                            (other, _) => problems
+                                .push(format!("delivery {seq} has an unknown status {other}")),
+                        }
+                    }
+                    Err(e) => problems.push(format!("delivery {seq} does not decode: {e}")),
+                }
+            }
+        }
+    }
+    match txn.open_table(OUTBOX) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(outbox) => {
+            for entry in outbox.iter()? {
+                let (key, _) = entry?;
+                report.outbox_entries += 1;
+                let (due, kind, seq) = key.value();
+                if kind != JOB_CREDIT || pending.remove(&seq) != Some(due) {
+                    problems.push(format!(
+                        "outbox entry ({due}, {kind}, {seq}) has no pending delivery due then"
+                    ));
+                }
+            }
+        }
+    }
+    for seq in pending.keys() {
+        problems.push(format!("pending delivery {seq} has no outbox entry"));
     }
     for entry in txn.open_table(CONNECTIONS)?.iter()? {
         let (key, bytes) = entry?;

@@ -22,6 +22,14 @@
 //! | `tx_by_date` | (business, createdAt, seq) | seq |
 //! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq |
 //! | `connections` | (business, endUserId, programId) | postcard `ConnectionRecord` |
+//! | `deliveries` | seq | postcard `DeliveryRecord`: a transaction's delivery state |
+//! | `outbox` | (due at, job kind, seq) | (): one entry per pending delivery |
+//!
+//! A transaction issued to a program with a partner gets its `deliveries` row and its
+//! `outbox` entry in the same write transaction as the record itself. The delivery worker
+//! reads the due entries (one range scan from the start of `outbox`), and each attempt's
+//! outcome is written back through the writer, which moves or removes the outbox entry
+//! in the same commit.
 //!
 //! Transactions are keyed by `seq`, a counter that only grows: new records append to the
 //! end of the table instead of rewriting random pages. The id a client sees is `seq`
@@ -41,7 +49,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::Database;
+use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use check::{check_file, CheckReport};
@@ -49,10 +57,11 @@ pub use schema::SCHEMA_VERSION;
 
 use handle::{open_error, prepare, Handle};
 use read::{connection, decode, read_tx, Reader};
-use schema::{ConnectionRecord, BY_REFERENCE, CONNECTIONS, META, TRANSACTIONS};
+use schema::{ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, META, OUTBOX, TRANSACTIONS};
 use writer::{Answer, Job, Tables, Writer};
 
 use crate::clock::Clock;
+use crate::delivery::{Delivery, DeliveryStatus};
 use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber};
 use crate::ledger::{Connection, IdCipher, NewTransaction, Transaction, TransactionId};
 
@@ -114,6 +123,9 @@ pub struct Issue {
     pub currency: String,
     pub total_points: u64,
     pub request: NewTransaction,
+    /// Whether the program has a partner to deliver to: the transaction then gets an
+    /// outbox entry in the same durable write.
+    pub deliver: bool,
 }
 
 /// A connection upsert.
@@ -151,6 +163,8 @@ pub struct TxQuery {
     pub end: u64,
     pub after: Option<Cursor>,
     pub limit: Option<usize>,
+    /// Only transactions whose delivery has this status.
+    pub status: Option<DeliveryStatus>,
 }
 
 /// The rows of a listing as they are read, in batches, all from one snapshot. Dropping
@@ -195,6 +209,8 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     listings: Arc<Semaphore>,
     migrated_from: Option<u64>,
+    /// Woken when a delivery becomes due at once (a new issue, a redelivery).
+    outbox_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -239,6 +255,7 @@ impl Store {
             writer: Mutex::new(Some(thread)),
             listings: Arc::new(Semaphore::new(MAX_LISTINGS)),
             migrated_from: prepared.migrated_from,
+            outbox_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -270,7 +287,74 @@ impl Store {
 
     /// Issues points: durable before this returns `Created`.
     pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
-        self.write(move |tables| tables.issue(&issue)).await
+        let deliver = issue.deliver;
+        let issued = self.write(move |tables| tables.issue(&issue)).await?;
+        if deliver && matches!(issued, Issued::Created(_)) {
+            self.outbox_changed.notify_one();
+        }
+        Ok(issued)
+    }
+
+    /// Moves a transaction's delivery on: `step` gets the current state and the commit's
+    /// time and returns the next state, or `None` to leave it. Applied by the writer, so it
+    /// never races another change of the same delivery. `None` if the transaction has no
+    /// delivery; else the transaction as it now stands and whether it changed.
+    pub async fn update_delivery(
+        &self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery> + Send + 'static,
+    ) -> Result<Option<(Transaction, bool)>, StoreError> {
+        let updated = self
+            .write(move |tables| tables.update_delivery(seq, step))
+            .await?;
+        if let Some((tx, true)) = &updated {
+            if tx.status() == DeliveryStatus::Pending {
+                self.outbox_changed.notify_one();
+            }
+        }
+        Ok(updated)
+    }
+
+    /// Completes when a delivery may have become due at once since the last call.
+    pub async fn outbox_changed(&self) {
+        self.outbox_changed.notified().await
+    }
+
+    /// Up to `limit` transactions whose delivery is due at `now`, the longest due first.
+    pub async fn due(&self, now: u64, limit: usize) -> Result<Vec<Transaction>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let outbox = reader.table(OUTBOX)?;
+        let records = reader.table(TRANSACTIONS)?;
+        let deliveries = reader.table(DELIVERIES)?;
+        let mut due = Vec::new();
+        for entry in outbox
+            .range(..=(now, u8::MAX, u64::MAX))
+            .map_err(unavailable)?
+            .take(limit)
+        {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (_, _, seq) = key.value();
+            match read_tx(reader.ids, &records, &deliveries, seq)? {
+                Some(tx) => due.push(tx),
+                None => {
+                    tracing::error!(seq, "an outbox entry names a missing transaction");
+                    return Err(StoreError::Corrupt);
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Pending deliveries, and the due time of the longest waiting one.
+    pub async fn outbox_depth(&self) -> Result<(u64, Option<u64>), StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let outbox = reader.table(OUTBOX)?;
+        let depth = outbox.len().map_err(unavailable)?;
+        let oldest = outbox
+            .first()
+            .map_err(unavailable)?
+            .map(|(key, _)| key.value().0);
+        Ok((depth, oldest))
     }
 
     /// Creates or updates a program connection: durable before this returns.
@@ -352,9 +436,10 @@ impl Store {
     ) -> Result<Option<Transaction>, StoreError> {
         let reader = Reader::begin(&self.handle)?;
         let records = reader.table(TRANSACTIONS)?;
+        let deliveries = reader.table(DELIVERIES)?;
         let seq = TransactionId::parse(key).and_then(|id| reader.ids.decode(id));
         if let Some(seq) = seq {
-            if let Some(tx) = read_tx(reader.ids, &records, seq)? {
+            if let Some(tx) = read_tx(reader.ids, &records, &deliveries, seq)? {
                 if tx.business == *business {
                     return Ok(Some(tx));
                 }
@@ -365,7 +450,7 @@ impl Store {
             .get((business.as_str(), key))
             .map_err(unavailable)?
         {
-            Some(seq) => read_tx(reader.ids, &records, seq.value()),
+            Some(seq) => read_tx(reader.ids, &records, &deliveries, seq.value()),
             None => Ok(None),
         }
     }
@@ -382,7 +467,12 @@ impl Store {
             .get((business.as_str(), reference.as_str()))
             .map_err(unavailable)?
         {
-            Some(seq) => read_tx(reader.ids, &reader.table(TRANSACTIONS)?, seq.value()),
+            Some(seq) => read_tx(
+                reader.ids,
+                &reader.table(TRANSACTIONS)?,
+                &reader.table(DELIVERIES)?,
+                seq.value(),
+            ),
             None => Ok(None),
         }
     }
@@ -461,6 +551,7 @@ mod tests {
                 description: None,
                 bonus: false,
             },
+            deliver: false,
         }
     }
 
@@ -552,6 +643,7 @@ mod tests {
                 end: 1000,
                 after: None,
                 limit: None,
+                status: None,
             };
             let mut listing = store.list(query.clone()).expect("list");
             // Written after the listing began: not in its snapshot.

@@ -9,8 +9,12 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::handle::Handle;
-use super::schema::{Conn, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE, TRANSACTIONS};
+use super::schema::{
+    Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE,
+    DELIVERIES, TRANSACTIONS,
+};
 use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
+use crate::delivery::{Delivery, DeliveryError, DeliveryStatus, FailureKind};
 use crate::domain::{
     BusinessId, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId,
 };
@@ -53,23 +57,86 @@ pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Store
     })
 }
 
+/// The transaction `seq` with its delivery state.
 pub(super) fn read_tx(
     ids: &IdCipher,
     records: &impl ReadableTable<u64, &'static [u8]>,
+    deliveries: &impl ReadableTable<u64, &'static [u8]>,
     seq: u64,
 ) -> Result<Option<Transaction>, StoreError> {
-    match records.get(seq).map_err(unavailable)? {
-        Some(bytes) => Ok(Some(transaction(
-            ids,
-            decode::<TxRecord>(bytes.value())?.latest(),
-        ))),
+    let Some(bytes) = records.get(seq).map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let record = decode::<TxRecord>(bytes.value())?.latest();
+    let delivery = read_delivery(deliveries, seq)?;
+    Ok(Some(transaction(ids, record, delivery)))
+}
+
+pub(super) fn read_delivery(
+    deliveries: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+) -> Result<Option<Delivery>, StoreError> {
+    match deliveries.get(seq).map_err(unavailable)? {
+        Some(bytes) => delivery(decode::<DeliveryRecord>(bytes.value())?.latest()).map(Some),
         None => Ok(None),
     }
 }
 
+/// A stored delivery as the domain sees it.
+pub(super) fn delivery(r: DeliveryV1) -> Result<Delivery, StoreError> {
+    let corrupt = || {
+        tracing::error!("a stored delivery has an unknown status or error kind");
+        StoreError::Corrupt
+    };
+    let status = match r.status {
+        0 => DeliveryStatus::Pending,
+        1 => DeliveryStatus::Completed,
+        2 => DeliveryStatus::Failed,
+        _ => return Err(corrupt()),
+    };
+    let error = match r.error {
+        Some(e) => Some(DeliveryError {
+            kind: FailureKind::from_code(e.kind).ok_or_else(corrupt)?,
+            http_status: e.http_status,
+            detail: e.detail,
+        }),
+        None => None,
+    };
+    Ok(Delivery {
+        status,
+        attempts: r.attempts,
+        step: r.step,
+        last_attempt_at: r.last_attempt_at,
+        next_attempt_at: r.next_attempt_at,
+        partner_transaction_id: r.partner_transaction_id,
+        error,
+    })
+}
+
+/// A delivery as it is stored.
+pub(super) fn delivery_record(d: &Delivery) -> DeliveryRecord {
+    DeliveryRecord::V1(DeliveryV1 {
+        status: match d.status {
+            DeliveryStatus::Pending => 0,
+            DeliveryStatus::Completed => 1,
+            DeliveryStatus::Failed => 2,
+        },
+        attempts: d.attempts,
+        step: d.step,
+        last_attempt_at: d.last_attempt_at,
+        next_attempt_at: d.next_attempt_at,
+        partner_transaction_id: d.partner_transaction_id.clone(),
+        error: d.error.as_ref().map(|e| DeliveryErrorV1 {
+            kind: e.kind.code(),
+            http_status: e.http_status,
+            detail: e.detail.clone(),
+        }),
+    })
+}
+
 /// A stored transaction as the domain sees it. Its text was checked before it was
 /// written.
-pub(super) fn transaction(ids: &IdCipher, r: Tx) -> Transaction {
+pub(super) fn transaction(ids: &IdCipher, r: Tx, delivery: Option<Delivery>) -> Transaction {
     Transaction {
         id: ids.encode(r.seq),
         business: BusinessId::trusted(r.business),
@@ -84,6 +151,7 @@ pub(super) fn transaction(ids: &IdCipher, r: Tx) -> Transaction {
         bonus: r.bonus,
         created_at: r.created_at,
         seq: r.seq,
+        delivery,
     }
 }
 
@@ -107,16 +175,20 @@ pub(super) fn scan(
 ) -> Result<(), StoreError> {
     let reader = Reader::begin(handle)?;
     let records = reader.table(TRANSACTIONS)?;
+    let deliveries = reader.table(DELIVERIES)?;
     let business = q.business.as_str();
     let limit = q.limit.unwrap_or(usize::MAX);
     let mut batch = Vec::with_capacity(LISTING_BATCH.min(limit));
     let mut sent = 0usize;
     // `false` once the consumer is gone or the limit is reached.
     let mut emit = |seq: u64, batch: &mut Vec<Transaction>| -> Result<bool, StoreError> {
-        let tx = read_tx(reader.ids, &records, seq)?.ok_or_else(|| {
+        let tx = read_tx(reader.ids, &records, &deliveries, seq)?.ok_or_else(|| {
             tracing::error!(seq, "an index entry names a missing transaction");
             StoreError::Corrupt
         })?;
+        if q.status.is_some_and(|status| tx.status() != status) {
+            return Ok(true);
+        }
         batch.push(tx);
         sent += 1;
         if batch.len() == LISTING_BATCH || sent == limit {

@@ -35,6 +35,15 @@ pub(super) const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u64> =
     TableDefinition::new("tx_by_program_date");
 pub(super) const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
     TableDefinition::new("connections");
+/// The delivery state of each transaction issued to a program with a partner, by seq.
+/// A transaction without an entry was never to be delivered: `completed`.
+pub(super) const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+/// The outbox: one entry per pending delivery, keyed by (due time, job kind, id), so that
+/// the due jobs are one range scan from the start.
+pub(super) const OUTBOX: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("outbox");
+
+/// Job kinds in [`OUTBOX`] keys.
+pub(super) const JOB_CREDIT: u8 = 0;
 
 /// A transaction as release 0.1.0 stored it. Field order is the format: never change it.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
@@ -105,6 +114,41 @@ impl ConnectionRecord {
 impl From<Conn> for ConnectionRecord {
     fn from(r: Conn) -> ConnectionRecord {
         ConnectionRecord::V1(r)
+    }
+}
+
+/// A delivery's state (see `crate::delivery`), first stored by schema 2.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct DeliveryV1 {
+    /// 0 pending, 1 completed, 2 failed.
+    pub status: u8,
+    pub attempts: u32,
+    pub step: u32,
+    pub last_attempt_at: Option<u64>,
+    pub next_attempt_at: Option<u64>,
+    pub partner_transaction_id: Option<String>,
+    pub error: Option<DeliveryErrorV1>,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct DeliveryErrorV1 {
+    /// `FailureKind::code`.
+    pub kind: u8,
+    pub http_status: Option<u16>,
+    pub detail: String,
+}
+
+/// Every stored delivery. Append variants only.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(super) enum DeliveryRecord {
+    V1(DeliveryV1),
+}
+
+impl DeliveryRecord {
+    pub fn latest(self) -> DeliveryV1 {
+        match self {
+            DeliveryRecord::V1(r) => r,
+        }
     }
 }
 

@@ -13,14 +13,16 @@ use redb::{Durability, ReadableTable};
 use tokio::sync::mpsc;
 
 use super::handle::{Handle, RECOVERY_RETRY};
-use super::read::{connection, decode, read_tx, transaction};
+use super::read::{connection, decode, delivery_record, read_delivery, read_tx, transaction};
 use super::schema::{
     Conn, ConnectionRecord, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS,
-    META, TRANSACTIONS,
+    DELIVERIES, JOB_CREDIT, META, OUTBOX, TRANSACTIONS,
 };
 use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
 use crate::clock::Clock;
+use crate::delivery::{Delivery, DeliveryStatus};
 use crate::ledger::IdCipher;
+use crate::ledger::Transaction;
 
 /// Sends a write's outcome to its caller; run only after the batch's commit returned.
 pub(super) type Answer = Box<dyn FnOnce() + Send>;
@@ -126,6 +128,8 @@ impl Writer {
                 by_date: txn.open_table(BY_DATE).map_err(unavailable)?,
                 by_program: txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?,
                 connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
+                deliveries: txn.open_table(DELIVERIES).map_err(unavailable)?,
+                outbox: txn.open_table(OUTBOX).map_err(unavailable)?,
             };
             for job in batch.drain(..) {
                 if let Job::Write(apply) = job {
@@ -158,6 +162,8 @@ pub(super) struct Tables<'txn> {
     by_date: redb::Table<'txn, (&'static str, u64, u64), u64>,
     by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
     connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+    deliveries: redb::Table<'txn, u64, &'static [u8]>,
+    outbox: redb::Table<'txn, (u64, u8, u64), ()>,
 }
 
 impl Tables<'_> {
@@ -172,7 +178,7 @@ impl Tables<'_> {
             .map_err(unavailable)?
             .map(|seq| seq.value());
         if let Some(seq) = existing {
-            let tx = read_tx(self.ids, &self.records, seq)?.ok_or_else(|| {
+            let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
                 tracing::error!(seq, "the reference index names a missing transaction");
                 StoreError::Corrupt
             })?;
@@ -210,7 +216,66 @@ impl Tables<'_> {
         self.by_program
             .insert((b, r.program_id.as_str(), now, seq), seq)
             .map_err(unavailable)?;
-        Ok(Issued::Created(transaction(self.ids, record.latest())))
+        // The outbox row goes in the same write as the transaction: both or neither.
+        let delivery = issue.deliver.then(|| Delivery::new(now));
+        if let Some(d) = &delivery {
+            self.put_delivery(seq, None, d)?;
+        }
+        Ok(Issued::Created(transaction(
+            self.ids,
+            record.latest(),
+            delivery,
+        )))
+    }
+
+    /// Moves the delivery of transaction `seq` on with `step` (given the current state,
+    /// the next one, or `None` to leave it as it is). `None` if the transaction has no
+    /// delivery; else the transaction as it now stands and whether `step` changed it.
+    pub fn update_delivery(
+        &mut self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+    ) -> Result<Option<(Transaction, bool)>, StoreError> {
+        let Some(current) = read_delivery(&self.deliveries, seq)? else {
+            return Ok(None);
+        };
+        let changed = match step(&current, self.now) {
+            Some(next) => {
+                self.put_delivery(seq, Some(&current), &next)?;
+                true
+            }
+            None => false,
+        };
+        let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
+            tracing::error!(seq, "a delivery names a missing transaction");
+            StoreError::Corrupt
+        })?;
+        Ok(Some((tx, changed)))
+    }
+
+    /// Writes a delivery state and keeps the outbox in step: exactly one entry, at its due
+    /// time, while it is pending.
+    fn put_delivery(
+        &mut self,
+        seq: u64,
+        previous: Option<&Delivery>,
+        next: &Delivery,
+    ) -> Result<(), StoreError> {
+        if let Some(due) = previous.and_then(|p| p.next_attempt_at) {
+            self.outbox
+                .remove((due, JOB_CREDIT, seq))
+                .map_err(unavailable)?;
+        }
+        if let (DeliveryStatus::Pending, Some(due)) = (next.status, next.next_attempt_at) {
+            self.outbox
+                .insert((due, JOB_CREDIT, seq), ())
+                .map_err(unavailable)?;
+        }
+        let bytes = postcard::to_allocvec(&delivery_record(next)).map_err(unavailable)?;
+        self.deliveries
+            .insert(seq, bytes.as_slice())
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// Creates the connection, or updates its destination and `updated_at`.
