@@ -28,6 +28,13 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+/// The demo client's secret in `config.example.toml` and the README: public, so a config
+/// that still accepts it lets anyone in. Start-up warns about it every time.
+pub const DEMO_SECRET: &str = "cosmo-demo-secret";
+/// The `secret_hash` of [`DEMO_SECRET`] as `config.example.toml` has it.
+pub const DEMO_SECRET_HASH: &str =
+    "$pbkdf2-sha256$i=100000$ceRnr2ug7SqSVUg1IbqDUw$5OoPXq9Jeb6ACpXaBg2E/0uIxj7bB16qL4ra85TSTac";
+
 fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
@@ -590,6 +597,25 @@ impl RawConfig {
                     return Err(err(
                         key("client_id"),
                         format!("duplicate client id \"{}\"", c.client_id),
+                    ));
+                }
+                // Only the example's own hash is recognised: trying the demo secret
+                // against every configured hash would cost one PBKDF2 run per client at
+                // each start.
+                let demo = c.secret_hash.as_deref() == Some(DEMO_SECRET_HASH)
+                    || c.secret.as_deref() == Some(DEMO_SECRET);
+                if demo {
+                    let field = if c.secret.is_some() {
+                        "secret"
+                    } else {
+                        "secret_hash"
+                    };
+                    warnings.push(format!(
+                        "{} (client \"{}\") accepts the public demo secret of config.example.toml: \
+                         anyone can log in as this client; make a new secret with \
+                         `cosmopoints hash-secret --generate`",
+                        key(field),
+                        c.client_id
                     ));
                 }
                 let secret = match (c.secret_hash, c.secret) {

@@ -18,7 +18,8 @@ const HELP: &str = "cosmopoints: a self-contained loyalty-points server
 
 usage:
   cosmopoints serve [--config PATH]
-      Run the server. PATH defaults to cosmopoints.toml, then config.example.toml.
+      Run the server. PATH defaults to cosmopoints.toml in the current folder;
+      without it, exit 2 (the example config is used only when named).
       The database file named in the config is created if missing.
   cosmopoints check [--config PATH]
       Verify the database named in the config (read-only): every record decodes
@@ -33,8 +34,9 @@ Exit codes: 0 done, 1 failure while running, 2 bad usage, config or database.";
 
 const SERVE_HELP: &str = "usage: cosmopoints serve [--config PATH]
 
-Runs the server on the configuration at PATH (default: cosmopoints.toml if it exists,
-else config.example.toml). Stops gracefully on SIGTERM or SIGINT.";
+Runs the server on the configuration at PATH (default: cosmopoints.toml in the current
+folder; if that is missing too, exits 2: config.example.toml is used only when named,
+since its demo secret is public). Stops gracefully on SIGTERM or SIGINT.";
 
 const CHECK_HELP: &str = "usage: cosmopoints check [--config PATH]
 
@@ -99,26 +101,42 @@ fn hash_secret(iterations: u32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn default_config() -> PathBuf {
-    let own = PathBuf::from("cosmopoints.toml");
+/// The config file used when `--config` is not given.
+const DEFAULT_CONFIG: &str = "cosmopoints.toml";
+
+/// `path`, or `cosmopoints.toml` if it exists. Never the example config: its demo secret
+/// is public, so running it by accident would open the server to anyone.
+fn config_path(path: Option<&Path>) -> Result<PathBuf, ExitCode> {
+    if let Some(path) = path {
+        return Ok(path.to_path_buf());
+    }
+    let own = PathBuf::from(DEFAULT_CONFIG);
     if own.exists() {
-        own
-    } else {
-        PathBuf::from("config.example.toml")
+        return Ok(own);
+    }
+    let looked = std::path::absolute(&own).unwrap_or(own);
+    eprintln!(
+        "cosmopoints: no configuration: no --config given and {} does not exist; \
+         give one with --config PATH (config.example.toml is used only when named)",
+        looked.display()
+    );
+    Err(ExitCode::from(2))
+}
+
+fn load_config(path: Option<&Path>) -> Result<(PathBuf, Config), ExitCode> {
+    let path = config_path(path)?;
+    match Config::load(&path) {
+        Ok(config) => Ok((path, config)),
+        Err(e) => {
+            eprintln!("cosmopoints: config error in {}: {e}", path.display());
+            Err(ExitCode::from(2))
+        }
     }
 }
 
-fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
-    let path = path.map(Path::to_path_buf).unwrap_or_else(default_config);
-    Config::load(&path).map_err(|e| {
-        eprintln!("cosmopoints: config error in {}: {e}", path.display());
-        ExitCode::from(2)
-    })
-}
-
 fn check(path: Option<&Path>) -> ExitCode {
-    let config = match load_config(path) {
-        Ok(config) => config,
+    let (_, config) = match load_config(path) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let path = &config.storage_path;
@@ -151,11 +169,17 @@ fn check(path: Option<&Path>) -> ExitCode {
 }
 
 fn serve(path: Option<&Path>) -> ExitCode {
-    let config = match load_config(path) {
-        Ok(config) => config,
+    let (config_file, config) = match load_config(path) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let storage = config.storage_path.clone();
+    let businesses = config
+        .businesses
+        .iter()
+        .map(|b| b.id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     let listen = config.server.listen;
     let (format, level, warnings) = (
         config.server.log_format,
@@ -172,9 +196,6 @@ fn serve(path: Option<&Path>) -> ExitCode {
     // Logging starts once start-up can no longer fail on config or database, so that a
     // failed start prints exactly one line.
     init_tracing(format, &level);
-    for warning in &warnings {
-        tracing::warn!("{warning}");
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -193,30 +214,71 @@ fn serve(path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        match listener.local_addr() {
-            Ok(addr) => tracing::info!("listening on {addr}"),
-            Err(e) => tracing::warn!(error = %e, "listening, address unknown"),
+        let shutdown = shutdown_signal();
+        // The first log line: what this process serves, from which files.
+        let addr = match listener.local_addr() {
+            Ok(addr) => addr.to_string(),
+            Err(_) => listen.to_string(),
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %config_file.display(),
+            database = %storage.display(),
+            businesses = %businesses,
+            "listening on {addr}"
+        );
+        for warning in &warnings {
+            tracing::warn!("{warning}");
         }
-        cosmopoints::server::run(listener, app, shutdown_signal()).await;
+        cosmopoints::server::run(listener, app, shutdown).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+/// Registers the signal handlers at once and returns a future that completes on SIGTERM or
+/// SIGINT. Registering before the server logs that it listens means that a signal sent
+/// after that line never meets the default action, which for SIGHUP and SIGTERM is a
+/// silent death. SIGHUP is logged and ignored: the configuration is read only at start,
+/// so there is nothing to reload, and a closed terminal must not stop the server.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let register = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            eprintln!("cosmopoints: cannot handle {name}: {e}");
+            None
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    let mut term = register(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = register(SignalKind::interrupt(), "SIGINT");
+    let mut hangup = register(SignalKind::hangup(), "SIGHUP");
+    // A signal that could not be registered never arrives.
+    async fn next(stream: &mut Option<Signal>) {
+        match stream {
+            Some(stream) => {
+                stream.recv().await;
+            }
+            None => std::future::pending().await,
         }
     }
-    tracing::info!("signal received");
+    async move {
+        loop {
+            tokio::select! {
+                () = next(&mut term) => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                () = next(&mut interrupt) => {
+                    tracing::info!("SIGINT received");
+                    break;
+                }
+                () = next(&mut hangup) => tracing::info!(
+                    "SIGHUP received and ignored: the configuration is read only at start; \
+                     restart the server to apply a change"
+                ),
+            }
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat, level: &str) {

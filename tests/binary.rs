@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,8 +14,14 @@ use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn run(args: &[&str]) -> (i32, String, String) {
+    run_in(Path::new("."), args)
+}
+
+/// Runs the binary in the folder `dir` with stdin closed: exit code, stdout, stderr.
+fn run_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
         .args(args)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
         .expect("runs");
@@ -303,4 +310,150 @@ fn json_logs_carry_request_ids_and_never_secrets_or_tokens() {
         }
     }
     assert!(request_ids.len() >= 3, "{lines:?}");
+}
+
+/// The example config, made runnable in `dir`: a free port and a database inside `dir`.
+fn example_config(dir: &Path) -> PathBuf {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .expect("example config");
+    let text = example
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "path = \"data/cosmopoints.redb\"",
+            "path = \"db/example.redb\"",
+        );
+    assert_ne!(text, example, "the example config changed shape");
+    let path = dir.join("example.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn without_a_config_serve_and_check_exit_2_naming_the_file_looked_for() {
+    let dir = tempfile::tempdir().expect("dir");
+    // The example config lies right there, and still is not used unless named.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
+        dir.path().join("config.example.toml"),
+    )
+    .expect("copy");
+    for args in [&["serve"][..], &["check"]] {
+        let (code, _, err) = run_in(dir.path(), args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        let looked = dir.path().join("cosmopoints.toml");
+        assert!(err.contains(looked.to_str().expect("utf8")), "{err}");
+        assert!(err.contains("--config"), "{err}");
+    }
+    assert!(!dir.path().join("data").exists(), "a database was created");
+    // With cosmopoints.toml present, it is the one used: `check` reads the database it
+    // names (not created yet, so that is the complaint).
+    let config = write_config(dir.path());
+    assert!(config.ends_with("cosmopoints.toml"));
+    let (code, _, err) = run_in(dir.path(), &["check"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("db/cosmopoints.redb does not exist"), "{err}");
+}
+
+#[test]
+fn the_first_log_line_names_config_database_address_and_businesses() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    let first = &lines[0];
+    let database = dir.path().join("db/cosmopoints.redb");
+    for part in [
+        format!("listening on {}", server.addr),
+        config.display().to_string(),
+        database.display().to_string(),
+        "acme, globex".to_owned(),
+    ] {
+        assert!(
+            first.contains(&part),
+            "{part} missing from the first line: {first}"
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("demo secret")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn the_example_demo_secret_is_warned_about_at_every_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = example_config(dir.path());
+    for _ in 0..2 {
+        let mut server = Binary::serve(&config);
+        server.signal("TERM");
+        assert_eq!(server.wait(15), Some(0));
+        let lines = server.stderr.lock().expect("lines").clone();
+        let warning = lines
+            .iter()
+            .find(|l| l.contains("WARN") && l.contains("public demo secret"))
+            .unwrap_or_else(|| panic!("no demo-secret warning: {lines:?}"));
+        assert!(warning.contains("demo-pos"), "{warning}");
+        assert!(!warning.contains("cosmo-demo-secret"), "{warning}");
+    }
+    // A plain-text demo secret is caught too.
+    let text = std::fs::read_to_string(&config).expect("read");
+    let plain = text.replace(
+        &text[text.find("secret_hash = ").expect("hash")..],
+        "secret = \"cosmo-demo-secret\"\n",
+    );
+    std::fs::write(&config, plain).expect("write");
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(
+        lines.iter().any(|l| l.contains("public demo secret")),
+        "{lines:?}"
+    );
+}
+
+/// SIGHUP (a closed terminal, a reflexive reload) is logged and changes nothing: the
+/// server keeps serving, and SIGTERM still stops it cleanly.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut server = Binary::serve(&write_config(dir.path()));
+    let hups = |server: &Binary| {
+        let lines = server.stderr.lock().expect("lines").clone();
+        lines
+            .iter()
+            .filter(|l| l.contains("SIGHUP received and ignored"))
+            .count()
+    };
+    // One at a time: two signals sent together may be delivered as one.
+    for n in 1..=2 {
+        server.signal("HUP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hups(&server) < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(hups(&server), n);
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let r = try_request(
+            server.addr,
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(issue_body("after-hup").to_string().into_bytes()),
+        )
+        .await
+        .expect("still serving after SIGHUP");
+        assert_eq!(r.status, 201, "{}", r.text());
+    });
+    assert_eq!(server.child.try_wait().expect("status"), None, "it exited");
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    assert_eq!(hups(&server), 2);
 }
