@@ -26,6 +26,7 @@
 //! - [`ledger`]: transactions, connections, validation, the points quote.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`store`]: redb tables, postcard records, the group-commit writer.
+//! - [`files`]: owner-only files and folders (the database, backups).
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
 //!
 //! # Invariants
@@ -46,6 +47,7 @@ pub mod clock;
 pub mod config;
 pub mod decimal;
 pub mod error;
+pub mod files;
 pub mod input;
 pub mod ledger;
 pub mod openapi;

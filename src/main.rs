@@ -230,6 +230,14 @@ fn serve(path: Option<&Path>) -> ExitCode {
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
+        // Files made by earlier versions were created 0644; new ones are 0600.
+        if let Ok(Some(mode)) = cosmopoints::files::open_to_others(&storage) {
+            tracing::warn!(
+                "{} has mode {mode:o}: other users of this machine can read the signing key \
+                 in it; make it owner-only with `chmod 600`",
+                storage.display()
+            );
+        }
         cosmopoints::server::run(listener, app, shutdown).await;
         ExitCode::SUCCESS
     })

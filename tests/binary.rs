@@ -416,6 +416,46 @@ fn the_example_demo_secret_is_warned_about_at_every_start() {
     );
 }
 
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("meta").permissions().mode() & 0o777
+}
+
+/// The database holds the signing key: it and the folders made for it are owner-only; a
+/// file left readable by others (as earlier versions made it) is warned about at start.
+#[test]
+fn the_database_and_its_new_folders_are_created_owner_only() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = common::config_text("state/deep/cosmopoints.redb");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut server = Binary::serve(&config);
+    let database = dir.path().join("state/deep/cosmopoints.redb");
+    assert_eq!(mode(&database) & 0o077, 0, "{:o}", mode(&database));
+    assert_eq!(mode(&database) & 0o600, 0o600);
+    for folder in ["state", "state/deep"] {
+        let m = mode(&dir.path().join(folder));
+        assert_eq!(m & 0o077, 0, "{folder}: {m:o}");
+    }
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(!lines.iter().any(|l| l.contains("chmod")), "{lines:?}");
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("mode 644") && l.contains("chmod 600")),
+        "{lines:?}"
+    );
+}
+
 /// SIGHUP (a closed terminal, a reflexive reload) is logged and changes nothing: the
 /// server keeps serving, and SIGTERM still stops it cleanly.
 #[test]
