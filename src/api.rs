@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::input::{encode_component, query, Fields};
 use crate::ledger::{
     check_description, check_text, enabled_program, quote, Connection, NewTransaction, Transaction,
-    MAX_ID_CHARS, MAX_VALUE,
+    TransactionId, MAX_ID_CHARS, MAX_VALUE,
 };
 use crate::store::{Connect, Cursor, Issue, Issued, StoreError};
 
@@ -321,6 +321,15 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             None => issued(StatusCode::OK, &existing),
             Some(field) => Err(conflict(&request.reference_number, field)),
         };
+    }
+    // Checked after the lookup: an earlier version accepted such references, and a retry
+    // of one of those still gets its original answer.
+    if TransactionId::parse(&request.reference_number).is_some() {
+        return Err(Error::bad_request(
+            "`referenceNumber` must not have the form of a transaction id (`tx_` and 22 \
+             base64url characters): GET /v1/transactions/{key} looks ids up first, so a \
+             lookup of this reference could find another transaction; choose another",
+        ));
     }
     let program = enabled_program(&app.config, business, &request.program_id)?;
     let total_points = quote(&app.config, business, program, request.value)?;
