@@ -185,9 +185,11 @@ struct ProfileView<'a> {
     name: &'a str,
     program_id: &'a str,
     currency: &'a str,
+    /// Digits after the point of the business currency: a `value` is in 10^-exponent units.
+    currency_exponent: u32,
 }
 
-pub fn profile(caller: Caller<'_>) -> Reply {
+pub fn profile(app: &App, caller: Caller<'_>) -> Reply {
     let b = caller.business;
     json(
         StatusCode::OK,
@@ -195,6 +197,7 @@ pub fn profile(caller: Caller<'_>) -> Reply {
             name: &b.name,
             program_id: &b.program_id,
             currency: &b.currency,
+            currency_exponent: app.config.currency(&b.currency).exponent,
         },
     )
 }
@@ -308,8 +311,9 @@ fn conflict(reference: &str, field: &str) -> Error {
 
 /// Issues points. Order of checks: the body's shape (400); then the referenceNumber, so
 /// that a retry of an acknowledged request gets its original answer even if the
-/// configuration changed since (200 or 409); then the business rules (422); then the
-/// writer, which checks the referenceNumber again inside its write transaction.
+/// configuration changed since (200 or 409); then a new referenceNumber's form (400);
+/// then the business rules (422); then the writer, which checks the referenceNumber again
+/// inside its write transaction.
 pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let request = parse_issue(&body)?;
     let business = caller.business;

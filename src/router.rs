@@ -59,7 +59,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
 
-        (&Method::GET, ["v1", "profile"]) => api::profile(authenticate(&app, req.headers())?),
+        (&Method::GET, ["v1", "profile"]) => api::profile(&app, authenticate(&app, req.headers())?),
         (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET")),
 
         (&Method::GET, ["v1", "programs"]) => {

@@ -163,6 +163,28 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
         ),
         ("this is not toml".to_owned(), "line 1"),
     ];
+    // A currency outside ISO 4217 needs its exponent; the table form is checked key by key.
+    let with = |line: &str| base.replace("SAR = \"3.75\"", &format!("SAR = \"3.75\"\n{line}"));
+    let cases = cases.into_iter().chain([
+        (
+            with("BTC = \"0.00001\""),
+            "currencies.BTC: BTC is not an ISO 4217",
+        ),
+        (
+            with("BTC = { units_per_usd = \"0.00001\", exponent = 9 }"),
+            "currencies.BTC.exponent",
+        ),
+        (
+            with("BTC = { units_per_usd = \"0.00001\", exp = 8 }"),
+            "currencies.BTC.exp",
+        ),
+        (
+            with("BTC = { exponent = 8 }"),
+            "currencies.BTC.units_per_usd",
+        ),
+        (with("BTC = 5"), "currencies.BTC"),
+        (with("btc = \"1\""), "currencies.btc"),
+    ]);
     let dir = tempfile::tempdir().expect("dir");
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
