@@ -1,6 +1,6 @@
 //! The `cosmopoints` command line: parse arguments, then hand over to the library.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,8 +11,8 @@ use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
 use cosmopoints::config::{Config, LogFormat};
 
-const USAGE: &str =
-    "usage: cosmopoints <serve [--config PATH] | hash-secret [--iterations N]> (--help for more)";
+const USAGE: &str = "usage: cosmopoints <serve [--config PATH] | check [--config PATH] | \
+                     hash-secret [--generate] [--iterations N]> (--help for more)";
 
 const HELP: &str = "cosmopoints: a self-contained loyalty-points server
 
@@ -25,9 +25,10 @@ usage:
       Verify the database named in the config (read-only): every record decodes
       and has exactly its index entries. Exit 0 whole, 1 problems found, 2 cannot
       open (for instance while a server holds the file).
-  cosmopoints hash-secret [--iterations N]
-      Read a client secret on stdin (one line) and print the secret_hash to put
-      in the config (PBKDF2-HMAC-SHA256, PHC string).
+  cosmopoints hash-secret [--generate] [--iterations N]
+      Read a client secret (one line; in a terminal, asked for without echo) and
+      print the secret_hash to put in the config (PBKDF2-HMAC-SHA256, PHC string).
+      --generate: make a strong random secret and print it with its hash.
   cosmopoints --help | --version
 
 Exit codes: 0 done, 1 failure while running, 2 bad usage, config or database.";
@@ -47,10 +48,15 @@ and no two records share a business and referenceNumber. Prints the counts and
 exits 0, or prints each problem and exits 1. A file held by a running server
 cannot be opened: stop the server (or copy the file) first; exit 2.";
 
-const HASH_HELP: &str = "usage: cosmopoints hash-secret [--iterations N]
+const HASH_HELP: &str = "usage: cosmopoints hash-secret [--generate] [--iterations N]
 
-Reads a client secret from stdin (a trailing newline is dropped) and prints
-$pbkdf2-sha256$i=N$SALT$HASH for the secret_hash key of a client. N defaults to 100000.";
+Reads a client secret and prints $pbkdf2-sha256$i=N$SALT$HASH for the secret_hash key
+of a client. In a terminal it asks for the secret without echoing it; otherwise it
+reads stdin (one line: a trailing newline is dropped). N defaults to 100000.
+
+--generate makes a random secret (256 bits, base64url) instead of reading one and
+prints two lines: `secret: SECRET` (give it to the client; it is not kept anywhere)
+and `secret_hash = \"HASH\"` (put it in the client's entry of the config).";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -65,10 +71,9 @@ fn main() -> ExitCode {
         ["check"] => check(None),
         ["check", "--config", path] => check(Some(Path::new(path))),
         ["hash-secret", "--help" | "-h"] => print_ok(HASH_HELP),
-        ["hash-secret"] => hash_secret(DEFAULT_ITERATIONS),
-        ["hash-secret", "--iterations", n] => match n.parse::<u32>() {
-            Ok(n) if (1..=10_000_000).contains(&n) => hash_secret(n),
-            _ => usage_error("--iterations takes a whole number from 1 to 10000000"),
+        ["hash-secret", options @ ..] => match hash_options(options) {
+            Ok((generate, iterations)) => hash_secret(generate, iterations),
+            Err(message) => usage_error(message),
         },
         _ => usage_error(USAGE),
     }
@@ -84,21 +89,83 @@ fn usage_error(text: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn hash_secret(iterations: u32) -> ExitCode {
+/// `[--generate] [--iterations N]` in any order → (generate, iterations).
+fn hash_options(options: &[&str]) -> Result<(bool, NonZeroU32), &'static str> {
+    let mut generate = false;
+    let mut iterations = None;
+    let mut rest = options.iter();
+    while let Some(option) = rest.next() {
+        match *option {
+            "--generate" if !generate => generate = true,
+            "--iterations" if iterations.is_none() => {
+                let n = rest
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|n| (1..=10_000_000).contains(n))
+                    .and_then(NonZeroU32::new)
+                    .ok_or("--iterations takes a whole number from 1 to 10000000")?;
+                iterations = Some(n);
+            }
+            _ => return Err(USAGE),
+        }
+    }
+    let default = NonZeroU32::new(DEFAULT_ITERATIONS).expect("the default is not 0");
+    Ok((generate, iterations.unwrap_or(default)))
+}
+
+fn hash_secret(generate: bool, iterations: NonZeroU32) -> ExitCode {
+    if generate {
+        let Some(secret) = random_secret() else {
+            eprintln!("cosmopoints: the system's random number generator failed");
+            return ExitCode::FAILURE;
+        };
+        println!("secret: {secret}");
+        println!(
+            "secret_hash = \"{}\"",
+            SecretHash::new(secret.as_bytes(), iterations)
+        );
+        return ExitCode::SUCCESS;
+    }
+    let secret = match read_secret() {
+        Ok(secret) => secret,
+        Err(code) => return code,
+    };
+    if secret.is_empty() {
+        eprintln!("cosmopoints: the secret is empty");
+        return ExitCode::from(2);
+    }
+    println!("{}", SecretHash::new(secret.as_bytes(), iterations));
+    ExitCode::SUCCESS
+}
+
+/// 256 random bits as 43 base64url characters: as strong as the HMAC key behind tokens,
+/// and safe in JSON, shells and TOML without quoting trouble.
+fn random_secret() -> Option<String> {
+    use base64::Engine;
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 32];
+    SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// One line: from the terminal without echo when stdin is one (so that the secret shows
+/// neither on screen nor in the scroll-back), else all of stdin as today, less one
+/// trailing newline.
+fn read_secret() -> Result<String, ExitCode> {
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("Client secret (not shown): ").map_err(|e| {
+            eprintln!("cosmopoints: cannot read the secret from the terminal: {e}");
+            ExitCode::FAILURE
+        });
+    }
     let mut secret = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut secret) {
         eprintln!("cosmopoints: cannot read the secret from stdin: {e}");
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     }
-    let secret = secret.strip_suffix('\n').unwrap_or(&secret);
-    let secret = secret.strip_suffix('\r').unwrap_or(secret);
-    if secret.is_empty() {
-        eprintln!("cosmopoints: the secret on stdin is empty");
-        return ExitCode::from(2);
-    }
-    let iterations = NonZeroU32::new(iterations).expect("checked to be at least 1");
-    println!("{}", SecretHash::new(secret.as_bytes(), iterations));
-    ExitCode::SUCCESS
+    let trimmed = secret.strip_suffix('\n').unwrap_or(&secret);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    Ok(trimmed.to_owned())
 }
 
 /// The config file used when `--config` is not given.

@@ -519,3 +519,149 @@ fn sighup_is_logged_and_ignored() {
     assert_eq!(server.wait(15), Some(0));
     assert_eq!(hups(&server), 2);
 }
+
+/// `hash-secret` in a terminal (a pseudo-terminal made by util-linux's `script`): it asks,
+/// the typed secret is not echoed, and the printed hash verifies it.
+#[test]
+fn hash_secret_in_a_terminal_prompts_without_echo() {
+    use std::io::Read;
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let command = format!(
+        "{} hash-secret --iterations 1000",
+        env!("CARGO_BIN_EXE_cosmopoints")
+    );
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&screen).contains("(not shown): ") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(bytes) => screen.extend(bytes),
+            Err(_) => panic!("no prompt: {:?}", String::from_utf8_lossy(&screen)),
+        }
+    }
+    // The prompt is written just before echo is turned off: give it that moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"tty-s3cret\r").expect("type");
+    let status = child.wait().expect("exits");
+    drop(stdin);
+    while let Ok(bytes) = rx.recv_timeout(Duration::from_secs(2)) {
+        screen.extend(bytes);
+    }
+    let screen = String::from_utf8_lossy(&screen).into_owned();
+    assert!(status.success(), "{screen}");
+    assert!(
+        !screen.contains("tty-s3cret"),
+        "the secret was echoed: {screen}"
+    );
+    let hash = screen
+        .split_whitespace()
+        .find(|w| w.starts_with("$pbkdf2-sha256$"))
+        .unwrap_or_else(|| panic!("no hash: {screen}"));
+    let hash = cosmopoints::auth::SecretHash::parse(hash).expect("a valid hash");
+    assert!(hash.verify(b"tty-s3cret"));
+    assert!(!hash.verify(b"tty-s3cret\r"));
+}
+
+/// `--generate` prints a strong random secret and a config line with its hash; each run
+/// makes a new one.
+#[test]
+fn hash_secret_generate_prints_a_random_secret_and_its_hash() {
+    let mut seen = HashSet::new();
+    for _ in 0..2 {
+        let (code, out, err) = run(&["hash-secret", "--generate", "--iterations", "1000"]);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let secret = lines[0].strip_prefix("secret: ").expect("secret line");
+        assert_eq!(secret.len(), 43, "{secret}");
+        assert!(secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let hash = lines[1]
+            .strip_prefix("secret_hash = \"")
+            .and_then(|h| h.strip_suffix('"'))
+            .expect("a config line");
+        assert!(hash.starts_with("$pbkdf2-sha256$i=1000$"), "{hash}");
+        let hash = cosmopoints::auth::SecretHash::parse(hash).expect("a valid hash");
+        assert!(hash.verify(secret.as_bytes()));
+        assert!(seen.insert(secret.to_owned()), "the same secret twice");
+    }
+    for args in [
+        &["hash-secret", "--generate", "--generate"][..],
+        &["hash-secret", "--generate", "--iterations"],
+        &["hash-secret", "--bogus"],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+/// README's curl walk-through logs in with a few lines of shell: run against the real
+/// binary on the example config, they give a working token, and with a wrong secret they
+/// fail loudly (non-zero, the problem shown) instead of passing the error body on as a token.
+#[test]
+fn readme_login_snippet_fails_loudly_on_a_failed_login() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let start = readme.find("LOGIN=$(curl").expect("the login snippet");
+    let end =
+        start + readme[start..].find("false; }\n").expect("the login check") + "false; }\n".len();
+    let dir = tempfile::tempdir().expect("dir");
+    let server = Binary::serve(&example_config(dir.path()));
+    let snippet =
+        readme[start..end].replace("http://127.0.0.1:8080", &format!("http://{}", server.addr));
+    let shell = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-c", &format!("{script}\nprintf '%s' \"$TOKEN\"")])
+            .stdin(Stdio::null())
+            .output()
+            .expect("bash runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, token, err) = shell(&format!("set -e\n{snippet}"));
+    assert!(ok, "{err}");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let r = try_request(server.addr, Method::GET, "/v1/profile", Some(&token), None)
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    let wrong = snippet.replace("cosmo-demo-secret", "not-the-secret");
+    assert_ne!(wrong, snippet);
+    let (ok, token, err) = shell(&format!("set -e\n{wrong}"));
+    assert!(!ok, "a failed login passed: token {token:?}");
+    assert!(token.is_empty(), "{token}");
+    assert!(err.contains("login failed"), "{err}");
+    assert!(err.contains("invalid-credentials"), "{err}");
+}
