@@ -74,7 +74,12 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<Caller<'a>,
             }
         })?;
     match app.config.client(&claims.client) {
-        Some((business, _)) if business.id == claims.business => Ok(Caller { business }),
+        Some((business, _)) if business.id == claims.business => {
+            let span = tracing::Span::current();
+            span.record("business", business.id.as_str());
+            span.record("client", claims.client.as_str());
+            Ok(Caller { business })
+        }
         _ => Err(Error::Unauthenticated(
             "the token's client no longer exists; get a new token from POST /v1/auth",
         )),
@@ -150,6 +155,9 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
+    let span = tracing::Span::current();
+    span.record("business", business.as_str());
+    span.record("client", client_id.as_str());
     let now = app.clock.now();
     let ttl = app.config.auth.token_ttl_seconds;
     let claims = Claims {
@@ -291,6 +299,7 @@ struct IssuedView<'a> {
 }
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
+    tracing::Span::current().record("transaction", tracing::field::display(tx.id));
     json(
         status,
         &IssuedView {

@@ -363,7 +363,8 @@ fn init_tracing(format: LogFormat, level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(false);
     match format {
-        LogFormat::Human => builder.init(),
+        // Colours only for a person at a terminal: never escape codes in a file or journal.
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -665,3 +665,120 @@ fn readme_login_snippet_fails_loudly_on_a_failed_login() {
     assert!(err.contains("login failed"), "{err}");
     assert!(err.contains("invalid-credentials"), "{err}");
 }
+
+/// Each request's log line answers who, what and how it went: request id, business,
+/// client, remote address, route, status, latency, the transaction written, and the
+/// problem type of an error. Human logs carry no colour codes when stderr is not a
+/// terminal (here, a pipe); JSON logs carry the same fields.
+#[test]
+fn request_log_lines_name_business_client_route_status_and_problem() {
+    for format in ["human", "json"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let text = common::config_text("db/cosmopoints.redb").replace(
+            "[server]\n",
+            &format!("[server]\nlog_format = \"{format}\"\n"),
+        );
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, text).expect("config");
+        let mut server = Binary::serve(&config);
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let id = rt.block_on(async {
+            let token = server.token("acme-pos", "acme-secret").await;
+            let issue = |body: serde_json::Value| {
+                try_request(
+                    server.addr,
+                    Method::POST,
+                    "/v1/transactions",
+                    Some(&token),
+                    Some(body.to_string().into_bytes()),
+                )
+            };
+            let created = issue(issue_body("logged")).await.expect("answer");
+            assert_eq!(created.status, 201);
+            let mut refused = issue_body("refused");
+            refused["programId"] = "tiny".into();
+            assert_eq!(issue(refused).await.expect("answer").status, 422);
+            let r = try_request(
+                server.addr,
+                Method::GET,
+                "/v1/transactions/nowhere-1",
+                Some(&token),
+                None,
+            )
+            .await
+            .expect("answer");
+            assert_eq!(r.status, 404);
+            created.json()["id"].as_str().expect("id").to_owned()
+        });
+        server.signal("TERM");
+        assert_eq!(server.wait(15), Some(0));
+        let lines = server.stderr.lock().expect("lines").clone();
+        assert!(
+            !lines.iter().any(|l| l.contains('\u{1b}')),
+            "{format}: colour codes in a piped log: {lines:?}"
+        );
+        // (status, route, transaction or problem) of the three requests after the login.
+        let expected = [
+            (201, "/v1/transactions", Some(id.as_str()), None),
+            (422, "/v1/transactions", None, Some("unprocessable")),
+            (
+                404,
+                "/v1/transactions/{transactionId}",
+                None,
+                Some("not-found"),
+            ),
+        ];
+        for (status, route, transaction, problem) in expected {
+            let line = lines
+                .iter()
+                .find(|l| {
+                    l.contains("done")
+                        && l.contains(&format!(
+                            "status{}{status}",
+                            if format == "json" { "\":" } else { "=" }
+                        ))
+                })
+                .unwrap_or_else(|| panic!("{format}: no line for {status}: {lines:?}"));
+            let field = |name: &str| -> Option<String> {
+                if format == "json" {
+                    let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+                    let found = v["span"][name].clone();
+                    let found = if found.is_null() {
+                        v[name].clone()
+                    } else {
+                        found
+                    };
+                    match found {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    }
+                } else {
+                    let at = [' ', '{']
+                        .iter()
+                        .find_map(|c| line.find(&format!("{c}{name}=")))?
+                        + name.len()
+                        + 2;
+                    let rest = &line[at..];
+                    let end = rest.find(' ').unwrap_or(rest.len());
+                    // The span's last field ends in "}:"; strings from the config
+                    // (business, client) are quoted.
+                    let value = &rest[..end];
+                    let value = value.strip_suffix("}:").unwrap_or(value);
+                    Some(value.trim_matches('"').to_owned())
+                }
+            };
+            assert_eq!(field("business").as_deref(), Some("acme"), "{line}");
+            assert_eq!(field("client").as_deref(), Some("acme-pos"), "{line}");
+            assert_eq!(field("route").as_deref(), Some(route), "{line}");
+            assert!(
+                field("remote").is_some_and(|r| r.starts_with("127.0.0.1:")),
+                "{line}"
+            );
+            assert!(field("id").is_some_and(|r| !r.is_empty()), "{line}");
+            assert!(field("latency_us").is_some(), "{line}");
+            assert_eq!(field("transaction").as_deref(), transaction, "{line}");
+            assert_eq!(field("problem").as_deref(), problem, "{line}");
+        }
+    }
+}
