@@ -782,3 +782,53 @@ fn request_log_lines_name_business_client_route_status_and_problem() {
         }
     }
 }
+
+/// contrib/cosmopoints.service passes `systemd-analyze verify` (with ExecStart pointed at
+/// the binary just built, since verify checks that it exists) and keeps its hardening.
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze is not installed (CI installs it)");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/cosmopoints.service"
+    ))
+    .expect("the unit");
+    for setting in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=cosmopoints",
+        "NoNewPrivileges=yes",
+        "ExecStart=/usr/local/bin/cosmopoints serve --config ",
+    ] {
+        assert!(unit.contains(setting), "{setting} missing");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("cosmopoints.service");
+    let local = unit.replace(
+        "/usr/local/bin/cosmopoints",
+        env!("CARGO_BIN_EXE_cosmopoints"),
+    );
+    std::fs::write(&path, local).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("cosmopoints.service"),
+        "verify complained: {text}"
+    );
+}
