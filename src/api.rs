@@ -26,7 +26,9 @@ use crate::domain::{
 };
 use crate::error::Error;
 use crate::input::{encode_component, query, Fields};
-use crate::ledger::{enabled_program, quote, Connection, NewTransaction, Transaction, MAX_VALUE};
+use crate::ledger::{
+    enabled_program, quote, Connection, NewTransaction, Transaction, TransactionId, MAX_VALUE,
+};
 use crate::store::{Connect, Cursor, Issue, Issued, TxQuery};
 
 pub type Reply = Result<Response<Body>, Error>;
@@ -65,7 +67,12 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<Caller<'a>,
             }
         })?;
     match app.config.client(&claims.client) {
-        Some((business, _)) if business.id == *claims.business => Ok(Caller { business }),
+        Some((business, _)) if business.id == *claims.business => {
+            let span = tracing::Span::current();
+            span.record("business", business.id.as_str());
+            span.record("client", claims.client.as_str());
+            Ok(Caller { business })
+        }
         _ => Err(Error::Unauthenticated(
             "the token's client no longer exists; get a new token from POST /v1/auth",
         )),
@@ -141,6 +148,9 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
+    let span = tracing::Span::current();
+    span.record("business", business.as_str());
+    span.record("client", client_id.as_str());
     let now = app.clock.now();
     let ttl = app.config.auth.token_ttl_seconds;
     let claims = Claims {
@@ -176,9 +186,11 @@ struct ProfileView<'a> {
     name: &'a str,
     program_id: &'a str,
     currency: &'a str,
+    /// Digits after the point of the business currency: a `value` is in 10^-exponent units.
+    currency_exponent: u32,
 }
 
-pub fn profile(caller: Caller<'_>) -> Reply {
+pub fn profile(app: &App, caller: Caller<'_>) -> Reply {
     let b = caller.business;
     json(
         StatusCode::OK,
@@ -186,6 +198,7 @@ pub fn profile(caller: Caller<'_>) -> Reply {
             name: &b.name,
             program_id: &b.program_id,
             currency: &b.currency,
+            currency_exponent: app.config.currency(&b.currency).exponent,
         },
     )
 }
@@ -277,6 +290,7 @@ struct IssuedView<'a> {
 }
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
+    tracing::Span::current().record("transaction", tracing::field::display(tx.id));
     json(
         status,
         &IssuedView {
@@ -298,8 +312,9 @@ fn conflict(reference: &ReferenceNumber, field: &str) -> Error {
 
 /// Issues points. Order of checks: the body's shape (400); then the referenceNumber, so
 /// that a retry of an acknowledged request gets its original answer even if the
-/// configuration changed since (200 or 409); then the business rules (422); then the
-/// writer, which checks the referenceNumber again inside its write transaction.
+/// configuration changed since (200 or 409); then a new referenceNumber's form (400);
+/// then the business rules (422); then the writer, which checks the referenceNumber again
+/// inside its write transaction.
 pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let request = parse_issue(&body)?;
     let business = caller.business;
@@ -312,6 +327,15 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             None => issued(StatusCode::OK, &existing),
             Some(field) => Err(conflict(&request.reference_number, field)),
         };
+    }
+    // Checked after the lookup: an earlier version accepted such references, and a retry
+    // of one of those still gets its original answer.
+    if TransactionId::parse(&request.reference_number).is_some() {
+        return Err(Error::bad_request(
+            "`referenceNumber` must not have the form of a transaction id (`tx_` and 22 \
+             base64url characters): GET /v1/transactions/{key} looks ids up first, so a \
+             lookup of this reference could find another transaction; choose another",
+        ));
     }
     let program = enabled_program(&app.config.programs, business, &request.program_id)?;
     let total_points = quote(

@@ -29,6 +29,13 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+/// The demo client's secret in `config.example.toml` and the README: public, so a config
+/// that still accepts it lets anyone in. Start-up warns about it every time.
+pub const DEMO_SECRET: &str = "cosmo-demo-secret";
+/// The `secret_hash` of [`DEMO_SECRET`] as `config.example.toml` has it.
+pub const DEMO_SECRET_HASH: &str =
+    "$pbkdf2-sha256$i=100000$ceRnr2ug7SqSVUg1IbqDUw$5OoPXq9Jeb6ACpXaBg2E/0uIxj7bB16qL4ra85TSTac";
+
 fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
@@ -151,8 +158,10 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     auth: RawAuth,
+    /// `CODE = "units per USD"`, or `CODE = { units_per_usd = "…", exponent = N }`; read
+    /// as TOML values so that each form's mistakes are reported under their own key.
     #[serde(default)]
-    currencies: BTreeMap<String, String>,
+    currencies: BTreeMap<String, toml::Value>,
     #[serde(default)]
     programs: Vec<RawProgram>,
     #[serde(default)]
@@ -311,6 +320,77 @@ struct RawClient {
     secret: Option<String>,
 }
 
+/// Largest minor-unit exponent a config may give: 8 (a satoshi is 10^-8 BTC). Beyond
+/// it, the exact points formula could overflow 128 bits for the largest values.
+pub const MAX_EXPONENT: u32 = 8;
+
+/// One `[currencies]` entry: `"3.6725"` (the exponent from ISO 4217), or
+/// `{ units_per_usd = "3.6725", exponent = 2 }` (the exponent given; required for a code
+/// that ISO 4217 does not list with minor units).
+fn currency_entry(
+    key: &str,
+    code: &str,
+    entry: toml::Value,
+) -> Result<(Decimal, u32), ConfigError> {
+    let (rate, exponent) = match entry {
+        toml::Value::String(rate) => (rate, None),
+        toml::Value::Table(mut table) => {
+            let rate = match table.remove("units_per_usd") {
+                Some(toml::Value::String(rate)) => rate,
+                Some(_) => {
+                    return Err(err(
+                        format!("{key}.units_per_usd"),
+                        "must be a decimal string like \"3.6725\"",
+                    ))
+                }
+                None => return Err(err(format!("{key}.units_per_usd"), "is required")),
+            };
+            let exponent = match table.remove("exponent") {
+                None => None,
+                Some(toml::Value::Integer(n)) if (0..=i64::from(MAX_EXPONENT)).contains(&n) => {
+                    Some(n as u32)
+                }
+                Some(_) => {
+                    return Err(err(
+                        format!("{key}.exponent"),
+                        format!("must be a whole number from 0 to {MAX_EXPONENT}"),
+                    ))
+                }
+            };
+            if let Some(unknown) = table.keys().next() {
+                return Err(err(
+                    format!("{key}.{unknown}"),
+                    "unknown key (expected units_per_usd and exponent)",
+                ));
+            }
+            (rate, exponent)
+        }
+        _ => {
+            return Err(err(
+                key,
+                "must be \"units per USD\" or { units_per_usd = \"…\", exponent = N }",
+            ))
+        }
+    };
+    let units_per_usd = Decimal::parse(&rate).map_err(|reason| err(key, reason))?;
+    if units_per_usd.is_zero() {
+        return Err(err(key, "units per USD must be greater than 0"));
+    }
+    let exponent = match exponent.or_else(|| minor_unit_exponent(code)) {
+        Some(exponent) => exponent,
+        None => {
+            return Err(err(
+                key,
+                format!(
+                    "{code} is not an ISO 4217 currency with minor units: give its exponent, \
+                     as {code} = {{ units_per_usd = \"{rate}\", exponent = N }}"
+                ),
+            ))
+        }
+    };
+    Ok((units_per_usd, exponent))
+}
+
 /// Ids are used in URLs, tokens and database keys: 1..=128 characters, no control
 /// characters, no surrounding spaces.
 fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -427,16 +507,15 @@ impl RawConfig {
         };
 
         let mut currencies = BTreeMap::new();
-        for (code, rate) in self.currencies {
+        for (code, entry) in self.currencies {
             let key = format!("currencies.{code}");
             if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(err(key, "is not an ISO 4217 code (three capital letters)"));
+                return Err(err(
+                    key,
+                    "is not a currency code (three capital letters, like ISO 4217's)",
+                ));
             }
-            let units_per_usd = Decimal::parse(&rate).map_err(|reason| err(&key, reason))?;
-            if units_per_usd.is_zero() {
-                return Err(err(key, "units per USD must be greater than 0"));
-            }
-            let exponent = minor_unit_exponent(&code);
+            let (units_per_usd, exponent) = currency_entry(&key, &code, entry)?;
             currencies.insert(
                 code.clone(),
                 Currency {
@@ -551,6 +630,25 @@ impl RawConfig {
                     return Err(err(
                         key("client_id"),
                         format!("duplicate client id \"{}\"", c.client_id),
+                    ));
+                }
+                // Only the example's own hash is recognised: trying the demo secret
+                // against every configured hash would cost one PBKDF2 run per client at
+                // each start.
+                let demo = c.secret_hash.as_deref() == Some(DEMO_SECRET_HASH)
+                    || c.secret.as_deref() == Some(DEMO_SECRET);
+                if demo {
+                    let field = if c.secret.is_some() {
+                        "secret"
+                    } else {
+                        "secret_hash"
+                    };
+                    warnings.push(format!(
+                        "{} (client \"{}\") accepts the public demo secret of config.example.toml: \
+                         anyone can log in as this client; make a new secret with \
+                         `cosmopoints hash-secret --generate`",
+                        key(field),
+                        c.client_id
                     ));
                 }
                 let secret = match (c.secret_hash, c.secret) {

@@ -82,14 +82,31 @@ impl fmt::Display for Decimal {
     }
 }
 
-/// The ISO 4217 minor-unit exponent of a currency (2 unless the standard says otherwise).
-pub fn minor_unit_exponent(code: &str) -> u32 {
+/// The ISO 4217 minor-unit exponent of a currency code, or `None` for a code that is not
+/// in ISO 4217's list of currencies with minor units (current codes, and a few withdrawn
+/// since 2020 so that configs naming them keep working). A config must give the exponent
+/// of any other code itself.
+pub fn minor_unit_exponent(code: &str) -> Option<u32> {
     match code {
         "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX"
-        | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
-        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
-        "CLF" | "UYW" => 4,
-        _ => 2,
+        | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => Some(0),
+        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => Some(3),
+        "CLF" | "UYW" => Some(4),
+        "AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM"
+        | "BBD" | "BDT" | "BGN" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP"
+        | "BYN" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CNY" | "COP" | "COU" | "CRC"
+        | "CUC" | "CUP" | "CVE" | "CZK" | "DKK" | "DOP" | "DZD" | "EGP" | "ERN" | "ETB" | "EUR"
+        | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GTQ" | "GYD" | "HKD" | "HNL"
+        | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IRR" | "JMD" | "KES" | "KGS" | "KHR"
+        | "KPW" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "MAD" | "MDL" | "MGA"
+        | "MKD" | "MMK" | "MNT" | "MOP" | "MRU" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR"
+        | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "PAB" | "PEN" | "PGK" | "PHP"
+        | "PKR" | "PLN" | "QAR" | "RON" | "RSD" | "RUB" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK"
+        | "SGD" | "SHP" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STN" | "SVC" | "SYP" | "SZL"
+        | "THB" | "TJS" | "TMT" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "USD" | "USN"
+        | "UYU" | "UZS" | "VED" | "VES" | "WST" | "XCD" | "XCG" | "YER" | "ZAR" | "ZMW" | "ZWG"
+        | "ZWL" => Some(2),
+        _ => None,
     }
 }
 
@@ -188,9 +205,11 @@ mod tests {
 
     #[test]
     fn exponents_follow_iso_4217() {
-        assert_eq!(minor_unit_exponent("USD"), 2);
-        assert_eq!(minor_unit_exponent("AED"), 2);
-        assert_eq!(minor_unit_exponent("JPY"), 0);
-        assert_eq!(minor_unit_exponent("KWD"), 3);
+        assert_eq!(minor_unit_exponent("USD"), Some(2));
+        assert_eq!(minor_unit_exponent("AED"), Some(2));
+        assert_eq!(minor_unit_exponent("JPY"), Some(0));
+        assert_eq!(minor_unit_exponent("KWD"), Some(3));
+        assert_eq!(minor_unit_exponent("BTC"), None);
+        assert_eq!(minor_unit_exponent("XAU"), None);
     }
 }

@@ -183,7 +183,8 @@ impl Description {
 pub struct Currency {
     pub code: String,
     pub units_per_usd: Decimal,
-    /// ISO 4217 minor-unit exponent: `value` 3673 in AED (exponent 2) is 36.73 AED.
+    /// Minor-unit exponent, from ISO 4217 unless the config gives it: `value` 3673 in AED
+    /// (exponent 2) is 36.73 AED; 1 in BTC with exponent 8 is one satoshi.
     pub exponent: u32,
 }
 

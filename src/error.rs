@@ -162,6 +162,8 @@ impl Error {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let (kind, title) = self.kind();
+        // The request's log line names the problem (a field of the request span).
+        tracing::Span::current().record("problem", tracing::field::display(kind));
         let problem = serde_json::json!({
             "type": format!("urn:cosmopoints:problem:{kind}"),
             "title": title,

@@ -33,6 +33,7 @@
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
 //!   versioned records, the group-commit writer, reads, `check`).
+//! - [`files`]: owner-only files and folders (the database, backups).
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
 //!
 //! # Invariants
@@ -65,6 +66,7 @@ pub mod decimal;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod files;
 pub mod input;
 pub mod ledger;
 pub mod openapi;

@@ -38,9 +38,34 @@ use crate::input::decode_component;
 use crate::openapi;
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    // The request's log line carries these (fields of the span `server` opens).
+    let span = tracing::Span::current();
+    span.record("remote", tracing::field::display(remote));
+    let route = route_name(req.method(), req.uri().path());
+    span.record("route", tracing::field::display(route));
     dispatch(app, req, remote)
         .await
         .unwrap_or_else(Error::into_response)
+}
+
+/// The endpoint a path belongs to, as the table above writes it, for the logs: requests
+/// group by it, and an id or reference in the path does not leak into it (the `path`
+/// field has that). Paths of no endpoint are "none".
+fn route_name(method: &Method, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["healthz"] => "/healthz",
+        ["v1", "openapi.json"] => "/v1/openapi.json",
+        ["v1", "auth"] => "/v1/auth",
+        ["v1", "profile"] => "/v1/profile",
+        ["v1", "programs"] => "/v1/programs",
+        ["v1", "currencies"] => "/v1/currencies",
+        ["v1", "transactions"] => "/v1/transactions",
+        ["v1", "transactions", "preview"] if method == Method::POST => "/v1/transactions/preview",
+        ["v1", "transactions", key] if !key.is_empty() => "/v1/transactions/{transactionId}",
+        ["v1", "program-connections"] => "/v1/program-connections",
+        _ => "none",
+    }
 }
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Reply {
@@ -60,7 +85,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
 
-        (&Method::GET, ["v1", "profile"]) => api::profile(authenticate(&app, req.headers())?),
+        (&Method::GET, ["v1", "profile"]) => api::profile(&app, authenticate(&app, req.headers())?),
         (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET")),
 
         (&Method::GET, ["v1", "programs"]) => {

@@ -143,6 +143,13 @@ where
         id = %id,
         method = %req.method(),
         path = %req.uri().path(),
+        // Recorded by the router, authentication, the handlers and the error mapper.
+        remote = tracing::field::Empty,
+        route = tracing::field::Empty,
+        business = tracing::field::Empty,
+        client = tracing::field::Empty,
+        transaction = tracing::field::Empty,
+        problem = tracing::field::Empty,
     );
     let started = Instant::now();
     let mut response = route(req, remote).instrument(span.clone()).await;

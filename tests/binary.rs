@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,8 +14,14 @@ use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn run(args: &[&str]) -> (i32, String, String) {
+    run_in(Path::new("."), args)
+}
+
+/// Runs the binary in the folder `dir` with stdin closed: exit code, stdout, stderr.
+fn run_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
         .args(args)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
         .expect("runs");
@@ -156,6 +163,28 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
         ),
         ("this is not toml".to_owned(), "line 1"),
     ];
+    // A currency outside ISO 4217 needs its exponent; the table form is checked key by key.
+    let with = |line: &str| base.replace("SAR = \"3.75\"", &format!("SAR = \"3.75\"\n{line}"));
+    let cases = cases.into_iter().chain([
+        (
+            with("BTC = \"0.00001\""),
+            "currencies.BTC: BTC is not an ISO 4217",
+        ),
+        (
+            with("BTC = { units_per_usd = \"0.00001\", exponent = 9 }"),
+            "currencies.BTC.exponent",
+        ),
+        (
+            with("BTC = { units_per_usd = \"0.00001\", exp = 8 }"),
+            "currencies.BTC.exp",
+        ),
+        (
+            with("BTC = { exponent = 8 }"),
+            "currencies.BTC.units_per_usd",
+        ),
+        (with("BTC = 5"), "currencies.BTC"),
+        (with("btc = \"1\""), "currencies.btc"),
+    ]);
     let dir = tempfile::tempdir().expect("dir");
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
@@ -312,4 +341,503 @@ fn json_logs_carry_request_ids_and_never_secrets_or_tokens() {
         }
     }
     assert!(request_ids.len() >= 3, "{lines:?}");
+}
+
+/// The example config, made runnable in `dir`: a free port and a database inside `dir`.
+fn example_config(dir: &Path) -> PathBuf {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .expect("example config");
+    let text = example
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "path = \"data/cosmopoints.redb\"",
+            "path = \"db/example.redb\"",
+        );
+    assert_ne!(text, example, "the example config changed shape");
+    let path = dir.join("example.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn without_a_config_serve_and_check_exit_2_naming_the_file_looked_for() {
+    let dir = tempfile::tempdir().expect("dir");
+    // The example config lies right there, and still is not used unless named.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
+        dir.path().join("config.example.toml"),
+    )
+    .expect("copy");
+    for args in [&["serve"][..], &["check"]] {
+        let (code, _, err) = run_in(dir.path(), args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        let looked = dir.path().join("cosmopoints.toml");
+        assert!(err.contains(looked.to_str().expect("utf8")), "{err}");
+        assert!(err.contains("--config"), "{err}");
+    }
+    assert!(!dir.path().join("data").exists(), "a database was created");
+    // With cosmopoints.toml present, it is the one used: `check` reads the database it
+    // names (not created yet, so that is the complaint).
+    let config = write_config(dir.path());
+    assert!(config.ends_with("cosmopoints.toml"));
+    let (code, _, err) = run_in(dir.path(), &["check"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("db/cosmopoints.redb does not exist"), "{err}");
+}
+
+#[test]
+fn the_first_log_line_names_config_database_address_and_businesses() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    let first = &lines[0];
+    let database = dir.path().join("db/cosmopoints.redb");
+    for part in [
+        format!("listening on {}", server.addr),
+        config.display().to_string(),
+        database.display().to_string(),
+        "acme, globex".to_owned(),
+    ] {
+        assert!(
+            first.contains(&part),
+            "{part} missing from the first line: {first}"
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("demo secret")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn the_example_demo_secret_is_warned_about_at_every_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = example_config(dir.path());
+    for _ in 0..2 {
+        let mut server = Binary::serve(&config);
+        server.signal("TERM");
+        assert_eq!(server.wait(15), Some(0));
+        let lines = server.stderr.lock().expect("lines").clone();
+        let warning = lines
+            .iter()
+            .find(|l| l.contains("WARN") && l.contains("public demo secret"))
+            .unwrap_or_else(|| panic!("no demo-secret warning: {lines:?}"));
+        assert!(warning.contains("demo-pos"), "{warning}");
+        assert!(!warning.contains("cosmo-demo-secret"), "{warning}");
+    }
+    // A plain-text demo secret is caught too.
+    let text = std::fs::read_to_string(&config).expect("read");
+    let plain = text.replace(
+        &text[text.find("secret_hash = ").expect("hash")..],
+        "secret = \"cosmo-demo-secret\"\n",
+    );
+    std::fs::write(&config, plain).expect("write");
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(
+        lines.iter().any(|l| l.contains("public demo secret")),
+        "{lines:?}"
+    );
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("meta").permissions().mode() & 0o777
+}
+
+/// The database holds the signing key: it and the folders made for it are owner-only; a
+/// file left readable by others (as earlier versions made it) is warned about at start.
+#[test]
+fn the_database_and_its_new_folders_are_created_owner_only() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = common::config_text("state/deep/cosmopoints.redb");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut server = Binary::serve(&config);
+    let database = dir.path().join("state/deep/cosmopoints.redb");
+    assert_eq!(mode(&database) & 0o077, 0, "{:o}", mode(&database));
+    assert_eq!(mode(&database) & 0o600, 0o600);
+    for folder in ["state", "state/deep"] {
+        let m = mode(&dir.path().join(folder));
+        assert_eq!(m & 0o077, 0, "{folder}: {m:o}");
+    }
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(!lines.iter().any(|l| l.contains("chmod")), "{lines:?}");
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut server = Binary::serve(&config);
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    let lines = server.stderr.lock().expect("lines").clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("mode 644") && l.contains("chmod 600")),
+        "{lines:?}"
+    );
+}
+
+/// SIGHUP (a closed terminal, a reflexive reload) is logged and changes nothing: the
+/// server keeps serving, and SIGTERM still stops it cleanly.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut server = Binary::serve(&write_config(dir.path()));
+    let hups = |server: &Binary| {
+        let lines = server.stderr.lock().expect("lines").clone();
+        lines
+            .iter()
+            .filter(|l| l.contains("SIGHUP received and ignored"))
+            .count()
+    };
+    // One at a time: two signals sent together may be delivered as one.
+    for n in 1..=2 {
+        server.signal("HUP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hups(&server) < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(hups(&server), n);
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let token = server.token("acme-pos", "acme-secret").await;
+        let r = try_request(
+            server.addr,
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(issue_body("after-hup").to_string().into_bytes()),
+        )
+        .await
+        .expect("still serving after SIGHUP");
+        assert_eq!(r.status, 201, "{}", r.text());
+    });
+    assert_eq!(server.child.try_wait().expect("status"), None, "it exited");
+    server.signal("TERM");
+    assert_eq!(server.wait(15), Some(0));
+    assert_eq!(hups(&server), 2);
+}
+
+/// `hash-secret` in a terminal (a pseudo-terminal made by util-linux's `script`): it asks,
+/// the typed secret is not echoed, and the printed hash verifies it.
+#[test]
+fn hash_secret_in_a_terminal_prompts_without_echo() {
+    use std::io::Read;
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let command = format!(
+        "{} hash-secret --iterations 1000",
+        env!("CARGO_BIN_EXE_cosmopoints")
+    );
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&screen).contains("(not shown): ") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(bytes) => screen.extend(bytes),
+            Err(_) => panic!("no prompt: {:?}", String::from_utf8_lossy(&screen)),
+        }
+    }
+    // The prompt is written just before echo is turned off: give it that moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"tty-s3cret\r").expect("type");
+    let status = child.wait().expect("exits");
+    drop(stdin);
+    while let Ok(bytes) = rx.recv_timeout(Duration::from_secs(2)) {
+        screen.extend(bytes);
+    }
+    let screen = String::from_utf8_lossy(&screen).into_owned();
+    assert!(status.success(), "{screen}");
+    assert!(
+        !screen.contains("tty-s3cret"),
+        "the secret was echoed: {screen}"
+    );
+    let hash = screen
+        .split_whitespace()
+        .find(|w| w.starts_with("$pbkdf2-sha256$"))
+        .unwrap_or_else(|| panic!("no hash: {screen}"));
+    let hash = cosmopoints::auth::SecretHash::parse(hash).expect("a valid hash");
+    assert!(hash.verify(b"tty-s3cret"));
+    assert!(!hash.verify(b"tty-s3cret\r"));
+}
+
+/// `--generate` prints a strong random secret and a config line with its hash; each run
+/// makes a new one.
+#[test]
+fn hash_secret_generate_prints_a_random_secret_and_its_hash() {
+    let mut seen = HashSet::new();
+    for _ in 0..2 {
+        let (code, out, err) = run(&["hash-secret", "--generate", "--iterations", "1000"]);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let secret = lines[0].strip_prefix("secret: ").expect("secret line");
+        assert_eq!(secret.len(), 43, "{secret}");
+        assert!(secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let hash = lines[1]
+            .strip_prefix("secret_hash = \"")
+            .and_then(|h| h.strip_suffix('"'))
+            .expect("a config line");
+        assert!(hash.starts_with("$pbkdf2-sha256$i=1000$"), "{hash}");
+        let hash = cosmopoints::auth::SecretHash::parse(hash).expect("a valid hash");
+        assert!(hash.verify(secret.as_bytes()));
+        assert!(seen.insert(secret.to_owned()), "the same secret twice");
+    }
+    for args in [
+        &["hash-secret", "--generate", "--generate"][..],
+        &["hash-secret", "--generate", "--iterations"],
+        &["hash-secret", "--bogus"],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+/// README's curl walk-through logs in with a few lines of shell: run against the real
+/// binary on the example config, they give a working token, and with a wrong secret they
+/// fail loudly (non-zero, the problem shown) instead of passing the error body on as a token.
+#[test]
+fn readme_login_snippet_fails_loudly_on_a_failed_login() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let start = readme.find("LOGIN=$(curl").expect("the login snippet");
+    let end =
+        start + readme[start..].find("false; }\n").expect("the login check") + "false; }\n".len();
+    let dir = tempfile::tempdir().expect("dir");
+    let server = Binary::serve(&example_config(dir.path()));
+    let snippet =
+        readme[start..end].replace("http://127.0.0.1:8080", &format!("http://{}", server.addr));
+    let shell = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-c", &format!("{script}\nprintf '%s' \"$TOKEN\"")])
+            .stdin(Stdio::null())
+            .output()
+            .expect("bash runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, token, err) = shell(&format!("set -e\n{snippet}"));
+    assert!(ok, "{err}");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let r = try_request(server.addr, Method::GET, "/v1/profile", Some(&token), None)
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    let wrong = snippet.replace("cosmo-demo-secret", "not-the-secret");
+    assert_ne!(wrong, snippet);
+    let (ok, token, err) = shell(&format!("set -e\n{wrong}"));
+    assert!(!ok, "a failed login passed: token {token:?}");
+    assert!(token.is_empty(), "{token}");
+    assert!(err.contains("login failed"), "{err}");
+    assert!(err.contains("invalid-credentials"), "{err}");
+}
+
+/// Each request's log line answers who, what and how it went: request id, business,
+/// client, remote address, route, status, latency, the transaction written, and the
+/// problem type of an error. Human logs carry no colour codes when stderr is not a
+/// terminal (here, a pipe); JSON logs carry the same fields.
+#[test]
+fn request_log_lines_name_business_client_route_status_and_problem() {
+    for format in ["human", "json"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let text = common::config_text("db/cosmopoints.redb").replace(
+            "[server]\n",
+            &format!("[server]\nlog_format = \"{format}\"\n"),
+        );
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, text).expect("config");
+        let mut server = Binary::serve(&config);
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let id = rt.block_on(async {
+            let token = server.token("acme-pos", "acme-secret").await;
+            let issue = |body: serde_json::Value| {
+                try_request(
+                    server.addr,
+                    Method::POST,
+                    "/v1/transactions",
+                    Some(&token),
+                    Some(body.to_string().into_bytes()),
+                )
+            };
+            let created = issue(issue_body("logged")).await.expect("answer");
+            assert_eq!(created.status, 201);
+            let mut refused = issue_body("refused");
+            refused["programId"] = "tiny".into();
+            assert_eq!(issue(refused).await.expect("answer").status, 422);
+            let r = try_request(
+                server.addr,
+                Method::GET,
+                "/v1/transactions/nowhere-1",
+                Some(&token),
+                None,
+            )
+            .await
+            .expect("answer");
+            assert_eq!(r.status, 404);
+            created.json()["id"].as_str().expect("id").to_owned()
+        });
+        server.signal("TERM");
+        assert_eq!(server.wait(15), Some(0));
+        let lines = server.stderr.lock().expect("lines").clone();
+        assert!(
+            !lines.iter().any(|l| l.contains('\u{1b}')),
+            "{format}: colour codes in a piped log: {lines:?}"
+        );
+        // (status, route, transaction or problem) of the three requests after the login.
+        let expected = [
+            (201, "/v1/transactions", Some(id.as_str()), None),
+            (422, "/v1/transactions", None, Some("unprocessable")),
+            (
+                404,
+                "/v1/transactions/{transactionId}",
+                None,
+                Some("not-found"),
+            ),
+        ];
+        for (status, route, transaction, problem) in expected {
+            let line = lines
+                .iter()
+                .find(|l| {
+                    l.contains("done")
+                        && l.contains(&format!(
+                            "status{}{status}",
+                            if format == "json" { "\":" } else { "=" }
+                        ))
+                })
+                .unwrap_or_else(|| panic!("{format}: no line for {status}: {lines:?}"));
+            let field = |name: &str| -> Option<String> {
+                if format == "json" {
+                    let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+                    let found = v["span"][name].clone();
+                    let found = if found.is_null() {
+                        v[name].clone()
+                    } else {
+                        found
+                    };
+                    match found {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    }
+                } else {
+                    let at = [' ', '{']
+                        .iter()
+                        .find_map(|c| line.find(&format!("{c}{name}=")))?
+                        + name.len()
+                        + 2;
+                    let rest = &line[at..];
+                    let end = rest.find(' ').unwrap_or(rest.len());
+                    // The span's last field ends in "}:"; strings from the config
+                    // (business, client) are quoted.
+                    let value = &rest[..end];
+                    let value = value.strip_suffix("}:").unwrap_or(value);
+                    Some(value.trim_matches('"').to_owned())
+                }
+            };
+            assert_eq!(field("business").as_deref(), Some("acme"), "{line}");
+            assert_eq!(field("client").as_deref(), Some("acme-pos"), "{line}");
+            assert_eq!(field("route").as_deref(), Some(route), "{line}");
+            assert!(
+                field("remote").is_some_and(|r| r.starts_with("127.0.0.1:")),
+                "{line}"
+            );
+            assert!(field("id").is_some_and(|r| !r.is_empty()), "{line}");
+            assert!(field("latency_us").is_some(), "{line}");
+            assert_eq!(field("transaction").as_deref(), transaction, "{line}");
+            assert_eq!(field("problem").as_deref(), problem, "{line}");
+        }
+    }
+}
+
+/// contrib/cosmopoints.service passes `systemd-analyze verify` (with ExecStart pointed at
+/// the binary just built, since verify checks that it exists) and keeps its hardening.
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze is not installed (CI installs it)");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/cosmopoints.service"
+    ))
+    .expect("the unit");
+    for setting in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=cosmopoints",
+        "NoNewPrivileges=yes",
+        "ExecStart=/usr/local/bin/cosmopoints serve --config ",
+    ] {
+        assert!(unit.contains(setting), "{setting} missing");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("cosmopoints.service");
+    let local = unit.replace(
+        "/usr/local/bin/cosmopoints",
+        env!("CARGO_BIN_EXE_cosmopoints"),
+    );
+    std::fs::write(&path, local).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("cosmopoints.service"),
+        "verify complained: {text}"
+    );
 }

@@ -26,7 +26,8 @@ async fn auth_returns_a_bearer_token_that_reads_the_profile() {
     assert_eq!(profile.status, 200);
     assert_eq!(
         profile.json(),
-        json!({"name": "Acme Coffee", "programId": "acme-rewards", "currency": "AED"})
+        json!({"name": "Acme Coffee", "programId": "acme-rewards", "currency": "AED",
+               "currencyExponent": 2})
     );
     assert!(profile
         .header("x-request-id")
@@ -318,6 +319,46 @@ async fn currencies_are_sorted_codes() {
         json!(["AED", "SAR", "USD"])
     );
     s.get("/v1/currencies", None).await.problem(401);
+}
+
+/// A currency outside ISO 4217 gets its exponent from the config (BTC in satoshis); the
+/// old string form keeps ISO's; the profile shows the exponent and the points follow it.
+#[tokio::test]
+async fn a_configured_exponent_is_shown_and_used_for_points() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("dir"));
+    let s = TestServer::start_in(dir, |text| {
+        text.replace(
+            "SAR = \"3.75\"",
+            "SAR = \"3.75\"\nBTC = { units_per_usd = \"0.00001\", exponent = 8 }\n\
+             JPY = { units_per_usd = \"150\" }",
+        )
+        .replace("currency = \"USD\"", "currency = \"BTC\"")
+    })
+    .await;
+    let globex = s.globex().await;
+    let profile = s.get("/v1/profile", Some(&globex)).await.json();
+    assert_eq!(profile["currency"], "BTC");
+    assert_eq!(profile["currencyExponent"], 8);
+    assert_eq!(
+        s.get("/v1/currencies", Some(&globex)).await.json(),
+        json!(["AED", "BTC", "JPY", "SAR", "USD"])
+    );
+    // 10,000 satoshis = 0.0001 BTC = 10 USD at 0.00001 BTC per USD; at tiny's 0.007 USD a
+    // point, floor(10 / 0.007) = 1428.
+    let r = s
+        .post(
+            "/v1/transactions/preview",
+            Some(&globex),
+            &json!({"programId": "tiny", "value": 10_000}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["totalPoints"], 1428);
+    let acme = s.acme().await;
+    assert_eq!(
+        s.get("/v1/profile", Some(&acme)).await.json()["currencyExponent"],
+        2
+    );
 }
 
 #[tokio::test]

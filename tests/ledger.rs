@@ -546,3 +546,81 @@ async fn a_restart_keeps_transactions_and_tokens() {
     assert_eq!(refs[0]["referenceNumber"], "kept");
     assert_eq!(refs[1]["referenceNumber"], "after-restart");
 }
+
+/// A referenceNumber of the form of a transaction id would be shadowed by the id lookup
+/// (GET by it could return another transaction): refused at issue time, nothing written.
+#[tokio::test]
+async fn a_reference_with_the_form_of_a_transaction_id_is_refused() {
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    let first = s.issue(&token, issue_body("inv-1")).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    let id = first.json()["id"].as_str().expect("id").to_owned();
+    // Another id of the same form: one character changed in the middle stays canonical.
+    let mut other = id.clone().into_bytes();
+    other[10] = if other[10] == b'A' { b'B' } else { b'A' };
+    let other = String::from_utf8(other).expect("ascii");
+    for reference in [id.as_str(), other.as_str()] {
+        let detail = s.issue(&token, issue_body(reference)).await.problem(400);
+        assert!(detail.contains("form of a transaction id"), "{detail}");
+    }
+    assert_eq!(s.all_transactions(&token).await.len(), 1);
+    let found = s.get(&format!("/v1/transactions/{id}"), Some(&token)).await;
+    assert_eq!(found.json()["referenceNumber"], "inv-1");
+    // Near misses are ordinary references.
+    for reference in ["tx_short", &format!("{id}x"), &format!("TX{}", &id[2..])] {
+        let r = s.issue(&token, issue_body(reference)).await;
+        assert_eq!(r.status, 201, "{reference}: {}", r.text());
+    }
+}
+
+/// Such a reference stored by an earlier version (which accepted it) still replays.
+#[tokio::test]
+async fn an_id_shaped_reference_stored_earlier_still_replays() {
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    let id = s.issue(&token, issue_body("inv-1")).await.json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut shaped = id.into_bytes();
+    shaped[10] = if shaped[10] == b'A' { b'B' } else { b'A' };
+    let shaped = String::from_utf8(shaped).expect("ascii");
+    let body = issue_body(&shaped);
+    let quote = s
+        .post(
+            "/v1/transactions/preview",
+            Some(&token),
+            &serde_json::json!({"programId": "skywards", "value": 3673}),
+        )
+        .await
+        .json()["totalPoints"]
+        .as_u64()
+        .expect("points");
+    // Written straight through the store, as release 0.1.0 would have accepted it.
+    let stored = s
+        .app
+        .store
+        .issue(cosmopoints::store::Issue {
+            business: cosmopoints::domain::BusinessId::parse("acme").expect("id"),
+            program_name: "Skywards Miles".to_owned(),
+            currency: "AED".to_owned(),
+            total_points: quote,
+            request: cosmopoints::ledger::NewTransaction {
+                program_id: cosmopoints::domain::ProgramId::parse("skywards").expect("id"),
+                value: 3673,
+                user_id: cosmopoints::domain::UserId::parse("user-1").expect("id"),
+                reference_number: cosmopoints::domain::ReferenceNumber::parse(shaped.clone())
+                    .expect("reference"),
+                description: None,
+                bonus: false,
+            },
+            deliver: false,
+        })
+        .await
+        .expect("stored");
+    assert!(matches!(stored, cosmopoints::store::Issued::Created(_)));
+    let replay = s.issue(&token, body).await;
+    assert_eq!(replay.status, 200, "{}", replay.text());
+    assert_eq!(replay.json()["referenceNumber"], shaped);
+}

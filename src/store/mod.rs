@@ -222,11 +222,14 @@ impl Store {
             queue,
             cache_bytes,
         } = limits;
+        // Owner-only: the file holds the token signing key and the id key.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            crate::files::create_private_dir_all(dir).map_err(|e| {
                 OpenError::Unusable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        crate::files::ensure_private_file(path)
+            .map_err(|e| OpenError::Unusable(format!("cannot create {}: {e}", path.display())))?;
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(path)
