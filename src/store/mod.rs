@@ -673,6 +673,90 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_moves_through_the_outbox_and_check_follows_it() {
+        use crate::delivery::{Attempt, DeliveryStatus};
+        let dir = tempfile::tempdir().expect("dir");
+        let clock = Clock::manual(1_000);
+        let store = Store::open(
+            &dir.path().join("db.redb"),
+            clock.clone(),
+            Limits::new(8, 8),
+        )
+        .expect("open");
+        runtime().block_on(async {
+            let mut with_partner = issue("p", 100);
+            with_partner.deliver = true;
+            let Issued::Created(tx) = store.issue(with_partner).await.expect("issued") else {
+                panic!("not created")
+            };
+            assert_eq!(tx.status(), DeliveryStatus::Pending);
+            store.issue(issue("no-partner", 100)).await.expect("issued");
+            // Only the one with a partner is due, at once.
+            let due = store.due(1_000, 10).await.expect("due");
+            assert_eq!(due.iter().map(|t| t.seq).collect::<Vec<_>>(), [tx.seq]);
+            assert_eq!(store.outbox_depth().await.expect("depth"), (1, Some(1_000)));
+
+            // A transient failure: due again 5 s later, not before.
+            let retry = Attempt::Retry {
+                http_status: Some(503),
+                detail: "busy".into(),
+                retry_after: None,
+            };
+            let (after, changed) = store
+                .update_delivery(tx.seq, move |d, now| Some(d.after(retry, now, &[5])))
+                .await
+                .expect("written")
+                .expect("has a delivery");
+            assert!(changed);
+            assert_eq!(after.status(), DeliveryStatus::Pending);
+            assert!(store.due(1_004, 10).await.expect("due").is_empty());
+            assert_eq!(store.due(1_005, 10).await.expect("due").len(), 1);
+            let report = store.check().expect("check");
+            assert_eq!((report.deliveries, report.outbox_entries), (1, 1));
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+            // The schedule runs out: failed, out of the outbox; then redelivered.
+            clock.set(1_005);
+            let retry = Attempt::Retry {
+                http_status: None,
+                detail: "refused".into(),
+                retry_after: None,
+            };
+            let (failed, _) = store
+                .update_delivery(tx.seq, move |d, now| Some(d.after(retry, now, &[5])))
+                .await
+                .expect("written")
+                .expect("has a delivery");
+            assert_eq!(failed.status(), DeliveryStatus::Failed);
+            assert_eq!(store.outbox_depth().await.expect("depth"), (0, None));
+            let (again, changed) = store
+                .update_delivery(tx.seq, |d, now| d.redeliver(now))
+                .await
+                .expect("written")
+                .expect("has a delivery");
+            assert!(changed);
+            assert_eq!(again.status(), DeliveryStatus::Pending);
+            assert_eq!(store.due(1_005, 10).await.expect("due").len(), 1);
+            // A transaction without a delivery has nothing to update.
+            let none = store
+                .by_reference(
+                    &BusinessId::trusted("acme".into()),
+                    &ReferenceNumber::trusted("no-partner".into()),
+                )
+                .await
+                .expect("read")
+                .expect("found");
+            assert!(store
+                .update_delivery(none.seq, |d, now| d.redeliver(now))
+                .await
+                .expect("written")
+                .is_none());
+            let report = store.check().expect("check");
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+        });
+    }
+
+    #[test]
     fn check_finds_an_index_entry_without_its_record() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.redb");
