@@ -50,13 +50,16 @@ fn issue(reference: String, value: u64) -> Issue {
         request: NewTransaction {
             program_id: ProgramId::parse("skywards").expect("a valid id"),
             value,
-            user_id: UserId::parse(format!("user-{:06}", value % 1_000_000)).expect("a valid id"),
+            recipient: cosmopoints::ledger::Recipient::Member(
+                UserId::parse(format!("user-{:06}", value % 1_000_000)).expect("a valid id"),
+            ),
             reference_number: ReferenceNumber::parse(reference).expect("a valid reference"),
             description: Some(
                 Description::parse("Flat white and a croissant, table 12").expect("a description"),
             ),
             bonus: false,
         },
+        user_id: UserId::parse(format!("user-{:06}", value % 1_000_000)).expect("a valid id"),
         deliver: false,
     }
 }
@@ -301,15 +304,24 @@ fn store_reads(c: &mut Criterion) {
                 status: None,
             };
             rt.block_on(async {
-                let mut listing = store.list(query).expect("list");
-                while let Some(batch) = listing.next().await {
-                    for tx in batch.expect("scan") {
-                        if rows > 0 {
-                            buf.push(b',');
+                // Encoded where the rows are read, as the API's streamed listing does.
+                let mut first = true;
+                let encode = move |batch: &[cosmopoints::ledger::Transaction]| {
+                    let mut out = Vec::with_capacity(batch.len() * 400);
+                    for tx in batch {
+                        if !first {
+                            out.push(b',');
                         }
-                        rows += 1;
-                        cosmopoints::api::write_transaction_json(&tx, &mut buf).expect("encode");
+                        first = false;
+                        cosmopoints::api::write_transaction_json(tx, &mut out).expect("encode");
                     }
+                    (batch.len(), out)
+                };
+                let mut listing = store.list(query, encode).expect("list");
+                while let Some(batch) = listing.next().await {
+                    let (n, bytes) = batch.expect("scan");
+                    rows += n;
+                    buf.extend_from_slice(&bytes);
                 }
             });
             buf.push(b']');

@@ -21,13 +21,14 @@ use crate::body::{self, Body};
 use crate::clock::rfc3339;
 use crate::delivery::{Delivery, DeliveryStatus};
 use crate::domain::{
-    Business, ClientSecret, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber,
-    UserId,
+    Business, ClientSecret, Description, DestinationUserId, EndUserId, Program, ProgramId,
+    ReferenceNumber, UserId,
 };
 use crate::error::Error;
 use crate::input::{encode_component, query, Fields};
 use crate::ledger::{
-    enabled_program, quote, Connection, NewTransaction, Transaction, TransactionId, MAX_VALUE,
+    enabled_program, quote, Connection, NewTransaction, Recipient, Rejection, Transaction,
+    TransactionId, MAX_VALUE,
 };
 use crate::store::{Connect, Cursor, Issue, Issued, TxQuery};
 
@@ -247,6 +248,7 @@ const ISSUE_FIELDS: &[&str] = &[
     "programId",
     "value",
     "userId",
+    "endUserId",
     "referenceNumber",
     "description",
     "bonus",
@@ -262,7 +264,22 @@ fn program_and_value(f: &mut Fields) -> Result<(ProgramId, u64), Error> {
 fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
     let mut f = Fields::parse(body, ISSUE_FIELDS)?;
     let (program_id, value) = program_and_value(&mut f)?;
-    let user_id = UserId::parse(f.required_string(UserId::FIELD)?)?;
+    let recipient = match (f.string(UserId::FIELD)?, f.string(EndUserId::FIELD)?) {
+        (Some(user), None) => Recipient::Member(UserId::parse(user)?),
+        (None, Some(end_user)) => Recipient::EndUser(EndUserId::parse(end_user)?),
+        (Some(_), Some(_)) => {
+            return Err(Error::bad_request(
+                "send either `userId` (the partner member id) or `endUserId` (your own user \
+                 id, resolved through its program connection), not both",
+            ))
+        }
+        (None, None) => {
+            return Err(Error::bad_request(
+                "`userId` or `endUserId` is required: the partner member id, or your own user \
+                 id resolved through its program connection",
+            ))
+        }
+    };
     let reference_number = ReferenceNumber::parse(f.required_string(ReferenceNumber::FIELD)?)?;
     let description = f
         .string("description")?
@@ -272,7 +289,7 @@ fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
     Ok(NewTransaction {
         program_id,
         value,
-        user_id,
+        recipient,
         reference_number,
         description,
         bonus,
@@ -338,6 +355,10 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         ));
     }
     let program = enabled_program(&app.config.programs, business, &request.program_id)?;
+    let user_id = match &request.recipient {
+        Recipient::Member(user) => user.clone(),
+        Recipient::EndUser(end_user) => member_of(app, business, end_user, program).await?,
+    };
     let total_points = quote(
         app.config.currency(&business.currency),
         program,
@@ -352,6 +373,7 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             currency: business.currency.clone(),
             total_points,
             request,
+            user_id,
             deliver: false,
         })
         .await?;
@@ -360,6 +382,31 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         Issued::Replayed(tx) => issued(StatusCode::OK, &tx),
         Issued::Conflict(field) => Err(conflict(&reference, field)),
     }
+}
+
+/// The member id that the end user's connection to `program` names.
+async fn member_of(
+    app: &App,
+    business: &Business,
+    end_user: &EndUserId,
+    program: &Program,
+) -> Result<UserId, Error> {
+    let connections = app
+        .store
+        .connections(&business.id, end_user, Some(&program.id))
+        .await?;
+    let Some(connection) = connections.into_iter().next() else {
+        return Err(Rejection::NoProgramConnection {
+            end_user_id: end_user.clone(),
+            program: program.id.clone(),
+        }
+        .into());
+    };
+    // Both are checked with the same rules, so this cannot fail; if it did, it is ours.
+    UserId::parse(connection.destination_user_id.into_string()).map_err(|e| {
+        tracing::error!(error = %e, "a stored destination is not a valid member id");
+        Error::Internal
+    })
 }
 
 pub fn preview(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
@@ -387,6 +434,7 @@ struct TransactionView<'a> {
     description: Option<&'a str>,
     created_at: String,
     user_id: &'a str,
+    end_user_id: Option<&'a str>,
     bonus: bool,
     total_points: u64,
     point_transactions: [PointTransactionView; 1],
@@ -457,6 +505,7 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
         description: tx.description.as_ref().map(Description::as_str),
         created_at: rfc3339(tx.created_at),
         user_id: tx.user_id.as_str(),
+        end_user_id: tx.end_user_id.as_ref().map(EndUserId::as_str),
         bonus: tx.bonus,
         total_points: tx.total_points,
         point_transactions: [PointTransactionView {
@@ -526,8 +575,6 @@ fn not_failed(tx: &Transaction) -> Error {
 
 /// Most transactions in one page when `limit` is given.
 pub const MAX_PAGE: usize = 1000;
-/// The listing is streamed in chunks of about this many bytes.
-const CHUNK: usize = 32 * 1024;
 
 fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
     let value =
@@ -634,10 +681,11 @@ pub async fn list_transactions(
 
 async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
     // One more than the page: whether there is a next page.
-    let mut listing = app.store.list(TxQuery {
+    let query = TxQuery {
         limit: Some(limit + 1),
         ..q.clone()
-    })?;
+    };
+    let mut listing = app.store.list(query, <[Transaction]>::to_vec)?;
     let mut page = Vec::with_capacity(limit + 1);
     while let Some(batch) = listing.next().await {
         page.extend(batch?);
@@ -670,41 +718,47 @@ async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
     Ok(response)
 }
 
-/// Streams the whole range as one JSON array, in chunks of about [`CHUNK`] bytes. A client
+/// Streams the whole range as one JSON array, a chunk per batch of rows. A client
 /// that stops reading for `send_timeout` is cut off, so that it cannot hold the store's
 /// snapshot for ever; a cut or failed stream ends in a transfer error, never in a short
 /// array that looks whole.
 async fn list_stream(app: &App, q: TxQuery) -> Reply {
-    let mut listing = app.store.list(q)?;
-    // The status is decided by the first batch: a store that fails at once gets a 503,
-    // not a 200 with a broken body.
-    let first = match listing.next().await {
-        Some(Ok(rows)) => rows,
-        Some(Err(e)) => return Err(e.into()),
-        None => Vec::new(),
-    };
-    let stall = app.config.server.send_timeout;
-    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
-    let complete = Arc::new(AtomicBool::new(false));
-    let completed = complete.clone();
-    let mut buf = BytesMut::with_capacity(CHUNK + 1024);
-    buf.put_u8(b'[');
+    // Rows are encoded where the store reads them; only JSON text crosses threads. Each
+    // batch becomes one chunk, comma-led but for the very first row.
     let mut first_row = true;
-    let mut encode = move |rows: Vec<Transaction>, buf: &mut BytesMut| -> Result<(), Error> {
-        for t in &rows {
+    let encode = move |rows: &[Transaction]| -> Option<Bytes> {
+        let mut buf = BytesMut::with_capacity(rows.len() * 400);
+        for t in rows {
             if !first_row {
                 buf.put_u8(b',');
             }
             first_row = false;
-            write_transaction_json(t, buf.writer()).map_err(|e| {
+            if let Err(e) = write_transaction_json(t, (&mut buf).writer()) {
                 tracing::error!(error = %e, "cannot encode a listing row");
-                Error::Internal
-            })?;
+                return None;
+            }
         }
-        Ok(())
+        Some(buf.freeze())
     };
-    encode(first, &mut buf)?;
+    let mut listing = app.store.list(q, encode)?;
+    // The status is decided by the first batch: a store that fails at once gets a 503,
+    // not a 200 with a broken body.
+    let first = match listing.next().await {
+        Some(Ok(Some(rows))) => rows,
+        Some(Ok(None)) => return Err(Error::Internal),
+        Some(Err(e)) => return Err(e.into()),
+        None => Bytes::new(),
+    };
+    let mut head = BytesMut::with_capacity(first.len() + 1);
+    head.put_u8(b'[');
+    head.extend_from_slice(&first);
+    let stall = app.config.server.send_timeout;
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let complete = Arc::new(AtomicBool::new(false));
+    let completed = complete.clone();
     tokio::spawn(async move {
+        // A client that stops reading for `stall` is cut off: dropping the listing stops
+        // the scan and lets its snapshot go.
         let send = |chunk: std::io::Result<Bytes>| {
             let tx = tx.clone();
             async move {
@@ -713,29 +767,27 @@ async fn list_stream(app: &App, q: TxQuery) -> Reply {
                     .is_ok_and(|sent| sent.is_ok())
             }
         };
+        if !send(Ok(head.freeze())).await {
+            tracing::info!("listing abandoned: the client stopped reading");
+            return;
+        }
         loop {
-            if buf.len() >= CHUNK && !send(Ok(buf.split().freeze())).await {
-                tracing::info!("listing abandoned: the client stopped reading");
-                return;
-            }
-            match listing.next().await {
-                Some(Ok(rows)) => {
-                    if encode(rows, &mut buf).is_err() {
-                        send(Err(std::io::Error::other("the listing failed"))).await;
-                        return;
-                    }
-                }
-                Some(Err(_)) => {
+            let chunk = match listing.next().await {
+                Some(Ok(Some(rows))) => rows,
+                Some(Ok(None)) | Some(Err(_)) => {
                     send(Err(std::io::Error::other("the listing failed"))).await;
                     return;
                 }
                 None => break,
+            };
+            if !send(Ok(chunk)).await {
+                tracing::info!("listing abandoned: the client stopped reading");
+                return;
             }
         }
-        buf.put_u8(b']');
         // The sender lives until this task ends, so the body sees the mark before it
         // sees the channel close.
-        if send(Ok(buf.freeze())).await {
+        if send(Ok(Bytes::from_static(b"]"))).await {
             completed.store(true, Ordering::Release);
         }
     });

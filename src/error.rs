@@ -38,7 +38,7 @@ pub enum Error {
     /// A body that is not declared as `application/json`.
     UnsupportedMediaType,
     /// Well-formed but not allowed by the business rules (program not enabled, points limits).
-    Unprocessable(String),
+    Rejected(Rejection),
     /// Too many failed attempts; retry after this many seconds.
     TooManyRequests { retry_after: u64 },
     /// The write queue is full; retry after this many seconds.
@@ -68,7 +68,8 @@ impl From<Rejection> for Error {
             Rejection::ProgramNotEnabled(_)
             | Rejection::ZeroPoints { .. }
             | Rejection::BelowMinimum { .. }
-            | Rejection::AboveMaximum { .. } => Error::Unprocessable(e.to_string()),
+            | Rejection::AboveMaximum { .. }
+            | Rejection::NoProgramConnection { .. } => Error::Rejected(e),
         }
     }
 }
@@ -100,7 +101,7 @@ impl Error {
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Overloaded { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,7 +121,7 @@ impl Error {
             Error::RequestTimeout => ("request-timeout", "Request body too slow"),
             Error::PayloadTooLarge(_) => ("payload-too-large", "Request body too large"),
             Error::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
-            Error::Unprocessable(_) => ("unprocessable", "Request cannot be processed"),
+            Error::Rejected(r) => (r.problem_type(), "Request cannot be processed"),
             Error::TooManyRequests { .. } => ("too-many-requests", "Too many failed attempts"),
             Error::Overloaded { .. } => ("overloaded", "Server busy"),
             Error::Unavailable => ("unavailable", "Service unavailable"),
@@ -132,7 +133,7 @@ impl Error {
         match self {
             Error::BadRequest(d) | Error::NotFound(d) | Error::Conflict(d) => d.clone(),
             Error::StateConflict(d) => d.clone(),
-            Error::Unprocessable(d) => d.clone(),
+            Error::Rejected(r) => r.to_string(),
             Error::Unauthenticated(d) => (*d).to_owned(),
             Error::BadCredentials => "the client id or the client secret is wrong".to_owned(),
             Error::MethodNotAllowed(allow) => format!("this path accepts only: {allow}"),
@@ -198,7 +199,7 @@ impl Error {
             | Error::PayloadTooLarge(_)
             | Error::RequestTimeout
             | Error::UnsupportedMediaType
-            | Error::Unprocessable(_)
+            | Error::Rejected(_)
             | Error::Internal => {}
         }
         response

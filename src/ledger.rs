@@ -110,10 +110,18 @@ impl fmt::Display for TransactionId {
 pub struct NewTransaction {
     pub program_id: ProgramId,
     pub value: u64,
-    pub user_id: UserId,
+    pub recipient: Recipient,
     pub reference_number: ReferenceNumber,
     pub description: Option<Description>,
     pub bonus: bool,
+}
+
+/// Who receives the points: a member id in the partner program, or the business's own
+/// user id, resolved through its program connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recipient {
+    Member(UserId),
+    EndUser(EndUserId),
 }
 
 /// A stored transaction.
@@ -125,7 +133,10 @@ pub struct Transaction {
     pub program_id: ProgramId,
     /// The program's name when the points were issued.
     pub program_name: String,
+    /// The partner member id the points went to.
     pub user_id: UserId,
+    /// The business's own user id, when the points were issued by it.
+    pub end_user_id: Option<EndUserId>,
     pub description: Option<Description>,
     pub currency: String,
     /// Minor units of `currency`.
@@ -154,14 +165,25 @@ impl Transaction {
             Some("programId")
         } else if self.value != request.value {
             Some("value")
-        } else if self.user_id != request.user_id {
-            Some("userId")
+        } else if let Some(field) = self.differing_recipient(&request.recipient) {
+            Some(field)
         } else if self.description != request.description {
             Some("description")
         } else if self.bonus != request.bonus {
             Some("bonus")
         } else {
             None
+        }
+    }
+}
+
+impl Transaction {
+    fn differing_recipient(&self, recipient: &Recipient) -> Option<&'static str> {
+        match (recipient, &self.end_user_id) {
+            (Recipient::Member(user), None) if *user == self.user_id => None,
+            (Recipient::EndUser(end_user), Some(stored)) if end_user == stored => None,
+            (Recipient::Member(_), _) => Some("userId"),
+            (Recipient::EndUser(_), _) => Some("endUserId"),
         }
     }
 }
@@ -200,6 +222,25 @@ pub enum Rejection {
     /// The points formula overflowed: a configuration the server cannot price with. A bug
     /// in validation, not the client's fault.
     Unpriceable(ProgramId),
+    /// Issued by `endUserId`, but the end user has no connection to the program.
+    NoProgramConnection {
+        end_user_id: EndUserId,
+        program: ProgramId,
+    },
+}
+
+impl Rejection {
+    /// The problem type clients match on (`urn:cosmopoints:problem:…`).
+    pub fn problem_type(&self) -> &'static str {
+        match self {
+            Rejection::ProgramNotEnabled(_)
+            | Rejection::ZeroPoints { .. }
+            | Rejection::BelowMinimum { .. }
+            | Rejection::AboveMaximum { .. }
+            | Rejection::Unpriceable(_) => "unprocessable",
+            Rejection::NoProgramConnection { .. } => "no-program-connection",
+        }
+    }
 }
 
 impl fmt::Display for Rejection {
@@ -230,6 +271,14 @@ impl fmt::Display for Rejection {
             } => write!(
                 f,
                 "value {value} is worth {points} points, above the maximum of {max} for program \"{program}\""
+            ),
+            Rejection::NoProgramConnection {
+                end_user_id,
+                program,
+            } => write!(
+                f,
+                "end user \"{end_user_id}\" has no connection to program \"{program}\"; \
+                 create one with PUT /v1/program-connections, or send `userId`"
             ),
             Rejection::Unpriceable(program) => write!(
                 f,

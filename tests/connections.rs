@@ -223,3 +223,83 @@ async fn bad_connection_input_is_rejected_and_changes_nothing() {
         json!([])
     );
 }
+
+#[tokio::test]
+async fn points_can_be_issued_by_end_user_id_through_the_program_connection() {
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    let body = |reference: &str| {
+        json!({"programId": "skywards", "value": 3673, "endUserId": "shopper-9",
+               "referenceNumber": reference})
+    };
+    // No connection yet: 422 with its own problem type; nothing stored.
+    let r = s.issue(&token, body("eu-1")).await;
+    let detail = r.problem(422);
+    assert!(detail.contains("shopper-9"), "{detail}");
+    assert_eq!(
+        r.json()["type"],
+        "urn:cosmopoints:problem:no-program-connection"
+    );
+    assert!(s.all_transactions(&token).await.is_empty());
+
+    let connect = json!({"programId": "skywards", "endUserId": "shopper-9",
+                         "destinationUserId": "EK-777"});
+    assert_eq!(
+        s.put("/v1/program-connections", Some(&token), &connect)
+            .await
+            .status,
+        201
+    );
+    let r = s.issue(&token, body("eu-1")).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let tx = s
+        .get(&format!("/v1/transactions/{id}"), Some(&token))
+        .await
+        .json();
+    assert_eq!(tx["userId"], "EK-777", "the member id the connection names");
+    assert_eq!(tx["endUserId"], "shopper-9", "the transaction keeps both");
+    assert_eq!(tx["totalPoints"], 833);
+
+    // The connection moves on; a replay still answers with the original transaction.
+    let moved = json!({"programId": "skywards", "endUserId": "shopper-9",
+                       "destinationUserId": "EK-778"});
+    assert_eq!(
+        s.put("/v1/program-connections", Some(&token), &moved)
+            .await
+            .status,
+        200
+    );
+    let replay = s.issue(&token, body("eu-1")).await;
+    assert_eq!(replay.status, 200, "{}", replay.text());
+    assert_eq!(replay.json()["id"], id.as_str());
+    // The same reference sent to a member id directly is another request.
+    let other = s
+        .issue(
+            &token,
+            json!({"programId": "skywards", "value": 3673, "userId": "EK-777",
+                   "referenceNumber": "eu-1"}),
+        )
+        .await;
+    assert!(other.problem(409).contains("userId"));
+
+    // Exactly one of the two.
+    let both = json!({"programId": "skywards", "value": 3673, "userId": "EK-1",
+                      "endUserId": "shopper-9", "referenceNumber": "eu-2"});
+    assert!(s
+        .issue(&token, both)
+        .await
+        .problem(400)
+        .contains("not both"));
+    let neither = json!({"programId": "skywards", "value": 3673, "referenceNumber": "eu-3"});
+    assert!(s
+        .issue(&token, neither)
+        .await
+        .problem(400)
+        .contains("endUserId"));
+
+    // Another business's connection is not this business's.
+    let globex = s.globex().await;
+    let r = s.issue(&globex, body("eu-4")).await;
+    r.problem(422);
+}

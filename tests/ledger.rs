@@ -46,7 +46,7 @@ async fn issuing_returns_201_with_exact_points_and_the_transaction_reads_back() 
         "bonus": true, "totalPoints": 833,
         "pointTransactions": [{"destinationNumberOfPoints": "833", "type": "bonus"}],
         "partnership": {"destination": {"name": "Skywards Miles", "programId": "skywards"}},
-        "status": "completed", "delivery": null,
+        "status": "completed", "delivery": null, "endUserId": null,
     });
     assert_eq!(
         created["status"], "completed",
@@ -609,12 +609,15 @@ async fn an_id_shaped_reference_stored_earlier_still_replays() {
             request: cosmopoints::ledger::NewTransaction {
                 program_id: cosmopoints::domain::ProgramId::parse("skywards").expect("id"),
                 value: 3673,
-                user_id: cosmopoints::domain::UserId::parse("user-1").expect("id"),
+                recipient: cosmopoints::ledger::Recipient::Member(
+                    cosmopoints::domain::UserId::parse("user-1").expect("id"),
+                ),
                 reference_number: cosmopoints::domain::ReferenceNumber::parse(shaped.clone())
                     .expect("reference"),
                 description: None,
                 bonus: false,
             },
+            user_id: cosmopoints::domain::UserId::parse("user-1").expect("id"),
             deliver: false,
         })
         .await

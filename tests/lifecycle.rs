@@ -40,12 +40,15 @@ async fn a_background_task_sees_the_stop_before_the_store_closes() {
                     request: NewTransaction {
                         program_id: ProgramId::parse("skywards").expect("id"),
                         value: 3673,
-                        user_id: UserId::parse("user-1").expect("id"),
+                        recipient: cosmopoints::ledger::Recipient::Member(
+                            UserId::parse("user-1").expect("id"),
+                        ),
                         reference_number: ReferenceNumber::parse("written-while-stopping")
                             .expect("reference"),
                         description: None,
                         bonus: false,
                     },
+                    user_id: UserId::parse("user-1").expect("id"),
                     deliver: false,
                 })
                 .await;

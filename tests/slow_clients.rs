@@ -139,12 +139,15 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
                     request: NewTransaction {
                         program_id: ProgramId::parse("skywards").expect("id"),
                         value: 3673,
-                        user_id: UserId::parse("user-1").expect("id"),
+                        recipient: cosmopoints::ledger::Recipient::Member(
+                            UserId::parse("user-1").expect("id"),
+                        ),
                         reference_number: ReferenceNumber::parse(format!("slow-{i}"))
                             .expect("reference"),
                         description: Some(Description::parse("x".repeat(200)).expect("text")),
                         bonus: false,
                     },
+                    user_id: UserId::parse("user-1").expect("id"),
                     deliver: false,
                 })
                 .await

@@ -62,7 +62,7 @@ use writer::{Answer, Job, Tables, Writer};
 
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus};
-use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber};
+use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId};
 use crate::ledger::{Connection, IdCipher, NewTransaction, Transaction, TransactionId};
 
 /// Why the database could not be opened; each is a one-line message for the operator.
@@ -123,6 +123,9 @@ pub struct Issue {
     pub currency: String,
     pub total_points: u64,
     pub request: NewTransaction,
+    /// The member id the points go to: the request's `userId`, or the destination of the
+    /// end user's program connection.
+    pub user_id: UserId,
     /// Whether the program has a partner to deliver to: the transaction then gets an
     /// outbox entry in the same durable write.
     pub deliver: bool,
@@ -167,10 +170,10 @@ pub struct TxQuery {
     pub status: Option<DeliveryStatus>,
 }
 
-/// The rows of a listing as they are read, in batches, all from one snapshot. Dropping
-/// it stops the scan.
-pub struct Listing {
-    rx: mpsc::Receiver<Result<Vec<Transaction>, StoreError>>,
+/// The rows of a listing as they are read, in batches (each turned into a `T` by the
+/// listing's map), all from one snapshot. Dropping it stops the scan.
+pub struct Listing<T> {
+    rx: mpsc::Receiver<Result<T, StoreError>>,
 }
 
 /// Listings running at once; more get `Busy`. Each holds a blocking thread and a read
@@ -480,9 +483,15 @@ impl Store {
         }
     }
 
-    /// Starts the listing `query`; its rows arrive through the [`Listing`]. `Busy` when
-    /// [`MAX_LISTINGS`] are running.
-    pub fn list(&self, query: TxQuery) -> Result<Listing, StoreError> {
+    /// Starts the listing `query`; its rows arrive through the [`Listing`], each batch of
+    /// at most a few hundred turned into a `T` by `map` where the rows are read (encode
+    /// them there: rows then never cross a thread). `Busy` when [`MAX_LISTINGS`] are
+    /// running.
+    pub fn list<T: Send + 'static>(
+        &self,
+        query: TxQuery,
+        map: impl FnMut(&[Transaction]) -> T + Send + 'static,
+    ) -> Result<Listing<T>, StoreError> {
         let permit = self
             .listings
             .clone()
@@ -492,7 +501,7 @@ impl Store {
         let handle = self.handle.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            if let Err(e) = read::scan(&handle, &query, &tx) {
+            if let Err(e) = read::scan(&handle, &query, map, &tx) {
                 let _ = tx.blocking_send(Err(e));
             }
         });
@@ -538,7 +547,7 @@ impl Store {
 mod tests {
     use super::schema::BY_DATE;
     use super::*;
-    use crate::domain::UserId;
+    use crate::ledger::Recipient;
 
     fn issue(reference: &str, value: u64) -> Issue {
         Issue {
@@ -549,11 +558,12 @@ mod tests {
             request: NewTransaction {
                 program_id: ProgramId::trusted("skywards".into()),
                 value,
-                user_id: UserId::trusted("u".into()),
+                recipient: Recipient::Member(UserId::trusted("u".into())),
                 reference_number: ReferenceNumber::trusted(reference.into()),
                 description: None,
                 bonus: false,
             },
+            user_id: UserId::trusted("u".into()),
             deliver: false,
         }
     }
@@ -648,7 +658,7 @@ mod tests {
                 limit: None,
                 status: None,
             };
-            let mut listing = store.list(query.clone()).expect("list");
+            let mut listing = store.list(query.clone(), <[_]>::to_vec).expect("list");
             // Written after the listing began: not in its snapshot.
             let first = listing.next().await.expect("batch").expect("ok");
             store.issue(issue("late", 100)).await.expect("late");
@@ -659,11 +669,14 @@ mod tests {
             assert_eq!(seen.len(), 600);
             assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq));
             let mut page = store
-                .list(TxQuery {
-                    limit: Some(10),
-                    after: Some(Cursor::of(&seen[4])),
-                    ..query
-                })
+                .list(
+                    TxQuery {
+                        limit: Some(10),
+                        after: Some(Cursor::of(&seen[4])),
+                        ..query
+                    },
+                    <[_]>::to_vec,
+                )
                 .expect("list");
             let rows = page.next().await.expect("batch").expect("ok");
             assert_eq!(rows.len(), 10);

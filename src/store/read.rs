@@ -144,6 +144,7 @@ pub(super) fn transaction(ids: &IdCipher, r: Tx, delivery: Option<Delivery>) -> 
         program_id: ProgramId::trusted(r.program_id),
         program_name: r.program_name,
         user_id: UserId::trusted(r.user_id),
+        end_user_id: r.end_user_id.map(EndUserId::trusted),
         description: r.description.map(Description::trusted),
         currency: r.currency,
         value: r.value,
@@ -165,13 +166,16 @@ pub(super) fn connection(end_user_id: &str, program_id: &str, r: Conn) -> Connec
     }
 }
 
-/// Runs the listing `q` in one read transaction (one snapshot), sending batches of rows
-/// to `out` until the range, the limit or the consumer ends. Blocking: runs on its own
-/// thread. A consumer that drops its [`Listing`] stops the scan at the next batch.
-pub(super) fn scan(
+/// Runs the listing `q` in one read transaction (one snapshot), turning each batch of rows
+/// into a `T` with `map` on this thread (so that rows are decoded, used and freed where
+/// they were made) and sending it to `out`, until the range, the limit or the consumer
+/// ends. Blocking: runs on its own thread. A consumer that drops its [`Listing`] stops the
+/// scan at the next batch.
+pub(super) fn scan<T>(
     handle: &Handle,
     q: &TxQuery,
-    out: &mpsc::Sender<Result<Vec<Transaction>, StoreError>>,
+    mut map: impl FnMut(&[Transaction]) -> T,
+    out: &mpsc::Sender<Result<T, StoreError>>,
 ) -> Result<(), StoreError> {
     let reader = Reader::begin(handle)?;
     let records = reader.table(TRANSACTIONS)?;
@@ -192,8 +196,9 @@ pub(super) fn scan(
         batch.push(tx);
         sent += 1;
         if batch.len() == LISTING_BATCH || sent == limit {
-            let full = std::mem::replace(batch, Vec::with_capacity(LISTING_BATCH));
-            if out.blocking_send(Ok(full)).is_err() {
+            let mapped = map(batch);
+            batch.clear();
+            if out.blocking_send(Ok(mapped)).is_err() {
                 return Ok(false);
             }
         }
@@ -232,15 +237,15 @@ pub(super) fn scan(
         }
     }
     if !batch.is_empty() {
-        let _ = out.blocking_send(Ok(batch));
+        let _ = out.blocking_send(Ok(map(&batch)));
     }
     Ok(())
 }
 
-impl Listing {
-    /// The next batch of rows, oldest first; `None` at the end. An `Err` ends the listing:
-    /// what came before it is not the whole range.
-    pub async fn next(&mut self) -> Option<Result<Vec<Transaction>, StoreError>> {
+impl<T> Listing<T> {
+    /// The next batch of rows (as the listing's `map` made it), oldest first; `None` at the
+    /// end. An `Err` ends the listing: what came before it is not the whole range.
+    pub async fn next(&mut self) -> Option<Result<T, StoreError>> {
         self.rx.recv().await
     }
 }

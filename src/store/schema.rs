@@ -17,7 +17,10 @@
 //! | schema | release | change |
 //! |---|---|---|
 //! | 1 | 0.1.0 | first layout; values are bare postcard structs |
-//! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front) |
+//! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front); new tables `deliveries`, `outbox` |
+//!
+//! Record versions: `TxRecord::V1` (0.1.0), `TxRecord::V2` (0.2.0: `end_user_id`);
+//! `ConnectionRecord::V1`; `DeliveryRecord::V1`.
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -62,26 +65,68 @@ pub(super) struct TxV1 {
     pub seq: u64,
 }
 
+/// A transaction as release 0.2.0 stores it: V1 and the merchant's own user id, when the
+/// points were issued by `endUserId` through a program connection.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct TxV2 {
+    pub business: String,
+    pub reference_number: String,
+    pub program_id: String,
+    pub program_name: String,
+    pub user_id: String,
+    pub description: Option<String>,
+    pub currency: String,
+    pub value: u64,
+    pub total_points: u64,
+    pub bonus: bool,
+    pub created_at: u64,
+    pub seq: u64,
+    /// `None` for every V1 record: they were issued to a member id.
+    pub end_user_id: Option<String>,
+}
+
+impl From<TxV1> for TxV2 {
+    fn from(r: TxV1) -> TxV2 {
+        TxV2 {
+            business: r.business,
+            reference_number: r.reference_number,
+            program_id: r.program_id,
+            program_name: r.program_name,
+            user_id: r.user_id,
+            description: r.description,
+            currency: r.currency,
+            value: r.value,
+            total_points: r.total_points,
+            bonus: r.bonus,
+            created_at: r.created_at,
+            seq: r.seq,
+            end_user_id: None,
+        }
+    }
+}
+
 /// Every stored transaction. Append variants only.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub(super) enum TxRecord {
     V1(TxV1),
+    V2(TxV2),
 }
 
 /// The newest transaction record version: what reads work with and the writer writes.
-pub(super) type Tx = TxV1;
+pub(super) type Tx = TxV2;
 
 impl TxRecord {
     pub fn latest(self) -> Tx {
         match self {
-            TxRecord::V1(r) => r,
+            TxRecord::V1(r) => r.into(),
+            TxRecord::V2(r) => r,
         }
     }
 }
 
 impl From<Tx> for TxRecord {
     fn from(r: Tx) -> TxRecord {
-        TxRecord::V1(r)
+        TxRecord::V2(r)
     }
 }
 
@@ -156,7 +201,7 @@ impl DeliveryRecord {
 /// by `check`, before they are migrated).
 pub(super) fn decode_tx(schema: u64, bytes: &[u8]) -> postcard::Result<Tx> {
     if schema < 2 {
-        postcard::from_bytes::<TxV1>(bytes)
+        postcard::from_bytes::<TxV1>(bytes).map(Tx::from)
     } else {
         postcard::from_bytes::<TxRecord>(bytes).map(TxRecord::latest)
     }
@@ -279,15 +324,26 @@ mod tests {
             postcard::to_allocvec(&tx_v1()).expect("encodes"),
             TX_V1_BYTES
         );
-        assert_eq!(decode_tx(1, TX_V1_BYTES).expect("decodes"), tx_v1());
+        assert_eq!(decode_tx(1, TX_V1_BYTES).expect("decodes"), tx_v1().into());
         // Schema 2: the same bytes behind the variant tag.
-        let bytes = postcard::to_allocvec(&TxRecord::from(tx_v1())).expect("encodes");
+        let bytes = postcard::to_allocvec(&TxRecord::V1(tx_v1())).expect("encodes");
         assert_eq!(
             bytes[0], 0,
             "a change here needs a new variant, not an edit"
         );
         assert_eq!(&bytes[1..], TX_V1_BYTES);
-        assert_eq!(decode_tx(2, &bytes).expect("decodes"), tx_v1());
+        assert_eq!(decode_tx(2, &bytes).expect("decodes"), tx_v1().into());
+        // V2: tag 1, V1's fields, then the end user id.
+        let mut v2 = TxV2::from(tx_v1());
+        v2.end_user_id = Some("eu".into());
+        let bytes = postcard::to_allocvec(&TxRecord::from(v2.clone())).expect("encodes");
+        assert_eq!(
+            bytes[0], 1,
+            "a change here needs a new variant, not an edit"
+        );
+        assert_eq!(&bytes[1..bytes.len() - 4], TX_V1_BYTES);
+        assert_eq!(&bytes[bytes.len() - 4..], [1, 2, b'e', b'u']);
+        assert_eq!(decode_tx(2, &bytes).expect("decodes"), v2);
 
         let connection = ConnectionV1 {
             destination_user_id: "EK1".into(),
@@ -305,10 +361,10 @@ mod tests {
     }
 
     /// What a later release will do to add a field: a new struct, a new variant at the end,
-    /// a default for records written before it.
+    /// a default for records written before it (as V2 did for `end_user_id`).
     #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
-    struct TxV2 {
-        v1: TxV1,
+    struct TxNext {
+        v2: TxV2,
         status: Option<String>,
     }
 
@@ -316,32 +372,47 @@ mod tests {
     enum TxRecordNext {
         V1(TxV1),
         V2(TxV2),
+        V3(TxNext),
     }
 
     impl TxRecordNext {
-        fn latest(self) -> TxV2 {
+        fn latest(self) -> TxNext {
             match self {
-                TxRecordNext::V1(v1) => TxV2 { v1, status: None },
-                TxRecordNext::V2(r) => r,
+                TxRecordNext::V1(v1) => TxNext {
+                    v2: v1.into(),
+                    status: None,
+                },
+                TxRecordNext::V2(v2) => TxNext { v2, status: None },
+                TxRecordNext::V3(r) => r,
             }
         }
     }
 
     #[test]
     fn a_record_written_before_a_field_was_added_decodes_with_its_default() {
-        let written_today = postcard::to_allocvec(&TxRecord::from(tx_v1())).expect("encodes");
-        let read_later: TxRecordNext = postcard::from_bytes(&written_today).expect("decodes");
+        // A V1 record (as a 0.1.0 file holds after its migration) reads as today's V2.
+        let v1 = postcard::to_allocvec(&TxRecord::V1(tx_v1())).expect("encodes");
         assert_eq!(
-            read_later.latest(),
-            TxV2 {
-                v1: tx_v1(),
-                status: None
-            }
+            decode_tx(SCHEMA_VERSION, &v1).expect("decodes"),
+            TxV2::from(tx_v1())
         );
-        // And a record of the later version is refused by today's code, not misread
-        // (the schema version keeps such a file from being opened at all).
-        let written_later = postcard::to_allocvec(&TxRecordNext::V2(TxV2 {
-            v1: tx_v1(),
+        // Today's records read in a later release that added a field.
+        let written_today =
+            postcard::to_allocvec(&TxRecord::from(TxV2::from(tx_v1()))).expect("encodes");
+        for bytes in [&v1, &written_today] {
+            let read_later: TxRecordNext = postcard::from_bytes(bytes).expect("decodes");
+            assert_eq!(
+                read_later.latest(),
+                TxNext {
+                    v2: tx_v1().into(),
+                    status: None
+                }
+            );
+        }
+        // A record of the later version is refused by today's code, not misread (the
+        // schema version keeps such a file from being opened at all).
+        let written_later = postcard::to_allocvec(&TxRecordNext::V3(TxNext {
+            v2: tx_v1().into(),
             status: Some("completed".into()),
         }))
         .expect("encodes");

@@ -22,7 +22,7 @@ use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus};
 use crate::ledger::IdCipher;
-use crate::ledger::Transaction;
+use crate::ledger::{Recipient, Transaction};
 
 /// Sends a write's outcome to its caller; run only after the batch's commit returned.
 pub(super) type Answer = Box<dyn FnOnce() + Send>;
@@ -194,7 +194,7 @@ impl Tables<'_> {
             reference_number: r.reference_number.to_string(),
             program_id: r.program_id.to_string(),
             program_name: issue.program_name.clone(),
-            user_id: r.user_id.to_string(),
+            user_id: issue.user_id.to_string(),
             description: r.description.as_ref().map(|d| d.as_str().to_owned()),
             currency: issue.currency.clone(),
             value: r.value,
@@ -202,6 +202,10 @@ impl Tables<'_> {
             bonus: r.bonus,
             created_at: now,
             seq,
+            end_user_id: match &r.recipient {
+                Recipient::EndUser(end_user) => Some(end_user.to_string()),
+                Recipient::Member(_) => None,
+            },
         });
         let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.records
