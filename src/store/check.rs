@@ -153,10 +153,12 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
         Err(e) => return Err(e.into()),
         Ok(deliveries) => {
             for entry in deliveries.iter()? {
-                let (seq, bytes) = entry?;
+                let (key, bytes) = entry?;
                 report.deliveries += 1;
-                let seq = seq.value();
-                if !decoded.contains_key(&seq) {
+                let (kind, seq) = key.value();
+                if kind != JOB_CREDIT {
+                    problems.push(format!("delivery ({kind}, {seq}) has an unknown job kind"));
+                } else if !decoded.contains_key(&seq) {
                     problems.push(format!("delivery {seq} names a missing transaction"));
                 }
                 match postcard::from_bytes::<DeliveryRecord>(bytes.value()) {

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::handle::Handle;
 use super::schema::{
     Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE,
-    DELIVERIES, TRANSACTIONS,
+    DELIVERIES, JOB_CREDIT, TRANSACTIONS,
 };
 use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
 use crate::delivery::{Delivery, DeliveryError, DeliveryStatus, FailureKind};
@@ -61,22 +61,23 @@ pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Store
 pub(super) fn read_tx(
     ids: &IdCipher,
     records: &impl ReadableTable<u64, &'static [u8]>,
-    deliveries: &impl ReadableTable<u64, &'static [u8]>,
+    deliveries: &impl ReadableTable<(u8, u64), &'static [u8]>,
     seq: u64,
 ) -> Result<Option<Transaction>, StoreError> {
     let Some(bytes) = records.get(seq).map_err(unavailable)? else {
         return Ok(None);
     };
     let record = decode::<TxRecord>(bytes.value())?.latest();
-    let delivery = read_delivery(deliveries, seq)?;
+    let delivery = read_delivery(deliveries, JOB_CREDIT, seq)?;
     Ok(Some(transaction(ids, record, delivery)))
 }
 
 pub(super) fn read_delivery(
-    deliveries: &impl ReadableTable<u64, &'static [u8]>,
-    seq: u64,
+    deliveries: &impl ReadableTable<(u8, u64), &'static [u8]>,
+    kind: u8,
+    id: u64,
 ) -> Result<Option<Delivery>, StoreError> {
-    match deliveries.get(seq).map_err(unavailable)? {
+    match deliveries.get((kind, id)).map_err(unavailable)? {
         Some(bytes) => delivery(decode::<DeliveryRecord>(bytes.value())?.latest()).map(Some),
         None => Ok(None),
     }

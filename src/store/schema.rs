@@ -38,14 +38,17 @@ pub(super) const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u64> =
     TableDefinition::new("tx_by_program_date");
 pub(super) const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
     TableDefinition::new("connections");
-/// The delivery state of each transaction issued to a program with a partner, by seq.
-/// A transaction without an entry was never to be delivered: `completed`.
-pub(super) const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+/// The delivery state of each outbound job, by (job kind, id): for credits the id is the
+/// transaction's seq. A transaction without an entry was never to be delivered:
+/// `completed`.
+pub(super) const DELIVERIES: TableDefinition<(u8, u64), &[u8]> =
+    TableDefinition::new("deliveries");
 /// The outbox: one entry per pending delivery, keyed by (due time, job kind, id), so that
 /// the due jobs are one range scan from the start.
 pub(super) const OUTBOX: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("outbox");
 
-/// Job kinds in [`OUTBOX`] keys.
+/// Job kinds in [`OUTBOX`] and [`DELIVERIES`] keys (kinds to come: debits, merchant
+/// webhook events).
 pub(super) const JOB_CREDIT: u8 = 0;
 
 /// A transaction as release 0.1.0 stored it. Field order is the format: never change it.

@@ -162,7 +162,7 @@ pub(super) struct Tables<'txn> {
     by_date: redb::Table<'txn, (&'static str, u64, u64), u64>,
     by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
     connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
-    deliveries: redb::Table<'txn, u64, &'static [u8]>,
+    deliveries: redb::Table<'txn, (u8, u64), &'static [u8]>,
     outbox: redb::Table<'txn, (u64, u8, u64), ()>,
 }
 
@@ -240,7 +240,7 @@ impl Tables<'_> {
         seq: u64,
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, seq)? else {
+        let Some(current) = read_delivery(&self.deliveries, JOB_CREDIT, seq)? else {
             return Ok(None);
         };
         let changed = match step(&current, self.now) {
@@ -277,7 +277,7 @@ impl Tables<'_> {
         }
         let bytes = postcard::to_allocvec(&delivery_record(next)).map_err(unavailable)?;
         self.deliveries
-            .insert(seq, bytes.as_slice())
+            .insert((JOB_CREDIT, seq), bytes.as_slice())
             .map_err(unavailable)?;
         Ok(())
     }
