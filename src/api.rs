@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LINK};
+use hyper::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LINK, PRAGMA,
+};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -162,14 +164,19 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         tracing::error!("a token could not be signed: an id is longer than 255 bytes");
         Error::Internal
     })?;
-    json(
+    let mut response = json(
         StatusCode::OK,
         &TokenResponse {
             access_token,
             expires_in: ttl,
             token_type: "Bearer",
         },
-    )
+    )?;
+    // RFC 6749 §5.1: a response that carries a token must not be stored by any cache.
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
 fn truncate(text: &str, chars: usize) -> &str {

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,7 +30,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     let config = app.config.server.clone();
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
-    let ids = Arc::new(RequestIds::new());
+    let random = SystemRandom::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
@@ -62,10 +61,10 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let ids = ids.clone();
+        let random = random.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
-            let id = ids.next();
+            let id = request_id(&random);
             async move { Ok::<_, Infallible>(handle(app, req, remote, id).await) }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -89,30 +88,15 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     tracing::info!("stopped");
 }
 
-/// Request ids: a random per-process prefix and a counter, cheap and unique enough to
-/// find one request in the logs.
-struct RequestIds {
-    prefix: u32,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> RequestIds {
-        let mut bytes = [0u8; 4];
-        let _ = SystemRandom::new().fill(&mut bytes);
-        RequestIds {
-            prefix: u32::from_be_bytes(bytes),
-            next: AtomicU64::new(1),
-        }
+/// A request id: 128 random bits in hex. Random rather than counted, so that the ids a
+/// client sees tell it nothing about how many requests others make.
+fn request_id(random: &SystemRandom) -> String {
+    let mut bytes = [0u8; 16];
+    if random.fill(&mut bytes).is_err() {
+        // Never seen on a working OS; the request is still served, its id is zeros.
+        tracing::warn!("the system random source failed; the request id is all zeros");
     }
-
-    fn next(&self) -> String {
-        format!(
-            "{:08x}-{}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A client's own `x-request-id` is kept if it is short, visible ASCII.
