@@ -148,7 +148,8 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
             Error::Internal
         })?;
     let Some(business) = verified else {
-        tracing::info!(client_id = %truncate(&client_id, 128), "failed authentication");
+        // Debug formatting escapes control characters: a client id cannot forge log lines.
+        tracing::info!(client_id = ?truncate(&client_id, 128), "failed authentication");
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
