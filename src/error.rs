@@ -29,8 +29,9 @@ pub enum Error {
     PayloadTooLarge(usize),
     /// The body did not arrive within the body read timeout.
     RequestTimeout,
-    /// A body that is not declared as `application/json`.
-    UnsupportedMediaType,
+    /// A body that is not declared as `application/json`, or that is encoded
+    /// (`Content-Encoding` other than identity): what to send instead.
+    UnsupportedMediaType(&'static str),
     /// Well-formed but not allowed by the business rules (program not enabled, points limits).
     Unprocessable(String),
     /// Too many failed attempts; retry after this many seconds.
@@ -57,7 +58,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Overloaded { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,7 +77,7 @@ impl Error {
             Error::Conflict(_) => ("idempotency-conflict", "Reference number already used"),
             Error::RequestTimeout => ("request-timeout", "Request body too slow"),
             Error::PayloadTooLarge(_) => ("payload-too-large", "Request body too large"),
-            Error::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
+            Error::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             Error::Unprocessable(_) => ("unprocessable", "Request cannot be processed"),
             Error::TooManyRequests { .. } => ("too-many-requests", "Too many failed attempts"),
             Error::Overloaded { .. } => ("overloaded", "Server busy"),
@@ -96,9 +97,7 @@ impl Error {
                 format!("the request body must be at most {limit} bytes")
             }
             Error::RequestTimeout => "the request body did not arrive in time".to_owned(),
-            Error::UnsupportedMediaType => {
-                "send the body with `Content-Type: application/json`".to_owned()
-            }
+            Error::UnsupportedMediaType(d) => (*d).to_owned(),
             Error::TooManyRequests { retry_after } => {
                 format!("too many failed authentication attempts; retry in {retry_after} s")
             }
@@ -150,7 +149,7 @@ impl Error {
             | Error::Conflict(_)
             | Error::PayloadTooLarge(_)
             | Error::RequestTimeout
-            | Error::UnsupportedMediaType
+            | Error::UnsupportedMediaType(_)
             | Error::Unprocessable(_)
             | Error::Internal => {}
         }

@@ -2,21 +2,22 @@
 //!
 //! | method | path | auth |
 //! |---|---|---|
-//! | GET | /healthz | no |
-//! | GET | /v1/openapi.json | no |
+//! | GET, HEAD | /healthz | no |
+//! | GET, HEAD | /v1/openapi.json | no |
 //! | POST | /v1/auth | no |
-//! | GET | /v1/profile | bearer |
-//! | GET | /v1/programs | bearer |
-//! | GET | /v1/currencies | bearer |
+//! | GET, HEAD | /v1/profile | bearer |
+//! | GET, HEAD | /v1/programs | bearer |
+//! | GET, HEAD | /v1/currencies | bearer |
 //! | POST | /v1/transactions | bearer |
-//! | GET | /v1/transactions?startDate&endDate[&programId][&limit][&after] | bearer |
+//! | GET, HEAD | /v1/transactions?startDate&endDate[&programId][&limit][&after] | bearer |
 //! | POST | /v1/transactions/preview | bearer |
-//! | GET | /v1/transactions/{id or referenceNumber} | bearer |
+//! | GET, HEAD | /v1/transactions/{id or referenceNumber} | bearer |
 //! | PUT, POST | /v1/program-connections | bearer |
-//! | GET | /v1/program-connections?endUserId[&programId] | bearer |
+//! | GET, HEAD | /v1/program-connections?endUserId[&programId] | bearer |
 //!
 //! The match below is the truth. A known path with another method is 405 with `Allow`;
-//! anything else is 404. Authentication is an explicit call in each arm that needs it,
+//! anything else is 404. HEAD is served wherever GET is (RFC 9110 §9.3.2): the same
+//! answer, whose body hyper leaves out. Authentication is an explicit call in each arm that needs it,
 //! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
 //! whose referenceNumber is "preview": only POST is the preview.
 
@@ -26,8 +27,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response};
+use hyper::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, Version};
 
 use crate::api::{self, authenticate, Reply};
 use crate::app::App;
@@ -43,15 +44,16 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) ->
 }
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Reply {
+    check_framing(&req)?;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => api::health(&app).await,
-        (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["healthz"]) => api::health(&app).await,
+        (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "openapi.json"]) => openapi::document(),
-        (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["v1", "openapi.json"]) => openapi::document(),
+        (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
         (&Method::POST, ["v1", "auth"]) => {
             let body = read_json(req, &app).await?;
@@ -59,59 +61,83 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
 
-        (&Method::GET, ["v1", "profile"]) => api::profile(authenticate(&app, req.headers())?),
-        (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["v1", "profile"]) => {
+            api::profile(authenticate(&app, req.headers())?)
+        }
+        (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "programs"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "programs"]) => {
             api::programs(&app, authenticate(&app, req.headers())?)
         }
-        (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "currencies"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "currencies"]) => {
             authenticate(&app, req.headers())?;
             api::currencies(&app)
         }
-        (_, ["v1", "currencies"]) => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "currencies"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
         (&Method::POST, ["v1", "transactions"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::issue(&app, caller, body).await
         }
-        (&Method::GET, ["v1", "transactions"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "transactions"]) => {
             let caller = authenticate(&app, req.headers())?;
             api::list_transactions(app.clone(), caller, query.as_deref()).await
         }
-        (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, POST")),
+        (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
 
         (&Method::POST, ["v1", "transactions", "preview"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::preview(&app, caller, body)
         }
-        (&Method::GET, ["v1", "transactions", key]) if !key.is_empty() => {
+        (&Method::GET | &Method::HEAD, ["v1", "transactions", key]) if !key.is_empty() => {
             let caller = authenticate(&app, req.headers())?;
             api::get_transaction(&app, caller, &decode_component(key, false)?)
         }
-        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, POST")),
-        (_, ["v1", "transactions", key]) if !key.is_empty() => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
+        (_, ["v1", "transactions", key]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("GET, HEAD"))
+        }
 
         (&Method::PUT | &Method::POST, ["v1", "program-connections"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::connect(&app, caller, body).await
         }
-        (&Method::GET, ["v1", "program-connections"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "program-connections"]) => {
             let caller = authenticate(&app, req.headers())?;
             api::list_connections(&app, caller, query.as_deref())
         }
-        (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, POST, PUT")),
+        (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST, PUT")),
 
         _ => Err(Error::NotFound(format!("there is no endpoint at {path}"))),
     }
 }
 
-/// The body of a JSON request: declared `application/json` (415 otherwise), at most
+/// What every request must get right before it is routed: one `Host` in HTTP/1.1
+/// (RFC 9112 §3.2), and at most one `Authorization` (two would leave open which one
+/// counts).
+fn check_framing(req: &Request<Incoming>) -> Result<(), Error> {
+    let hosts = req.headers().get_all(HOST).iter().count();
+    if req.version() == Version::HTTP_11 && hosts != 1 {
+        return Err(Error::bad_request(
+            "an HTTP/1.1 request must carry exactly one Host header",
+        ));
+    }
+    if hosts > 1 {
+        return Err(Error::bad_request("send at most one Host header"));
+    }
+    if req.headers().get_all(AUTHORIZATION).iter().count() > 1 {
+        return Err(Error::bad_request("send at most one Authorization header"));
+    }
+    Ok(())
+}
+
+/// The body of a JSON request: declared `application/json` and not encoded (415
+/// otherwise), at most
 /// `max_body_bytes` (413), arriving within `body_read_timeout` (408).
 async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
     let limit = app.config.server.max_body_bytes;
@@ -122,7 +148,20 @@ async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(Error::UnsupportedMediaType);
+        return Err(Error::UnsupportedMediaType(
+            "send the body with `Content-Type: application/json`",
+        ));
+    }
+    let encoded = req
+        .headers()
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .any(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
+    if encoded {
+        return Err(Error::UnsupportedMediaType(
+            "send the body unencoded: no `Content-Encoding` other than identity",
+        ));
     }
     let declared = req
         .headers()

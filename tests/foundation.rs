@@ -342,14 +342,18 @@ async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         s.get(path, None).await.problem(404);
     }
     for (method, path, allow) in [
-        (Method::DELETE, "/v1/profile", "GET"),
+        (Method::DELETE, "/v1/profile", "GET, HEAD"),
         (Method::GET, "/v1/auth", "POST"),
-        (Method::PUT, "/v1/transactions", "GET, POST"),
-        (Method::DELETE, "/v1/transactions/abc", "GET"),
-        (Method::DELETE, "/v1/program-connections", "GET, POST, PUT"),
-        (Method::POST, "/healthz", "GET"),
-        (Method::POST, "/v1/currencies", "GET"),
-        (Method::POST, "/v1/programs", "GET"),
+        (Method::PUT, "/v1/transactions", "GET, HEAD, POST"),
+        (Method::DELETE, "/v1/transactions/abc", "GET, HEAD"),
+        (
+            Method::DELETE,
+            "/v1/program-connections",
+            "GET, HEAD, POST, PUT",
+        ),
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::POST, "/v1/currencies", "GET, HEAD"),
+        (Method::POST, "/v1/programs", "GET, HEAD"),
     ] {
         let r = s.send(method, path, None, None, &[]).await;
         r.problem(405);

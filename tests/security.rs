@@ -5,9 +5,13 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use common::TestServer;
+use hyper::Method;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn request_ids_are_random_128_bit_hex() {
@@ -43,4 +47,135 @@ async fn token_responses_are_not_cacheable() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("cache-control"), Some("no-store"));
     assert_eq!(r.header("pragma"), Some("no-cache"));
+}
+
+/// Sends `text` as is on a fresh connection and reads until the server closes it.
+async fn raw(addr: std::net::SocketAddr, text: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(text.as_bytes()).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test]
+async fn http_1_1_without_exactly_one_host_is_400() {
+    let s = TestServer::start().await;
+    for head in [
+        "GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.0\r\nhost: a\r\nhost: b\r\n\r\n",
+    ] {
+        let reply = raw(s.addr, head).await;
+        assert_eq!(reply.get(8..13), Some(" 400 "), "{head:?}: {reply}");
+        assert!(reply.contains("application/problem+json"), "{reply}");
+        assert!(reply.contains("Host"), "{reply}");
+    }
+    // HTTP/1.0 has no Host requirement.
+    let reply = raw(s.addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_400() {
+    let s = TestServer::start().await;
+    let acme = s.acme().await;
+    let globex = s.globex().await;
+    for second in [&acme, &globex] {
+        let r = s
+            .send(
+                Method::GET,
+                "/v1/profile",
+                Some(&acme),
+                None,
+                &[("authorization", &format!("Bearer {second}"))],
+            )
+            .await;
+        let detail = r.problem(400);
+        assert!(detail.contains("Authorization"), "{detail}");
+    }
+    // The same on a public route: the header is refused, not ignored.
+    s.send(
+        Method::GET,
+        "/healthz",
+        None,
+        None,
+        &[("authorization", "Bearer a"), ("authorization", "Bearer b")],
+    )
+    .await
+    .problem(400);
+}
+
+#[tokio::test]
+async fn encoded_request_bodies_are_415() {
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    let body = common::issue_body("encoded").to_string().into_bytes();
+    for encoding in ["gzip", "br", "identity, gzip", "x-unknown"] {
+        let r = s
+            .send(
+                Method::POST,
+                "/v1/transactions",
+                Some(&token),
+                Some(body.clone()),
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", encoding),
+                ],
+            )
+            .await;
+        let detail = r.problem(415);
+        assert!(detail.contains("Content-Encoding"), "{encoding}: {detail}");
+    }
+    // Nothing was stored; identity is no encoding at all.
+    assert_eq!(s.all_transactions(&token).await.len(), 0);
+    let r = s
+        .send(
+            Method::POST,
+            "/v1/transactions",
+            Some(&token),
+            Some(body),
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "identity"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[tokio::test]
+async fn head_is_served_wherever_get_is() {
+    let s = TestServer::start().await;
+    let token = s.acme().await;
+    assert_eq!(
+        s.issue(&token, common::issue_body("head-1")).await.status,
+        201
+    );
+    for path in [
+        "/healthz",
+        "/v1/openapi.json",
+        "/v1/profile",
+        "/v1/programs",
+        "/v1/currencies",
+        "/v1/transactions?startDate=0000000000&endDate=9999999999&limit=5",
+        "/v1/transactions/head-1",
+        "/v1/program-connections?endUserId=u",
+    ] {
+        let get = s.get(path, Some(&token)).await;
+        let head = s.send(Method::HEAD, path, Some(&token), None, &[]).await;
+        assert_eq!(get.status, 200, "{path}: {}", get.text());
+        assert_eq!(head.status, 200, "{path}: {}", head.text());
+        assert!(head.body.is_empty(), "{path}");
+        for name in ["content-type", "content-length"] {
+            assert_eq!(head.header(name), get.header(name), "{path}: {name}");
+        }
+    }
+    // Without a token HEAD gets the same 401 as GET (headers only).
+    let head = s.send(Method::HEAD, "/v1/profile", None, None, &[]).await;
+    assert_eq!(head.status, 401);
+    assert_eq!(head.header("www-authenticate"), Some("Bearer"));
 }
