@@ -465,7 +465,10 @@ fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
         .map_err(|_| Error::bad_request(format!("`{name}` is not a number")))
 }
 
-fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
+fn parse_list_query(
+    raw: Option<&str>,
+    open_cursor: impl Fn(&str) -> Option<Cursor>,
+) -> Result<ListQuery, Error> {
     let q = query(
         raw,
         &["startDate", "endDate", "programId", "limit", "after"],
@@ -497,8 +500,10 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
         None => None,
     };
     let after = match q.get("after") {
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            Error::bad_request("`after` is not a cursor from this endpoint's Link header")
+        Some(c) => Some(open_cursor(c).ok_or_else(|| {
+            Error::bad_request(
+                "`after` is not a cursor from a Link header of this business's listing",
+            )
         })?),
         None => None,
     };
@@ -511,20 +516,17 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, Error> {
     })
 }
 
-fn encode_cursor(c: Cursor) -> String {
-    use base64::Engine;
+/// The `after` text for a position: sealed, so that it is opaque and works for `business`
+/// only (see [`crate::auth::CursorKey`]).
+fn encode_cursor(app: &App, business: &str, c: Cursor) -> Option<String> {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&c.created_at.to_be_bytes());
     bytes[8..].copy_from_slice(&c.seq.to_be_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    app.cursors.seal(business, bytes)
 }
 
-fn decode_cursor(text: &str) -> Option<Cursor> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text)
-        .ok()?;
-    let bytes: [u8; 16] = bytes.try_into().ok()?;
+fn decode_cursor(app: &App, business: &str, text: &str) -> Option<Cursor> {
+    let bytes = app.cursors.open(business, text)?;
     let (created, seq) = bytes.split_at(8);
     Some(Cursor {
         created_at: u64::from_be_bytes(created.try_into().ok()?),
@@ -539,8 +541,8 @@ pub async fn list_transactions(
     caller: Caller<'_>,
     raw_query: Option<&str>,
 ) -> Reply {
-    let q = parse_list_query(raw_query)?;
     let business = caller.business.id.clone();
+    let q = parse_list_query(raw_query, |text| decode_cursor(&app, &business, text))?;
     match q.limit {
         Some(limit) => list_page(app, business, q, limit).await,
         None => list_stream(app, business, q).await,
@@ -549,6 +551,7 @@ pub async fn list_transactions(
 
 async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) -> Reply {
     let scan_app = app.clone();
+    let owner = business.clone();
     let (program, start, end, after) = (q.program.clone(), q.start, q.end, q.after);
     let (page, more) = tokio::task::spawn_blocking(move || {
         let mut page = Vec::new();
@@ -580,10 +583,11 @@ async fn list_page(app: Arc<App>, business: String, q: ListQuery, limit: u64) ->
         if let Some(p) = &q.program {
             link.push_str(&format!("&programId={}", encode_component(p)));
         }
-        link.push_str(&format!(
-            "&limit={limit}&after={}>; rel=\"next\"",
-            encode_cursor(Cursor::of(last))
-        ));
+        let cursor = encode_cursor(&app, &owner, Cursor::of(last)).ok_or_else(|| {
+            tracing::error!("a listing cursor could not be sealed");
+            Error::Internal
+        })?;
+        link.push_str(&format!("&limit={limit}&after={cursor}>; rel=\"next\""));
         let value = HeaderValue::from_str(&link).map_err(|e| {
             tracing::error!(error = %e, "the Link header is not a valid header value");
             Error::Internal

@@ -2,7 +2,7 @@
 
 use std::num::NonZeroU32;
 
-use crate::auth::{random_secret, SecretHash, TokenKey, DEFAULT_ITERATIONS};
+use crate::auth::{random_secret, CursorKey, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
 use crate::config::{ClientSecret, Config};
 use crate::store::{Limits, OpenError, Store};
@@ -16,6 +16,8 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub tokens: TokenKey,
+    /// Seals listing cursors; derived from the token signing key.
+    pub cursors: CursorKey,
     pub clock: Clock,
     pub throttle: Throttle,
     /// A hash of nothing, as costly as the costliest configured one: checked when a
@@ -65,6 +67,7 @@ impl App {
             dummy_secret,
             listings: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
             tokens: TokenKey::new(&key),
+            cursors: CursorKey::new(&key),
             config,
             store,
             clock,

@@ -179,3 +179,70 @@ async fn head_is_served_wherever_get_is() {
     assert_eq!(head.status, 401);
     assert_eq!(head.header("www-authenticate"), Some("Bearer"));
 }
+
+/// The `after` cursor of a reply's `Link` header.
+fn next_cursor(r: &common::Reply) -> String {
+    let link = r.header("link").expect("a Link header");
+    let at = link.find("&after=").expect("an after parameter") + "&after=".len();
+    link[at..link.find('>').expect(">")].to_owned()
+}
+
+#[tokio::test]
+async fn listing_cursors_are_opaque_and_bound_to_the_business() {
+    let s = TestServer::start().await;
+    let acme = s.acme().await;
+    let globex = s.globex().await;
+    let globex_tx = serde_json::json!({
+        "programId": "tiny", "value": 500, "userId": "u", "referenceNumber": "g-0"});
+    for i in 0..3 {
+        let r = s.issue(&acme, common::issue_body(&format!("a-{i}"))).await;
+        assert_eq!(r.status, 201);
+        // Other tenants' traffic in between: what old cursors leaked.
+        for j in 0..i * 5 {
+            let mut body = globex_tx.clone();
+            body["referenceNumber"] = json!(format!("g-{i}-{j}"));
+            assert_eq!(s.issue(&globex, body).await.status, 201);
+        }
+    }
+    let page = "/v1/transactions?startDate=0000000000&endDate=9999999999&limit=1";
+    let first = s.get(page, Some(&acme)).await;
+    assert_eq!(first.status, 200);
+    let c1 = next_cursor(&first);
+    let second = s.get(&format!("{page}&after={c1}"), Some(&acme)).await;
+    assert_eq!(second.json()[0]["referenceNumber"], "a-1");
+    let c2 = next_cursor(&second);
+    let third = s.get(&format!("{page}&after={c2}"), Some(&acme)).await;
+    assert_eq!(third.json()[0]["referenceNumber"], "a-2");
+
+    // Nothing in a cursor is a plain time or sequence number.
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    for cursor in [&c1, &c2] {
+        let bytes = engine.decode(cursor).expect("base64url");
+        let created = common::T0.to_be_bytes();
+        assert!(
+            !bytes.windows(8).any(|w| w == created),
+            "the cursor shows its time: {cursor}"
+        );
+        assert_ne!(bytes.len(), 16, "the cursor is the plain position");
+    }
+
+    // Another business's cursor, a forged one and an altered one are 400, not a listing.
+    let other = s.get(&format!("{page}&after={c1}"), Some(&globex)).await;
+    let detail = other.problem(400);
+    assert!(detail.contains("after"), "{detail}");
+    let mut forged = [0u8; 16];
+    forged[..8].copy_from_slice(&common::T0.to_be_bytes());
+    forged[8..].copy_from_slice(&1u64.to_be_bytes());
+    let mut altered = c2.clone().into_bytes();
+    altered[30] = if altered[30] == b'A' { b'B' } else { b'A' };
+    for cursor in [
+        engine.encode(forged),
+        String::from_utf8(altered).expect("ascii"),
+        format!("{c1}A"),
+    ] {
+        s.get(&format!("{page}&after={cursor}"), Some(&acme))
+            .await
+            .problem(400);
+    }
+}
