@@ -54,7 +54,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Time a client has to send a request's body once its headers arrived.
     pub body_read_timeout: Duration,
-    /// Time a client may take to accept the next chunk of a streamed response.
+    /// Time a client may take to accept more of any response (whole or streamed) once
+    /// the socket is full; then the connection is closed.
     pub send_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are cut.
     pub shutdown_grace: Duration,

@@ -246,3 +246,36 @@ async fn listing_cursors_are_opaque_and_bound_to_the_business() {
             .problem(400);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_any_response_loses_its_connection() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("dir"));
+    let s = TestServer::start_in(dir, |text| {
+        text.replace(
+            "[server]\n",
+            "[server]\nsend_timeout_seconds = 1\nmax_connections = 1\n",
+        )
+    })
+    .await;
+    // The one connection slot goes to a client that asks for the API document (a plain,
+    // whole response) two hundred times over and never reads a byte: far more than the
+    // socket buffers on the way hold.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let mut hog = socket.connect(s.addr).await.expect("connect");
+    let ask = "GET /v1/openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(200);
+    hog.write_all(ask.as_bytes()).await.expect("requests");
+    // Everyone else waits for that slot: it frees up once the server gives up on the
+    // reader (the bound here is for liveness only, far above the send timeout).
+    let r = tokio::time::timeout(Duration::from_secs(60), s.get("/healthz", None))
+        .await
+        .expect("another client is served once the stalled one is cut off");
+    assert_eq!(r.status, 200);
+    // The reader finds its connection closed, with fewer than all the answers.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), hog.read_to_end(&mut got))
+        .await
+        .expect("the stalled connection is closed");
+    let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(answers < 200, "all {answers} answers arrived");
+}
