@@ -128,13 +128,36 @@ fn verify_client(app: &App, client_id: &str, secret: &str) -> Option<String> {
     ok.then(|| business.id.clone())
 }
 
-pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
+/// The part of an address that failed logins are counted under: an IPv4 address, or the
+/// /64 of an IPv6 one (one subscriber usually holds a whole /64).
+fn address_key(address: IpAddr) -> String {
+    match address.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            format!("{}/64", std::net::Ipv6Addr::from(prefix))
+        }
+    }
+}
+
+/// Logs a client in. `client` is the client's address: the peer, or the address a
+/// trusted proxy forwarded (see the router).
+pub async fn auth(app: Arc<App>, client: IpAddr, body: Bytes) -> Reply {
     let mut fields = Fields::parse(&body, &["clientId", "clientSecret"])?;
     let client_id = fields.required_string("clientId")?;
     let secret = fields.required_string("clientSecret")?;
-    let client_key = format!("client:{}", truncate(&client_id, 128));
-    let addr_key = format!("addr:{remote}");
-    let keys = [client_key.as_str(), addr_key.as_str()];
+    let limits = app.config.auth.failed_logins;
+    let shown = truncate(&client_id, 128);
+    let address = address_key(client);
+    // Addresses hold no spaces, so the pair key cannot be confused with another pair's.
+    let pair_key = format!("pair:{address} {shown}");
+    let address_key = format!("address:{address}");
+    let client_key = format!("client:{shown}");
+    let keys = [
+        (pair_key.as_str(), limits.per_client_and_address),
+        (address_key.as_str(), limits.per_address),
+        (client_key.as_str(), limits.per_client),
+    ];
     let started = app.clock.now();
     if let Err(retry_after) = app.throttle.attempt(&keys, started) {
         return Err(Error::TooManyRequests { retry_after });
@@ -149,7 +172,7 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         })?;
     let Some(business) = verified else {
         // Debug formatting escapes control characters: a client id cannot forge log lines.
-        tracing::info!(client_id = ?truncate(&client_id, 128), "failed authentication");
+        tracing::info!(client_id = ?shown, address = %client, "failed authentication");
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);

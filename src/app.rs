@@ -45,10 +45,7 @@ impl App {
                 .signing_key(random_secret)
                 .map_err(|_| OpenError::Unusable("cannot read or store the signing key".into()))?,
         };
-        let throttle = Throttle::new(
-            config.auth.max_failed_attempts,
-            config.auth.failed_attempts_window.as_secs(),
-        );
+        let throttle = Throttle::new(config.auth.failed_logins.window.as_secs());
         let iterations = config
             .businesses
             .iter()

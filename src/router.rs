@@ -21,7 +21,7 @@
 //! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
 //! whose referenceNumber is "preview": only POST is the preview.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -56,8 +56,9 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
         (&Method::POST, ["v1", "auth"]) => {
+            let client = client_address(&app, &req, remote)?;
             let body = read_json(req, &app).await?;
-            api::auth(app, remote.ip(), body).await
+            api::auth(app, client, body).await
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
 
@@ -134,6 +135,44 @@ fn check_framing(req: &Request<Incoming>) -> Result<(), Error> {
         return Err(Error::bad_request("send at most one Authorization header"));
     }
     Ok(())
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case
+/// `X-Forwarded-For` is read from the right (the entry the nearest proxy added) past every
+/// trusted proxy to the first address that is not one. From anyone else the header is
+/// ignored, so that a client cannot pick the address it is counted under.
+fn client_address(app: &App, req: &Request<Incoming>, remote: SocketAddr) -> Result<IpAddr, Error> {
+    let proxies = &app.config.server.trusted_proxies;
+    let trusted = |address: IpAddr| proxies.iter().any(|p| p.contains(address));
+    let mut address = remote.ip().to_canonical();
+    if !trusted(address) {
+        return Ok(address);
+    }
+    let mut entries = Vec::new();
+    for value in req.headers().get_all("x-forwarded-for") {
+        let text = value.to_str().map_err(|_| forwarded_error())?;
+        entries.extend(text.split(',').map(str::trim));
+    }
+    for entry in entries.iter().rev() {
+        address = parse_forwarded(entry).ok_or_else(forwarded_error)?;
+        if !trusted(address) {
+            break;
+        }
+    }
+    Ok(address)
+}
+
+fn forwarded_error() -> Error {
+    Error::bad_request("X-Forwarded-For from a trusted proxy must be a list of IP addresses")
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`[v6]:port`, `v4:port`).
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    let address = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(address.to_canonical())
 }
 
 /// The body of a JSON request: declared `application/json` and not encoded (415

@@ -169,7 +169,8 @@ async fn failures_from_one_address_do_not_hold_back_other_addresses() {
                 .into_bytes(),
         )
     };
-    // Five different client ids guessed from one address: that address is now blocked.
+    // Five different client ids guessed from one address: each pair is at its limit (5),
+    // the address (100) is not, so the other clients there are not held back.
     for i in 0..5 {
         let r = common::request_from(
             local,
@@ -189,7 +190,7 @@ async fn failures_from_one_address_do_not_hold_back_other_addresses() {
         attempt("globex-pos", "globex-secret"),
     )
     .await;
-    r.problem(429);
+    assert_eq!(r.status, 200, "{}", r.text());
     // Another client from another address is not held back.
     let r = common::request_from(
         other,

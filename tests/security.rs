@@ -279,3 +279,243 @@ async fn a_client_that_stops_reading_any_response_loses_its_connection() {
     let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
     assert!(answers < 200, "all {answers} answers arrived");
 }
+
+/// Starts a server whose `[auth]` login limits (and any `[server]` lines) are as given.
+async fn start_with(auth: &str, server: &str) -> TestServer {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("dir"));
+    let (auth, server) = (auth.to_owned(), server.to_owned());
+    TestServer::start_in(dir, move |text| {
+        text.replace(
+            "max_failed_attempts = 5\nfailed_attempts_window_seconds = 60\n",
+            &auth,
+        )
+        .replace("[server]\n", &format!("[server]\n{server}"))
+    })
+    .await
+}
+
+/// A login attempt from the local address `from` (127.x.y.z), with extra headers.
+async fn login_from(
+    s: &TestServer,
+    from: &str,
+    client: &str,
+    secret: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let body = json!({"clientId": client, "clientSecret": secret});
+    common::request_from_with(
+        from.parse().expect("an address"),
+        s.addr,
+        Method::POST,
+        "/v1/auth",
+        Some(body.to_string().into_bytes()),
+        &all,
+    )
+    .await
+    .status
+}
+
+#[tokio::test]
+async fn guesses_from_one_place_lock_out_neither_the_client_elsewhere_nor_its_neighbours() {
+    // The old keys still work: max_failed_attempts is the per (client, address) limit.
+    let s = start_with(
+        "max_failed_attempts = 5\nfailed_attempts_window_seconds = 60\n",
+        "",
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            login_from(&s, "127.0.0.2", "acme-pos", "wrong", &[]).await,
+            401
+        );
+    }
+    // That pair is blocked, the right secret included, so a guesser learns nothing.
+    assert_eq!(
+        login_from(&s, "127.0.0.2", "acme-pos", "wrong", &[]).await,
+        429
+    );
+    assert_eq!(
+        login_from(&s, "127.0.0.2", "acme-pos", "acme-secret", &[]).await,
+        429
+    );
+    // The same client elsewhere is not locked out...
+    assert_eq!(
+        login_from(&s, "127.0.0.3", "acme-pos", "acme-secret", &[]).await,
+        200
+    );
+    // ...nor are the other clients behind the guessing address.
+    assert_eq!(
+        login_from(&s, "127.0.0.2", "acme-web", "acme-web-secret", &[]).await,
+        200
+    );
+    assert_eq!(
+        login_from(&s, "127.0.0.2", "globex-pos", "wrong", &[]).await,
+        401
+    );
+}
+
+#[tokio::test]
+async fn an_address_and_a_client_id_each_have_a_higher_limit_of_their_own() {
+    let s = start_with(
+        "failed_logins_per_client_and_address = 4\nfailed_logins_per_address = 8\n\
+         failed_logins_per_client = 12\nfailed_logins_window_seconds = 60\n",
+        "",
+    )
+    .await;
+    // Eight failures from one address, four per client id: the address is now at its limit.
+    for client in ["acme-pos", "globex-pos"] {
+        for _ in 0..4 {
+            assert_eq!(login_from(&s, "127.0.0.5", client, "wrong", &[]).await, 401);
+        }
+    }
+    assert_eq!(
+        login_from(&s, "127.0.0.5", "acme-web", "acme-web-secret", &[]).await,
+        429
+    );
+    assert_eq!(
+        login_from(&s, "127.0.0.6", "acme-web", "acme-web-secret", &[]).await,
+        200
+    );
+    // Twelve failures of one client id across three addresses: it is at its limit
+    // everywhere, while other client ids are not.
+    for from in ["127.0.0.6", "127.0.0.7"] {
+        for _ in 0..4 {
+            assert_eq!(login_from(&s, from, "acme-pos", "wrong", &[]).await, 401);
+        }
+    }
+    assert_eq!(
+        login_from(&s, "127.0.0.8", "acme-pos", "acme-secret", &[]).await,
+        429
+    );
+    assert_eq!(
+        login_from(&s, "127.0.0.8", "acme-web", "acme-web-secret", &[]).await,
+        200
+    );
+    // The window slides: a minute later all is forgiven.
+    s.clock.set(common::T0 + 61);
+    assert_eq!(
+        login_from(&s, "127.0.0.5", "acme-pos", "acme-secret", &[]).await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn x_forwarded_for_counts_only_from_trusted_proxies() {
+    let s = start_with(
+        "failed_logins_per_client_and_address = 3\n",
+        "trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\"]\n",
+    )
+    .await;
+    let behind = |address: &'static str| [("x-forwarded-for", address)];
+    for _ in 0..3 {
+        let status = login_from(&s, "127.0.0.1", "acme-pos", "x", &behind("203.0.113.7")).await;
+        assert_eq!(status, 401);
+    }
+    // The proxy's own address is not blocked: the client behind it is.
+    let client = "203.0.113.7";
+    assert_eq!(
+        login_from(&s, "127.0.0.1", "acme-pos", "x", &behind(client)).await,
+        429
+    );
+    // Trusted hops on the right are skipped; the first untrusted one is the client.
+    let via = behind("203.0.113.7, 10.1.2.3");
+    assert_eq!(
+        login_from(&s, "127.0.0.1", "acme-pos", "x", &via).await,
+        429
+    );
+    let other = behind("198.51.100.1, 203.0.113.8");
+    assert_eq!(
+        login_from(&s, "127.0.0.1", "acme-pos", "acme-secret", &other).await,
+        200
+    );
+    // A trusted proxy that forwards nonsense gets a clear 400.
+    let garbage = behind("not-an-address");
+    let r = common::request_from_with(
+        "127.0.0.1".parse().expect("ip"),
+        s.addr,
+        Method::POST,
+        "/v1/auth",
+        Some(
+            json!({"clientId": "acme-pos", "clientSecret": "x"})
+                .to_string()
+                .into_bytes(),
+        ),
+        &[("content-type", "application/json"), garbage[0]],
+    )
+    .await;
+    assert!(r.problem(400).contains("X-Forwarded-For"));
+    // From anyone else the header is ignored: a guesser cannot pick a fresh address.
+    for i in 0..3 {
+        let fresh = format!("192.0.2.{i}");
+        let headers = [("x-forwarded-for", fresh.as_str())];
+        assert_eq!(
+            login_from(&s, "127.0.0.9", "acme-pos", "x", &headers).await,
+            401
+        );
+    }
+    let fresh = behind("192.0.2.99");
+    assert_eq!(
+        login_from(&s, "127.0.0.9", "acme-pos", "x", &fresh).await,
+        429
+    );
+}
+
+#[test]
+fn login_limit_keys_old_and_new_are_checked_by_name() {
+    let dir = tempfile::tempdir().expect("dir");
+    let base = common::config_text("db.redb");
+    let parse = |text: String| cosmopoints::config::Config::parse(&text, dir.path());
+    let config = parse(base.clone()).expect("the old keys are accepted");
+    let limits = config.auth.failed_logins;
+    assert_eq!(
+        (
+            limits.per_client_and_address,
+            limits.per_address,
+            limits.per_client
+        ),
+        (5, 100, 1000)
+    );
+    assert_eq!(limits.window.as_secs(), 60);
+    for (edit, key) in [
+        (
+            base.replace(
+                "[auth]\n",
+                "[auth]\nfailed_logins_per_client_and_address = 3\n",
+            ),
+            "auth.max_failed_attempts",
+        ),
+        (
+            base.replace("[auth]\n", "[auth]\nfailed_logins_window_seconds = 30\n"),
+            "auth.failed_attempts_window_seconds",
+        ),
+        (
+            base.replace("max_failed_attempts = 5", "max_failed_attempts = 0"),
+            "auth.max_failed_attempts",
+        ),
+        (
+            base.replace("[auth]\n", "[auth]\nfailed_logins_per_address = 0\n"),
+            "auth.failed_logins_per_address",
+        ),
+        (
+            base.replace(
+                "[server]\n",
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+            ),
+            "server.trusted_proxies[0]",
+        ),
+        (
+            base.replace(
+                "[server]\n",
+                "[server]\ntrusted_proxies = [\"::1/128\", \"proxy\"]\n",
+            ),
+            "server.trusted_proxies[1]",
+        ),
+    ] {
+        let e = parse(edit)
+            .err()
+            .unwrap_or_else(|| panic!("{key}: accepted"));
+        assert_eq!(e.key, key, "{e}");
+    }
+}
