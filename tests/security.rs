@@ -519,3 +519,49 @@ fn login_limit_keys_old_and_new_are_checked_by_name() {
         assert_eq!(e.key, key, "{e}");
     }
 }
+
+#[tokio::test]
+async fn oversized_heads_get_the_documented_bare_414_and_431() {
+    let s = TestServer::start().await;
+    let long = format!(
+        "GET /v1/transactions/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let many: String = (0..1000).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many = format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many}\r\n");
+    for (head, status) in [(long, "414"), (many, "431")] {
+        let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+        let _ = stream.write_all(head.as_bytes()).await;
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => reply.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status}")), "{reply}");
+    }
+    // The HTTP layer answers these before the server sees the request: they are the
+    // documented exceptions to problem+json, in API.md and on every operation.
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).expect(path)
+    };
+    let api = read("docs/API.md");
+    for row in ["| 414 |", "| 431 |"] {
+        assert!(api.contains(row), "docs/API.md does not list {row}");
+    }
+    let doc: serde_json::Value = serde_json::from_str(&read("docs/openapi.json")).expect("JSON");
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            for status in ["414", "431"] {
+                let target = op["responses"][status]["$ref"].as_str();
+                let response = target
+                    .and_then(|t| doc.pointer(t.trim_start_matches('#')))
+                    .unwrap_or_else(|| panic!("{method} {path} does not list {status}"));
+                assert!(response.get("content").is_none(), "{status} has no body");
+            }
+        }
+    }
+}
