@@ -17,12 +17,13 @@
 //! - `main.rs`: the command line; thin.
 //! - [`config`]: TOML → validated [`config::Config`], once.
 //! - [`app`]: the shared state (config, store, token key, clock, throttle).
-//! - [`server`]: accept loop, limits, timeouts, graceful shutdown.
+//! - [`server`]: accept loop, limits, timeouts (writes too), graceful shutdown.
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs.
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
-//! - [`throttle`]: failed-login counting per client id and per address.
+//! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
+//!   address, address, client id).
 //! - [`ledger`]: transactions, connections, validation, the points quote.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`store`]: redb tables, postcard records, the group-commit writer.
