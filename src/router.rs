@@ -151,7 +151,7 @@ fn client_address(app: &App, req: &Request<Incoming>, remote: SocketAddr) -> Res
     let mut entries = Vec::new();
     for value in req.headers().get_all("x-forwarded-for") {
         let text = value.to_str().map_err(|_| forwarded_error())?;
-        entries.extend(text.split(',').map(str::trim));
+        entries.extend(text.split(',').map(str::trim).filter(|e| !e.is_empty()));
     }
     for entry in entries.iter().rev() {
         address = parse_forwarded(entry).ok_or_else(forwarded_error)?;
