@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LINK};
+use hyper::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LINK, PRAGMA,
+};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -125,13 +127,36 @@ fn verify_client(app: &App, client_id: &str, secret: &str) -> Option<String> {
     ok.then(|| business.id.to_string())
 }
 
-pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
+/// The part of an address that failed logins are counted under: an IPv4 address, or the
+/// /64 of an IPv6 one (one subscriber usually holds a whole /64).
+fn address_key(address: IpAddr) -> String {
+    match address.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            format!("{}/64", std::net::Ipv6Addr::from(prefix))
+        }
+    }
+}
+
+/// Logs a client in. `client` is the client's address: the peer, or the address a
+/// trusted proxy forwarded (see the router).
+pub async fn auth(app: Arc<App>, client: IpAddr, body: Bytes) -> Reply {
     let mut fields = Fields::parse(&body, &["clientId", "clientSecret"])?;
     let client_id = fields.required_string("clientId")?;
     let secret = fields.required_string("clientSecret")?;
-    let client_key = format!("client:{}", truncate(&client_id, 128));
-    let addr_key = format!("addr:{remote}");
-    let keys = [client_key.as_str(), addr_key.as_str()];
+    let limits = app.config.auth.failed_logins;
+    let shown = truncate(&client_id, 128);
+    let address = address_key(client);
+    // Addresses hold no spaces, so the pair key cannot be confused with another pair's.
+    let pair_key = format!("pair:{address} {shown}");
+    let address_key = format!("address:{address}");
+    let client_key = format!("client:{shown}");
+    let keys = [
+        (pair_key.as_str(), limits.per_client_and_address),
+        (address_key.as_str(), limits.per_address),
+        (client_key.as_str(), limits.per_client),
+    ];
     let started = app.clock.now();
     if let Err(retry_after) = app.throttle.attempt(&keys, started) {
         return Err(Error::TooManyRequests { retry_after });
@@ -145,7 +170,8 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
             Error::Internal
         })?;
     let Some(business) = verified else {
-        tracing::info!(client_id = %truncate(&client_id, 128), "failed authentication");
+        // Debug formatting escapes control characters: a client id cannot forge log lines.
+        tracing::info!(client_id = ?shown, address = %client, "failed authentication");
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
@@ -164,14 +190,19 @@ pub async fn auth(app: Arc<App>, remote: IpAddr, body: Bytes) -> Reply {
         tracing::error!("a token could not be signed: an id is longer than 255 bytes");
         Error::Internal
     })?;
-    json(
+    let mut response = json(
         StatusCode::OK,
         &TokenResponse {
             access_token,
             expires_in: ttl,
             token_type: "Bearer",
         },
-    )
+    )?;
+    // RFC 6749 §5.1: a response that carries a token must not be stored by any cache.
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
 fn truncate(text: &str, chars: usize) -> &str {
@@ -589,7 +620,11 @@ fn epoch_param(name: &str, value: Option<&String>) -> Result<u64, Error> {
         .map_err(|_| Error::bad_request(format!("`{name}` is not a number")))
 }
 
-fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, Error> {
+fn parse_list_query(
+    raw: Option<&str>,
+    business: &Business,
+    open_cursor: impl Fn(&str) -> Option<Cursor>,
+) -> Result<TxQuery, Error> {
     let mut q = query(
         raw,
         &[
@@ -628,8 +663,10 @@ fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, E
         None => None,
     };
     let after = match q.get("after") {
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            Error::bad_request("`after` is not a cursor from this endpoint's Link header")
+        Some(c) => Some(open_cursor(c).ok_or_else(|| {
+            Error::bad_request(
+                "`after` is not a cursor from a Link header of this business's listing",
+            )
         })?),
         None => None,
     };
@@ -644,20 +681,17 @@ fn parse_list_query(raw: Option<&str>, business: &Business) -> Result<TxQuery, E
     })
 }
 
-fn encode_cursor(c: Cursor) -> String {
-    use base64::Engine;
+/// The `after` text for a position: sealed, so that it is opaque and works for `business`
+/// only (see [`crate::auth::CursorKey`]).
+fn encode_cursor(app: &App, business: &str, c: Cursor) -> Option<String> {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&c.created_at.to_be_bytes());
     bytes[8..].copy_from_slice(&c.seq.to_be_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    app.cursors.seal(business, bytes)
 }
 
-fn decode_cursor(text: &str) -> Option<Cursor> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text)
-        .ok()?;
-    let bytes: [u8; 16] = bytes.try_into().ok()?;
+fn decode_cursor(app: &App, business: &str, text: &str) -> Option<Cursor> {
+    let bytes = app.cursors.open(business, text)?;
     let (created, seq) = bytes.split_at(8);
     Some(Cursor {
         created_at: u64::from_be_bytes(created.try_into().ok()?),
@@ -672,7 +706,9 @@ pub async fn list_transactions(
     caller: Caller<'_>,
     raw_query: Option<&str>,
 ) -> Reply {
-    let q = parse_list_query(raw_query, caller.business)?;
+    let q = parse_list_query(raw_query, caller.business, |text| {
+        decode_cursor(&app, &caller.business.id, text)
+    })?;
     match q.limit {
         Some(limit) => list_page(&app, q, limit).await,
         None => list_stream(&app, q).await,
@@ -705,10 +741,11 @@ async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
         if let Some(status) = q.status {
             link.push_str(&format!("&status={}", status.as_str()));
         }
-        link.push_str(&format!(
-            "&limit={limit}&after={}>; rel=\"next\"",
-            encode_cursor(Cursor::of(last))
-        ));
+        let cursor = encode_cursor(app, &q.business, Cursor::of(last)).ok_or_else(|| {
+            tracing::error!("a listing cursor could not be sealed");
+            Error::Internal
+        })?;
+        link.push_str(&format!("&limit={limit}&after={cursor}>; rel=\"next\""));
         let value = HeaderValue::from_str(&link).map_err(|e| {
             tracing::error!(error = %e, "the Link header is not a valid header value");
             Error::Internal

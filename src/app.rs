@@ -2,7 +2,7 @@
 
 use std::num::NonZeroU32;
 
-use crate::auth::{random_secret, SecretHash, TokenKey, DEFAULT_ITERATIONS};
+use crate::auth::{random_secret, CursorKey, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::ClientSecret;
@@ -13,6 +13,8 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub tokens: TokenKey,
+    /// Seals listing cursors; derived from the token signing key.
+    pub cursors: CursorKey,
     pub clock: Clock,
     pub throttle: Throttle,
     /// A hash of nothing, as costly as the costliest configured one: checked when a
@@ -38,10 +40,7 @@ impl App {
                 .signing_key(random_secret)
                 .map_err(|_| OpenError::Unusable("cannot read or store the signing key".into()))?,
         };
-        let throttle = Throttle::new(
-            config.auth.max_failed_attempts,
-            config.auth.failed_attempts_window.as_secs(),
-        );
+        let throttle = Throttle::new(config.auth.failed_logins.window.as_secs());
         let iterations = config
             .businesses
             .iter()
@@ -59,6 +58,7 @@ impl App {
         Ok(App {
             dummy_secret,
             tokens: TokenKey::new(&key),
+            cursors: CursorKey::new(&key),
             config,
             store,
             clock,

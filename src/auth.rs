@@ -12,13 +12,15 @@
 //!
 //! The key id (the first four bytes of SHA-256 of the key) lets a token signed by another
 //! key be told apart from a damaged one in the logs; the tag is what decides.
+//!
+//! Listing cursors are sealed with a key derived from the same secret ([`CursorKey`]).
 
 use std::num::NonZeroU32;
 
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::{digest, hmac, pbkdf2};
+use ring::{aead, digest, hmac, pbkdf2};
 
 const TOKEN_VERSION: u8 = 1;
 const TAG_LEN: usize = 32;
@@ -218,6 +220,76 @@ impl TokenKey {
     }
 }
 
+/// Seals a listing cursor (a position in the business's transactions) so that it is
+/// opaque and bound to one business: ChaCha20-Poly1305 with the business id as associated
+/// data. The nonce is an HMAC of the business and the position (a synthetic IV), so that
+/// one position always gives the same cursor and no randomness is needed. The cursor is
+/// base64url of `nonce (12) ‖ ciphertext (16) ‖ tag (16)`: 59 characters.
+///
+/// Plain positions would tell a business how many transactions all businesses together
+/// made between two of its pages, which is what enciphered ids exist to hide.
+pub struct CursorKey {
+    cipher: aead::LessSafeKey,
+    nonces: hmac::Key,
+}
+
+/// Bytes of a sealed cursor, and the length of its text.
+const CURSOR_BYTES: usize = aead::NONCE_LEN + 16 + 16;
+const CURSOR_CHARS: usize = (CURSOR_BYTES * 4).div_ceil(3);
+
+impl CursorKey {
+    /// Derives the cursor keys from `secret` (the token signing key), one per purpose.
+    pub fn new(secret: &[u8]) -> CursorKey {
+        let master = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let cipher = hmac::sign(&master, b"cosmopoints listing cursor cipher v1");
+        let nonces = hmac::sign(&master, b"cosmopoints listing cursor nonce v1");
+        let cipher = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, cipher.as_ref())
+            .expect("an HMAC-SHA256 tag is a 32-byte ChaCha20 key");
+        CursorKey {
+            cipher: aead::LessSafeKey::new(cipher),
+            nonces: hmac::Key::new(hmac::HMAC_SHA256, nonces.as_ref()),
+        }
+    }
+
+    /// The cursor text for `position` in `business`'s listing.
+    pub fn seal(&self, business: &str, position: [u8; 16]) -> Option<String> {
+        let mut context = hmac::Context::with_key(&self.nonces);
+        context.update(&(business.len() as u64).to_be_bytes());
+        context.update(business.as_bytes());
+        context.update(&position);
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce.copy_from_slice(&context.sign().as_ref()[..aead::NONCE_LEN]);
+        let mut sealed = position.to_vec();
+        self.cipher
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(business.as_bytes()),
+                &mut sealed,
+            )
+            .ok()?;
+        let mut bytes = nonce.to_vec();
+        bytes.extend_from_slice(&sealed);
+        Some(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// The position in a cursor that [`CursorKey::seal`] made for this `business`; `None`
+    /// for anything else (altered, forged, another business's, another key's).
+    pub fn open(&self, business: &str, text: &str) -> Option<[u8; 16]> {
+        if text.len() != CURSOR_CHARS {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
+        let (nonce, sealed) = bytes.split_at_checked(aead::NONCE_LEN)?;
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut sealed = sealed.to_vec();
+        let position = self
+            .cipher
+            .open_in_place(nonce, aead::Aad::from(business.as_bytes()), &mut sealed)
+            .ok()?;
+        position.try_into().ok()
+    }
+}
+
 fn decode_claims(bytes: &[u8], key_id: &[u8; 4]) -> Option<Claims> {
     let mut rest = bytes;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -248,6 +320,24 @@ fn decode_claims(bytes: &[u8], key_id: &[u8; 4]) -> Option<Claims> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursors_open_only_for_their_business_and_key() {
+        let key = CursorKey::new(b"k");
+        let position = *b"0123456789abcdef";
+        let cursor = key.seal("acme", position).expect("sealed");
+        assert_eq!(cursor.len(), CURSOR_CHARS);
+        assert_eq!(key.seal("acme", position).as_deref(), Some(cursor.as_str()));
+        assert_eq!(key.open("acme", &cursor), Some(position));
+        assert_eq!(key.open("globex", &cursor), None);
+        assert_eq!(CursorKey::new(b"other").open("acme", &cursor), None);
+        let mut altered = cursor.clone().into_bytes();
+        altered[20] = if altered[20] == b'A' { b'B' } else { b'A' };
+        let altered = String::from_utf8(altered).expect("ascii");
+        assert_eq!(key.open("acme", &altered), None);
+        assert_eq!(key.open("acme", ""), None);
+        assert_eq!(key.open("acme", &"A".repeat(CURSOR_CHARS)), None);
+    }
 
     fn claims() -> Claims {
         Claims {

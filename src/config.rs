@@ -5,7 +5,7 @@
 //! a running server cannot meet an invalid configuration.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,7 +62,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Time a client has to send a request's body once its headers arrived.
     pub body_read_timeout: Duration,
-    /// Time a client may take to accept the next chunk of a streamed response.
+    /// Time a client may take to accept more of any response (whole or streamed) once
+    /// the socket is full; then the connection is closed.
     pub send_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are cut.
     pub shutdown_grace: Duration,
@@ -73,6 +74,57 @@ pub struct ServerConfig {
     pub write_queue: usize,
     /// Most write requests applied in one database commit.
     pub max_batch: usize,
+    /// Proxies whose `X-Forwarded-For` is believed when counting failed logins per
+    /// address; from anyone else the header is ignored.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address block such as `10.0.0.0/8` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// `address/prefix`, or a bare address (a block of one).
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.trim().parse().ok()?;
+        let network = network.to_canonical();
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse().ok().filter(|&p| p <= bits)?
+            }
+            Some(_) => return None,
+        };
+        Some(Cidr { network, prefix })
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let masked = |a: u128, bits: u32| -> u128 {
+            let host = bits - u32::from(self.prefix);
+            if host >= 128 {
+                0
+            } else {
+                a >> host
+            }
+        };
+        match (self.network, address.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n).into(), 32) == masked(u32::from(a).into(), 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), 128) == masked(u128::from(a), 128)
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,9 +132,20 @@ pub struct AuthConfig {
     pub token_ttl_seconds: u64,
     /// From the config; `None` means the key generated once and kept in the database.
     pub signing_key: Option<Vec<u8>>,
-    /// Failed `/v1/auth` attempts allowed per client id, and per remote address, per window.
-    pub max_failed_attempts: u32,
-    pub failed_attempts_window: Duration,
+    /// Failed `/v1/auth` attempts allowed in the window before 429, per kind of key.
+    pub failed_logins: LoginLimits,
+}
+
+/// Failed logins allowed per sliding window: per (client id, address) pair, low, against
+/// guessing one client's secret from one place; per address, higher, so that one broken
+/// till behind a NAT does not lock out the other clients there; per client id across all
+/// addresses, much higher, against guessing from many places.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    pub per_client_and_address: u32,
+    pub per_address: u32,
+    pub per_client: u32,
+    pub window: Duration,
 }
 
 /// The whole validated configuration.
@@ -193,6 +256,8 @@ struct RawServer {
     write_queue: u64,
     #[serde(default = "default_max_batch")]
     max_batch: u64,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -267,10 +332,14 @@ struct RawAuth {
     #[serde(default = "default_ttl")]
     token_ttl_seconds: u64,
     signing_key: Option<String>,
-    #[serde(default = "default_max_failed")]
-    max_failed_attempts: u64,
-    #[serde(default = "default_failed_window")]
-    failed_attempts_window_seconds: u64,
+    failed_logins_per_client_and_address: Option<u64>,
+    failed_logins_per_address: Option<u64>,
+    failed_logins_per_client: Option<u64>,
+    failed_logins_window_seconds: Option<u64>,
+    /// The older name of `failed_logins_per_client_and_address`; still accepted.
+    max_failed_attempts: Option<u64>,
+    /// The older name of `failed_logins_window_seconds`; still accepted.
+    failed_attempts_window_seconds: Option<u64>,
 }
 
 impl Default for RawAuth {
@@ -282,11 +351,23 @@ impl Default for RawAuth {
 fn default_ttl() -> u64 {
     600
 }
-fn default_max_failed() -> u64 {
-    10
-}
-fn default_failed_window() -> u64 {
-    60
+
+/// A setting that has an older name too: the one given (not both), else `default`.
+fn renamed(
+    key: &str,
+    value: Option<u64>,
+    old_key: &str,
+    old_value: Option<u64>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match (value, old_value) {
+        (Some(_), Some(_)) => Err(err(
+            old_key,
+            format!("is the older name of {key}; give only {key}"),
+        )),
+        (Some(v), None) | (None, Some(v)) => Ok(v),
+        (None, None) => Ok(default),
+    }
 }
 
 #[derive(Deserialize)]
@@ -417,6 +498,49 @@ fn positive(key: &str, value: u64, max: u64) -> Result<u64, ConfigError> {
     Ok(value)
 }
 
+fn login_limits(a: &RawAuth) -> Result<LoginLimits, ConfigError> {
+    let limit = |key: &str, value: u64| positive(key, value, 1_000_000).map(|v| v as u32);
+    let pair_key = "auth.failed_logins_per_client_and_address";
+    let window_key = "auth.failed_logins_window_seconds";
+    let pair = renamed(
+        pair_key,
+        a.failed_logins_per_client_and_address,
+        "auth.max_failed_attempts",
+        a.max_failed_attempts,
+        10,
+    )?;
+    let window = renamed(
+        window_key,
+        a.failed_logins_window_seconds,
+        "auth.failed_attempts_window_seconds",
+        a.failed_attempts_window_seconds,
+        60,
+    )?;
+    // An old key's value is checked under the name the file used.
+    let pair_key = if a.max_failed_attempts.is_some() {
+        "auth.max_failed_attempts"
+    } else {
+        pair_key
+    };
+    let window_key = if a.failed_attempts_window_seconds.is_some() {
+        "auth.failed_attempts_window_seconds"
+    } else {
+        window_key
+    };
+    Ok(LoginLimits {
+        per_client_and_address: limit(pair_key, pair)?,
+        per_address: limit(
+            "auth.failed_logins_per_address",
+            a.failed_logins_per_address.unwrap_or(100),
+        )?,
+        per_client: limit(
+            "auth.failed_logins_per_client",
+            a.failed_logins_per_client.unwrap_or(1000),
+        )?,
+        window: Duration::from_secs(positive(window_key, window, 86_400)?),
+    })
+}
+
 impl RawConfig {
     fn validate(self, base: &Path) -> Result<Config, ConfigError> {
         let s = &self.server;
@@ -467,6 +591,19 @@ impl RawConfig {
             },
             write_queue: positive("server.write_queue", s.write_queue, 1 << 20)? as usize,
             max_batch: positive("server.max_batch", s.max_batch, 100_000)? as usize,
+            trusted_proxies: s
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    Cidr::parse(text).ok_or_else(|| {
+                        err(
+                            format!("server.trusted_proxies[{i}]"),
+                            format!("\"{text}\" is not an address or block like 10.0.0.0/8"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
 
         if self.storage.path.is_empty() {
@@ -495,15 +632,7 @@ impl RawConfig {
         let auth = AuthConfig {
             token_ttl_seconds: positive("auth.token_ttl_seconds", a.token_ttl_seconds, 86_400)?,
             signing_key,
-            max_failed_attempts: positive(
-                "auth.max_failed_attempts",
-                a.max_failed_attempts,
-                1_000_000,
-            )? as u32,
-            failed_attempts_window: secs(
-                "auth.failed_attempts_window_seconds",
-                a.failed_attempts_window_seconds,
-            )?,
+            failed_logins: login_limits(a)?,
         };
 
         let mut currencies = BTreeMap::new();
@@ -699,5 +828,37 @@ impl RawConfig {
             warnings,
             clients,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_blocks_parse_and_contain() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let block = Cidr::parse("10.0.0.0/8").expect("v4 block");
+        assert!(block.contains(ip("10.255.0.1")));
+        assert!(block.contains(ip("::ffff:10.1.1.1")));
+        assert!(!block.contains(ip("11.0.0.1")));
+        assert!(!block.contains(ip("::1")));
+        let one = Cidr::parse("192.0.2.7").expect("bare address");
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        let all = Cidr::parse("0.0.0.0/0").expect("everything");
+        assert!(all.contains(ip("203.0.113.1")));
+        let v6 = Cidr::parse("2001:db8::/32").expect("v6 block");
+        assert!(v6.contains(ip("2001:db8:ffff::1")) && !v6.contains(ip("2001:db9::1")));
+        for bad in [
+            "",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "::/129",
+            "proxy",
+            "10.0.0.0/8/8",
+            "1.2.3.4/+8",
+        ] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
     }
 }

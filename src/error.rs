@@ -35,8 +35,9 @@ pub enum Error {
     PayloadTooLarge(usize),
     /// The body did not arrive within the body read timeout.
     RequestTimeout,
-    /// A body that is not declared as `application/json`.
-    UnsupportedMediaType,
+    /// A body that is not declared as `application/json`, or that is encoded
+    /// (`Content-Encoding` other than identity): what to send instead.
+    UnsupportedMediaType(&'static str),
     /// Well-formed but not allowed by the business rules (program not enabled, points limits).
     Rejected(Rejection),
     /// Too many failed attempts; retry after this many seconds.
@@ -100,7 +101,7 @@ impl Error {
             Error::Conflict(_) | Error::StateConflict(_) => StatusCode::CONFLICT,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Overloaded { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -120,7 +121,7 @@ impl Error {
             Error::StateConflict(_) => ("invalid-state", "Not allowed in the current state"),
             Error::RequestTimeout => ("request-timeout", "Request body too slow"),
             Error::PayloadTooLarge(_) => ("payload-too-large", "Request body too large"),
-            Error::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
+            Error::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             Error::Rejected(r) => (r.problem_type(), "Request cannot be processed"),
             Error::TooManyRequests { .. } => ("too-many-requests", "Too many failed attempts"),
             Error::Overloaded { .. } => ("overloaded", "Server busy"),
@@ -141,9 +142,7 @@ impl Error {
                 format!("the request body must be at most {limit} bytes")
             }
             Error::RequestTimeout => "the request body did not arrive in time".to_owned(),
-            Error::UnsupportedMediaType => {
-                "send the body with `Content-Type: application/json`".to_owned()
-            }
+            Error::UnsupportedMediaType(d) => (*d).to_owned(),
             Error::TooManyRequests { retry_after } => {
                 format!("too many failed authentication attempts; retry in {retry_after} s")
             }
@@ -198,7 +197,7 @@ impl Error {
             | Error::StateConflict(_)
             | Error::PayloadTooLarge(_)
             | Error::RequestTimeout
-            | Error::UnsupportedMediaType
+            | Error::UnsupportedMediaType(_)
             | Error::Rejected(_)
             | Error::Internal => {}
         }

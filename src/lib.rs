@@ -21,12 +21,14 @@
 //! - [`config`]: TOML → validated [`config::Config`], once.
 //! - [`app`]: the shared state (config, store, token key, clock, throttle).
 //! - [`service`]: the lifecycle owner: start, and stop in order.
-//! - [`server`]: accept loop, limits, timeouts, graceful drain; serves any route function.
+//! - [`server`]: accept loop, limits, timeouts (writes too), graceful drain; serves any
+//!   route function.
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs.
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
-//! - [`throttle`]: failed-login counting per client id and per address.
+//! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
+//!   address, address, client id).
 //! - [`domain`]: checked identifiers; businesses, programs, currencies.
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).

@@ -2,33 +2,34 @@
 //!
 //! | method | path | auth |
 //! |---|---|---|
-//! | GET | /healthz | no |
-//! | GET | /v1/openapi.json | no |
+//! | GET, HEAD | /healthz | no |
+//! | GET, HEAD | /v1/openapi.json | no |
 //! | POST | /v1/auth | no |
-//! | GET | /v1/profile | bearer |
-//! | GET | /v1/programs | bearer |
-//! | GET | /v1/currencies | bearer |
+//! | GET, HEAD | /v1/profile | bearer |
+//! | GET, HEAD | /v1/programs | bearer |
+//! | GET, HEAD | /v1/currencies | bearer |
 //! | POST | /v1/transactions | bearer |
-//! | GET | /v1/transactions?startDate&endDate[&programId][&status][&limit][&after] | bearer |
+//! | GET, HEAD | /v1/transactions?startDate&endDate[&programId][&status][&limit][&after] | bearer |
 //! | POST | /v1/transactions/preview | bearer |
-//! | GET | /v1/transactions/{id or referenceNumber} | bearer |
+//! | GET, HEAD | /v1/transactions/{id or referenceNumber} | bearer |
 //! | POST | /v1/transactions/{id or referenceNumber}/redeliver | bearer |
 //! | PUT, POST | /v1/program-connections | bearer |
-//! | GET | /v1/program-connections?endUserId[&programId] | bearer |
+//! | GET, HEAD | /v1/program-connections?endUserId[&programId] | bearer |
 //!
 //! The match below is the truth. A known path with another method is 405 with `Allow`;
-//! anything else is 404. Authentication is an explicit call in each arm that needs it,
+//! anything else is 404. HEAD is served wherever GET is (RFC 9110 §9.3.2): the same
+//! answer, whose body hyper leaves out. Authentication is an explicit call in each arm that needs it,
 //! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
 //! whose referenceNumber is "preview": only POST is the preview.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response};
+use hyper::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, Version};
 
 use crate::api::{self, authenticate, Reply};
 use crate::app::App;
@@ -69,53 +70,57 @@ fn route_name(method: &Method, path: &str) -> &'static str {
 }
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Reply {
+    check_framing(&req)?;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => api::health(&app).await,
-        (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["healthz"]) => api::health(&app).await,
+        (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "openapi.json"]) => openapi::document(),
-        (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["v1", "openapi.json"]) => openapi::document(),
+        (_, ["v1", "openapi.json"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
         (&Method::POST, ["v1", "auth"]) => {
+            let client = client_address(&app, &req, remote)?;
             let body = read_json(req, &app).await?;
-            api::auth(app, remote.ip(), body).await
+            api::auth(app, client, body).await
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
 
-        (&Method::GET, ["v1", "profile"]) => api::profile(&app, authenticate(&app, req.headers())?),
-        (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET")),
+        (&Method::GET | &Method::HEAD, ["v1", "profile"]) => {
+            api::profile(&app, authenticate(&app, req.headers())?)
+        }
+        (_, ["v1", "profile"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "programs"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "programs"]) => {
             api::programs(&app, authenticate(&app, req.headers())?)
         }
-        (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
-        (&Method::GET, ["v1", "currencies"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "currencies"]) => {
             authenticate(&app, req.headers())?;
             api::currencies(&app)
         }
-        (_, ["v1", "currencies"]) => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "currencies"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 
         (&Method::POST, ["v1", "transactions"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::issue(&app, caller, body).await
         }
-        (&Method::GET, ["v1", "transactions"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "transactions"]) => {
             let caller = authenticate(&app, req.headers())?;
             api::list_transactions(app.clone(), caller, query.as_deref()).await
         }
-        (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, POST")),
+        (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
 
         (&Method::POST, ["v1", "transactions", "preview"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::preview(&app, caller, body)
         }
-        (&Method::GET, ["v1", "transactions", key]) if !key.is_empty() => {
+        (&Method::GET | &Method::HEAD, ["v1", "transactions", key]) if !key.is_empty() => {
             let caller = authenticate(&app, req.headers())?;
             api::get_transaction(&app, caller, &decode_component(key, false)?).await
         }
@@ -126,25 +131,85 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         (_, ["v1", "transactions", key, "redeliver"]) if !key.is_empty() => {
             Err(Error::MethodNotAllowed("POST"))
         }
-        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, POST")),
-        (_, ["v1", "transactions", key]) if !key.is_empty() => Err(Error::MethodNotAllowed("GET")),
+        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
+        (_, ["v1", "transactions", key]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("GET, HEAD"))
+        }
 
         (&Method::PUT | &Method::POST, ["v1", "program-connections"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
             api::connect(&app, caller, body).await
         }
-        (&Method::GET, ["v1", "program-connections"]) => {
+        (&Method::GET | &Method::HEAD, ["v1", "program-connections"]) => {
             let caller = authenticate(&app, req.headers())?;
             api::list_connections(&app, caller, query.as_deref()).await
         }
-        (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, POST, PUT")),
+        (_, ["v1", "program-connections"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST, PUT")),
 
         _ => Err(Error::NotFound(format!("there is no endpoint at {path}"))),
     }
 }
 
-/// The body of a JSON request: declared `application/json` (415 otherwise), at most
+/// What every request must get right before it is routed: one `Host` in HTTP/1.1
+/// (RFC 9112 §3.2), and at most one `Authorization` (two would leave open which one
+/// counts).
+fn check_framing(req: &Request<Incoming>) -> Result<(), Error> {
+    let hosts = req.headers().get_all(HOST).iter().count();
+    if req.version() == Version::HTTP_11 && hosts != 1 {
+        return Err(Error::bad_request(
+            "an HTTP/1.1 request must carry exactly one Host header",
+        ));
+    }
+    if hosts > 1 {
+        return Err(Error::bad_request("send at most one Host header"));
+    }
+    if req.headers().get_all(AUTHORIZATION).iter().count() > 1 {
+        return Err(Error::bad_request("send at most one Authorization header"));
+    }
+    Ok(())
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case
+/// `X-Forwarded-For` is read from the right (the entry the nearest proxy added) past every
+/// trusted proxy to the first address that is not one. From anyone else the header is
+/// ignored, so that a client cannot pick the address it is counted under.
+fn client_address(app: &App, req: &Request<Incoming>, remote: SocketAddr) -> Result<IpAddr, Error> {
+    let proxies = &app.config.server.trusted_proxies;
+    let trusted = |address: IpAddr| proxies.iter().any(|p| p.contains(address));
+    let mut address = remote.ip().to_canonical();
+    if !trusted(address) {
+        return Ok(address);
+    }
+    let mut entries = Vec::new();
+    for value in req.headers().get_all("x-forwarded-for") {
+        let text = value.to_str().map_err(|_| forwarded_error())?;
+        entries.extend(text.split(',').map(str::trim).filter(|e| !e.is_empty()));
+    }
+    for entry in entries.iter().rev() {
+        address = parse_forwarded(entry).ok_or_else(forwarded_error)?;
+        if !trusted(address) {
+            break;
+        }
+    }
+    Ok(address)
+}
+
+fn forwarded_error() -> Error {
+    Error::bad_request("X-Forwarded-For from a trusted proxy must be a list of IP addresses")
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`[v6]:port`, `v4:port`).
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    let address = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(address.to_canonical())
+}
+
+/// The body of a JSON request: declared `application/json` and not encoded (415
+/// otherwise), at most
 /// `max_body_bytes` (413), arriving within `body_read_timeout` (408).
 async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
     let limit = app.config.server.max_body_bytes;
@@ -155,7 +220,20 @@ async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(Error::UnsupportedMediaType);
+        return Err(Error::UnsupportedMediaType(
+            "send the body with `Content-Type: application/json`",
+        ));
+    }
+    let encoded = req
+        .headers()
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .any(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
+    if encoded {
+        return Err(Error::UnsupportedMediaType(
+            "send the body unencoded: no `Content-Encoding` other than identity",
+        ));
     }
     let declared = req
         .headers()

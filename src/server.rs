@@ -1,13 +1,21 @@
 //! The HTTP server: accept loop, connection cap, timeouts, per-request span and request
 //! id, and graceful shutdown. Knows hyper and tokio; not the database, not the routes:
 //! what answers a request is the function it is given.
+//!
+//! Timeouts, each closing the connection: the request head must arrive within
+//! `header_read_timeout` (hyper; also the idle keep-alive limit), a body within
+//! `body_read_timeout` (the router), and every write to the client must make progress
+//! within `send_timeout` ([`WriteDeadline`]), so that a client that stops reading cannot
+//! hold a connection slot for ever.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -17,8 +25,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use ring::rand::{SecureRandom, SystemRandom};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tracing::Instrument;
 
 use crate::body::Body;
@@ -38,7 +48,7 @@ pub async fn serve<R, F>(
 {
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
-    let ids = Arc::new(RequestIds::new());
+    let random = SystemRandom::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
@@ -69,12 +79,13 @@ pub async fn serve<R, F>(
         };
         let _ = stream.set_nodelay(true);
         let route = route.clone();
-        let ids = ids.clone();
+        let random = random.clone();
         let service = service_fn(move |req| {
             let route = route.clone();
-            let id = ids.next();
+            let id = request_id(&random);
             async move { Ok::<_, Infallible>(handle(route, req, remote, id).await) }
         });
+        let stream = WriteDeadline::new(stream, config.send_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -94,30 +105,15 @@ pub async fn serve<R, F>(
     }
 }
 
-/// Request ids: a random per-process prefix and a counter, cheap and unique enough to
-/// find one request in the logs.
-struct RequestIds {
-    prefix: u32,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> RequestIds {
-        let mut bytes = [0u8; 4];
-        let _ = SystemRandom::new().fill(&mut bytes);
-        RequestIds {
-            prefix: u32::from_be_bytes(bytes),
-            next: AtomicU64::new(1),
-        }
+/// A request id: 128 random bits in hex. Random rather than counted, so that the ids a
+/// client sees tell it nothing about how many requests others make.
+fn request_id(random: &SystemRandom) -> String {
+    let mut bytes = [0u8; 16];
+    if random.fill(&mut bytes).is_err() {
+        // Never seen on a working OS; the request is still served, its id is zeros.
+        tracing::warn!("the system random source failed; the request id is all zeros");
     }
-
-    fn next(&self) -> String {
-        format!(
-            "{:08x}-{}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A client's own `x-request-id` is kept if it is short, visible ASCII.
@@ -138,11 +134,13 @@ where
     F: Future<Output = Response<Body>>,
 {
     let id = client_request_id(&req).unwrap_or(id);
+    // Every value from the request reaches the log escaped: the method is a token, the id
+    // visible ASCII (both checked by now), and the path is Debug-formatted.
     let span = tracing::info_span!(
         "request",
         id = %id,
         method = %req.method(),
-        path = %req.uri().path(),
+        path = ?req.uri().path(),
         // Recorded by the router, authentication, the handlers and the error mapper.
         remote = tracing::field::Empty,
         route = tracing::field::Empty,
@@ -164,4 +162,96 @@ where
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// A connection whose writes must make progress: once a write (or flush) cannot go on
+/// because the client does not read, the client has `limit` to take some bytes, or the
+/// write fails with `TimedOut` and hyper closes the connection. This holds for every
+/// response, whole or streamed. Reads pass through untouched.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed when a write is first refused; cleared by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: Duration) -> WriteDeadline<S> {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes on what the inner write said, keeping the deadline of a stalled write.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.check(cx, polled)
+    }
 }

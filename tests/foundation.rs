@@ -170,7 +170,8 @@ async fn failures_from_one_address_do_not_hold_back_other_addresses() {
                 .into_bytes(),
         )
     };
-    // Five different client ids guessed from one address: that address is now blocked.
+    // Five different client ids guessed from one address: each pair is at its limit (5),
+    // the address (100) is not, so the other clients there are not held back.
     for i in 0..5 {
         let r = common::request_from(
             local,
@@ -190,7 +191,7 @@ async fn failures_from_one_address_do_not_hold_back_other_addresses() {
         attempt("globex-pos", "globex-secret"),
     )
     .await;
-    r.problem(429);
+    assert_eq!(r.status, 200, "{}", r.text());
     // Another client from another address is not held back.
     let r = common::request_from(
         other,
@@ -383,14 +384,18 @@ async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         s.get(path, None).await.problem(404);
     }
     for (method, path, allow) in [
-        (Method::DELETE, "/v1/profile", "GET"),
+        (Method::DELETE, "/v1/profile", "GET, HEAD"),
         (Method::GET, "/v1/auth", "POST"),
-        (Method::PUT, "/v1/transactions", "GET, POST"),
-        (Method::DELETE, "/v1/transactions/abc", "GET"),
-        (Method::DELETE, "/v1/program-connections", "GET, POST, PUT"),
-        (Method::POST, "/healthz", "GET"),
-        (Method::POST, "/v1/currencies", "GET"),
-        (Method::POST, "/v1/programs", "GET"),
+        (Method::PUT, "/v1/transactions", "GET, HEAD, POST"),
+        (Method::DELETE, "/v1/transactions/abc", "GET, HEAD"),
+        (
+            Method::DELETE,
+            "/v1/program-connections",
+            "GET, HEAD, POST, PUT",
+        ),
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::POST, "/v1/currencies", "GET, HEAD"),
+        (Method::POST, "/v1/programs", "GET, HEAD"),
     ] {
         let r = s.send(method, path, None, None, &[]).await;
         r.problem(405);

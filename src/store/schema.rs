@@ -41,8 +41,7 @@ pub(super) const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
 /// The delivery state of each outbound job, by (job kind, id): for credits the id is the
 /// transaction's seq. A transaction without an entry was never to be delivered:
 /// `completed`.
-pub(super) const DELIVERIES: TableDefinition<(u8, u64), &[u8]> =
-    TableDefinition::new("deliveries");
+pub(super) const DELIVERIES: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("deliveries");
 /// The outbox: one entry per pending delivery, keyed by (due time, job kind, id), so that
 /// the due jobs are one range scan from the start.
 pub(super) const OUTBOX: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("outbox");

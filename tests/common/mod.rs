@@ -276,20 +276,32 @@ pub async fn request_from(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Reply {
+    request_from_with(
+        source,
+        addr,
+        method,
+        path,
+        body,
+        &[("content-type", "application/json")],
+    )
+    .await
+}
+
+/// One request from the local address `source`, with these headers.
+pub async fn request_from_with(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Reply {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::new(source, 0))
         .expect("bind source");
     let stream = socket.connect(addr).await.expect("connect");
-    exchange(
-        stream,
-        method,
-        path,
-        None,
-        body,
-        &[("content-type", "application/json")],
-    )
-    .await
+    exchange(stream, method, path, None, body, headers).await
 }
 
 async fn exchange(
