@@ -581,7 +581,7 @@ pub async fn redeliver(app: &App, caller: Caller<'_>, key: &str) -> Reply {
         .ok_or_else(|| not_found(key))?;
     let updated = app
         .store
-        .update_delivery(tx.seq, |d, now| d.redeliver(now))
+        .update_delivery(tx.seq, |d, now| d.redeliver(now), |_, _| Vec::new())
         .await?;
     match updated {
         Some((tx, true)) => json(StatusCode::ACCEPTED, &transaction_view(&tx)),

@@ -5,6 +5,33 @@
 //! [`Delivery`] beside each transaction issued to a program with a partner, and an outbox
 //! entry for each one that is `pending`, keyed by when it is due.
 
+use crate::domain::BusinessId;
+
+/// A merchant webhook event to record in the same write as the change that caused it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The business's webhook URL it goes to.
+    pub target: String,
+    /// `transaction.completed`, `transaction.failed`, …
+    pub kind: &'static str,
+    /// The JSON body, rendered now.
+    pub payload: Vec<u8>,
+}
+
+/// A recorded merchant webhook event and its delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    /// `evt_…`: opaque, unique per event; the `webhook-id` of every attempt.
+    pub id: String,
+    pub business: BusinessId,
+    pub target: String,
+    pub kind: String,
+    pub created_at: u64,
+    pub payload: Vec<u8>,
+    pub delivery: Delivery,
+}
+
 /// Where a delivery stands, as the merchant sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeliveryStatus {

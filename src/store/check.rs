@@ -7,8 +7,9 @@ use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable};
 
 use super::handle::{open_error, stored_version};
 use super::schema::{
-    decode_connection, decode_tx, DeliveryRecord, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE,
-    CONNECTIONS, DELIVERIES, JOB_CREDIT, OUTBOX, SCHEMA_VERSION, TRANSACTIONS,
+    decode_connection, decode_tx, DeliveryRecord, EventRecord, BY_DATE, BY_PROGRAM_DATE,
+    BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, OUTBOX, SCHEMA_VERSION,
+    TRANSACTIONS,
 };
 use super::OpenError;
 
@@ -23,6 +24,7 @@ pub struct CheckReport {
     pub program_date_entries: u64,
     pub connections: u64,
     pub deliveries: u64,
+    pub events: u64,
     pub outbox_entries: u64,
     pub problems: Vec<String>,
 }
@@ -148,6 +150,24 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
     // Tables a file of schema 1 does not have yet (they are made on first open).
     let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
     let mut pending = std::collections::HashMap::new();
+    let mut delivered = std::collections::HashSet::new();
+    // Events first: deliveries name them.
+    let mut event_seqs = std::collections::BTreeSet::new();
+    match txn.open_table(EVENTS) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(events) => {
+            for entry in events.iter()? {
+                let (seq, bytes) = entry?;
+                report.events += 1;
+                let seq = seq.value();
+                if let Err(e) = postcard::from_bytes::<EventRecord>(bytes.value()) {
+                    problems.push(format!("event {seq} does not decode: {e}"));
+                }
+                event_seqs.insert(seq);
+            }
+        }
+    }
     match txn.open_table(DELIVERIES) {
         Err(e) if missing(&e) => {}
         Err(e) => return Err(e.into()),
@@ -156,17 +176,23 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
                 let (key, bytes) = entry?;
                 report.deliveries += 1;
                 let (kind, seq) = key.value();
-                if kind != JOB_CREDIT {
-                    problems.push(format!("delivery ({kind}, {seq}) has an unknown job kind"));
-                } else if !decoded.contains_key(&seq) {
-                    problems.push(format!("delivery {seq} names a missing transaction"));
+                match kind {
+                    JOB_CREDIT if !decoded.contains_key(&seq) => {
+                        problems.push(format!("delivery {seq} names a missing transaction"))
+                    }
+                    JOB_EVENT if !event_seqs.contains(&seq) => {
+                        problems.push(format!("event delivery {seq} names a missing event"))
+                    }
+                    JOB_CREDIT | JOB_EVENT => {}
+                    _ => problems.push(format!("delivery ({kind}, {seq}) has an unknown job kind")),
                 }
+                delivered.insert((kind, seq));
                 match postcard::from_bytes::<DeliveryRecord>(bytes.value()) {
                     Ok(d) => {
                         let d = d.latest();
                         match (d.status, d.next_attempt_at) {
                             (0, Some(due)) => {
-                                pending.insert(seq, due);
+                                pending.insert((kind, seq), due);
                             }
                             (0, None) => {
                                 problems.push(format!("delivery {seq} is pending with no due time"))
@@ -189,7 +215,7 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
                 let (key, _) = entry?;
                 report.outbox_entries += 1;
                 let (due, kind, seq) = key.value();
-                if kind != JOB_CREDIT || pending.remove(&seq) != Some(due) {
+                if pending.remove(&(kind, seq)) != Some(due) {
                     problems.push(format!(
                         "outbox entry ({due}, {kind}, {seq}) has no pending delivery due then"
                     ));
@@ -197,8 +223,15 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
             }
         }
     }
-    for seq in pending.keys() {
-        problems.push(format!("pending delivery {seq} has no outbox entry"));
+    for (kind, seq) in pending.keys() {
+        problems.push(format!(
+            "pending delivery ({kind}, {seq}) has no outbox entry"
+        ));
+    }
+    for seq in &event_seqs {
+        if !delivered.contains(&(JOB_EVENT, *seq)) {
+            problems.push(format!("event {seq} has no delivery state"));
+        }
     }
     for entry in txn.open_table(CONNECTIONS)?.iter()? {
         let (key, bytes) = entry?;

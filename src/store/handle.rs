@@ -7,8 +7,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError};
 
 use super::schema::{
-    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, META, MIGRATIONS, OUTBOX,
-    SCHEMA_VERSION, TRANSACTIONS,
+    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, MIGRATIONS,
+    OUTBOX, SCHEMA_VERSION, TRANSACTIONS,
 };
 use super::{OpenError, StoreError};
 use crate::ledger::IdCipher;
@@ -26,6 +26,9 @@ pub(super) struct Handle {
     pub path: PathBuf,
     /// Turns sequence numbers into client-facing ids and back.
     pub ids: IdCipher,
+    /// The same for merchant webhook events (another key: an event id never names a
+    /// transaction).
+    pub event_ids: IdCipher,
     pub cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
     /// Durable commits made by the writer, and the writes they held.
@@ -45,10 +48,11 @@ pub(super) struct Prepared {
 }
 
 impl Handle {
-    pub fn new(path: PathBuf, ids: IdCipher, cache_bytes: usize, db: Database) -> Handle {
+    pub fn new(path: PathBuf, id_key: &[u8], cache_bytes: usize, db: Database) -> Handle {
         Handle {
             path,
-            ids,
+            ids: IdCipher::new(id_key),
+            event_ids: IdCipher::new(&[id_key, b"/events"].concat()),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             commits: 0.into(),
@@ -215,6 +219,7 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
         txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;
         txn.open_table(DELIVERIES).map_err(|e| bad(&e))?;
         txn.open_table(OUTBOX).map_err(|e| bad(&e))?;
+        txn.open_table(EVENTS).map_err(|e| bad(&e))?;
     }
     txn.commit().map_err(|e| bad(&e))?;
     Ok(Prepared {

@@ -33,7 +33,7 @@
 //!
 //! Transactions are keyed by `seq`, a counter that only grows: new records append to the
 //! end of the table instead of rewriting random pages. The id a client sees is `seq`
-//! enciphered with a key kept in `meta` (see [`IdCipher`]), so ids reveal no volume or
+//! enciphered with a key kept in `meta` (see [`crate::ledger::IdCipher`]), so ids reveal no volume or
 //! order and need no index: an id deciphers to its key. The record's `business` is
 //! checked after the read. The date indexes carry `seq` in their keys too, so that
 //! transactions within one second list in creation order and every key is unique. A
@@ -56,14 +56,17 @@ pub use check::{check_file, CheckReport};
 pub use schema::SCHEMA_VERSION;
 
 use handle::{open_error, prepare, Handle};
-use read::{connection, decode, read_tx, Reader};
-use schema::{ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, META, OUTBOX, TRANSACTIONS};
+use read::{connection, decode, read_event, read_tx, Reader};
+use schema::{
+    ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, META,
+    OUTBOX, TRANSACTIONS,
+};
 use writer::{Answer, Job, Tables, Writer};
 
 use crate::clock::Clock;
-use crate::delivery::{Delivery, DeliveryStatus};
+use crate::delivery::{Delivery, DeliveryStatus, Event, NewEvent};
 use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId};
-use crate::ledger::{Connection, IdCipher, NewTransaction, Transaction, TransactionId};
+use crate::ledger::{Connection, NewTransaction, Transaction, TransactionId};
 
 /// Why the database could not be opened; each is a one-line message for the operator.
 #[derive(Debug)]
@@ -137,6 +140,15 @@ pub struct Connect {
     pub end_user_id: EndUserId,
     pub program_id: ProgramId,
     pub destination_user_id: DestinationUserId,
+}
+
+/// A job due in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Credit the transaction's points to its program's partner.
+    Credit(Transaction),
+    /// Send a merchant webhook event.
+    Event(Event),
 }
 
 /// A position in a listing: after the transaction created at `created_at` with `seq`.
@@ -240,7 +252,7 @@ impl Store {
         let prepared = prepare(&db)?;
         let handle = Arc::new(Handle::new(
             path.to_path_buf(),
-            IdCipher::new(&prepared.id_key),
+            &prepared.id_key,
             cache_bytes,
             db,
         ));
@@ -305,20 +317,35 @@ impl Store {
     /// time and returns the next state, or `None` to leave it. Applied by the writer, so it
     /// never races another change of the same delivery. `None` if the transaction has no
     /// delivery; else the transaction as it now stands and whether it changed.
+    ///
+    /// When it changed, `events` gets the transaction as it now stands and its status
+    /// before, and the merchant webhook events it returns are recorded in the same commit.
     pub async fn update_delivery(
         &self,
         seq: u64,
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery> + Send + 'static,
+        events: impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send + 'static,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
         let updated = self
-            .write(move |tables| tables.update_delivery(seq, step))
+            .write(move |tables| tables.update_delivery(seq, step, events))
             .await?;
-        if let Some((tx, true)) = &updated {
-            if tx.status() == DeliveryStatus::Pending {
-                self.outbox_changed.notify_one();
-            }
+        if let Some((_, true)) = &updated {
+            // A redelivery is due at once, and so are the events a change recorded.
+            self.outbox_changed.notify_one();
         }
         Ok(updated)
+    }
+
+    /// Moves the delivery of merchant webhook event `seq` on (see
+    /// [`Store::update_delivery`]); `None` if there is no such event, else whether it
+    /// changed.
+    pub async fn update_event(
+        &self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery> + Send + 'static,
+    ) -> Result<Option<bool>, StoreError> {
+        self.write(move |tables| tables.update_event(seq, step))
+            .await
     }
 
     /// Completes when a delivery may have become due at once since the last call.
@@ -326,12 +353,13 @@ impl Store {
         self.outbox_changed.notified().await
     }
 
-    /// Up to `limit` transactions whose delivery is due at `now`, the longest due first.
-    pub async fn due(&self, now: u64, limit: usize) -> Result<Vec<Transaction>, StoreError> {
+    /// Up to `limit` jobs due at `now`, the longest due first.
+    pub async fn due(&self, now: u64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let reader = Reader::begin(&self.handle)?;
         let outbox = reader.table(OUTBOX)?;
         let records = reader.table(TRANSACTIONS)?;
         let deliveries = reader.table(DELIVERIES)?;
+        let events = reader.table(EVENTS)?;
         let mut due = Vec::new();
         for entry in outbox
             .range(..=(now, u8::MAX, u64::MAX))
@@ -339,11 +367,18 @@ impl Store {
             .take(limit)
         {
             let (key, _) = entry.map_err(unavailable)?;
-            let (_, _, seq) = key.value();
-            match read_tx(reader.ids, &records, &deliveries, seq)? {
-                Some(tx) => due.push(tx),
+            let (_, kind, id) = key.value();
+            let job = match kind {
+                JOB_CREDIT => read_tx(reader.ids, &records, &deliveries, id)?.map(Due::Credit),
+                JOB_EVENT => {
+                    read_event(&self.handle.event_ids, &events, &deliveries, id)?.map(Due::Event)
+                }
+                _ => None,
+            };
+            match job {
+                Some(job) => due.push(job),
                 None => {
-                    tracing::error!(seq, "an outbox entry names a missing transaction");
+                    tracing::error!(kind, id, "an outbox entry names a missing job");
                     return Err(StoreError::Corrupt);
                 }
             }
@@ -706,7 +741,7 @@ mod tests {
             store.issue(issue("no-partner", 100)).await.expect("issued");
             // Only the one with a partner is due, at once.
             let due = store.due(1_000, 10).await.expect("due");
-            assert_eq!(due.iter().map(|t| t.seq).collect::<Vec<_>>(), [tx.seq]);
+            assert_eq!(due, [Due::Credit(tx.clone())]);
             assert_eq!(store.outbox_depth().await.expect("depth"), (1, Some(1_000)));
 
             // A transient failure: due again 5 s later, not before.
@@ -716,7 +751,11 @@ mod tests {
                 retry_after: None,
             };
             let (after, changed) = store
-                .update_delivery(tx.seq, move |d, now| Some(d.after(retry, now, &[5])))
+                .update_delivery(
+                    tx.seq,
+                    move |d, now| Some(d.after(retry, now, &[5])),
+                    |_, _| Vec::new(),
+                )
                 .await
                 .expect("written")
                 .expect("has a delivery");
@@ -736,14 +775,57 @@ mod tests {
                 retry_after: None,
             };
             let (failed, _) = store
-                .update_delivery(tx.seq, move |d, now| Some(d.after(retry, now, &[5])))
+                .update_delivery(
+                    tx.seq,
+                    move |d, now| Some(d.after(retry, now, &[5])),
+                    |tx, before| {
+                        assert_eq!(before, DeliveryStatus::Pending);
+                        vec![crate::delivery::NewEvent {
+                            target: "http://merchant.test/hook".into(),
+                            kind: "transaction.failed",
+                            payload: format!("{{\"seq\":{}}}", tx.seq).into_bytes(),
+                        }]
+                    },
+                )
                 .await
                 .expect("written")
                 .expect("has a delivery");
             assert_eq!(failed.status(), DeliveryStatus::Failed);
+            // The credit left the outbox; the event it caused entered it, due at once.
+            assert_eq!(store.outbox_depth().await.expect("depth"), (1, Some(1_005)));
+            let due = store.due(1_005, 10).await.expect("due");
+            let [Due::Event(event)] = due.as_slice() else {
+                panic!("{due:?}")
+            };
+            assert!(
+                event.id.starts_with("evt_") && event.id.len() == 26,
+                "{}",
+                event.id
+            );
+            assert_eq!(event.kind, "transaction.failed");
+            assert_eq!(
+                event.payload,
+                format!("{{\"seq\":{}}}", tx.seq).into_bytes()
+            );
+            let delivered = store
+                .update_event(event.seq, |d, now| {
+                    Some(d.after(
+                        Attempt::Delivered {
+                            partner_transaction_id: None,
+                        },
+                        now,
+                        &[5],
+                    ))
+                })
+                .await
+                .expect("written");
+            assert_eq!(delivered, Some(true));
             assert_eq!(store.outbox_depth().await.expect("depth"), (0, None));
+            let report = store.check().expect("check");
+            assert_eq!((report.events, report.deliveries), (1, 2));
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
             let (again, changed) = store
-                .update_delivery(tx.seq, |d, now| d.redeliver(now))
+                .update_delivery(tx.seq, |d, now| d.redeliver(now), |_, _| Vec::new())
                 .await
                 .expect("written")
                 .expect("has a delivery");
@@ -760,7 +842,7 @@ mod tests {
                 .expect("read")
                 .expect("found");
             assert!(store
-                .update_delivery(none.seq, |d, now| d.redeliver(now))
+                .update_delivery(none.seq, |d, now| d.redeliver(now), |_, _| Vec::new())
                 .await
                 .expect("written")
                 .is_none());

@@ -10,11 +10,11 @@ use tokio::sync::mpsc;
 
 use super::handle::Handle;
 use super::schema::{
-    Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE,
-    DELIVERIES, JOB_CREDIT, TRANSACTIONS,
+    Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, EventRecord, Tx, TxRecord, BY_DATE,
+    BY_PROGRAM_DATE, DELIVERIES, JOB_CREDIT, JOB_EVENT, TRANSACTIONS,
 };
 use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
-use crate::delivery::{Delivery, DeliveryError, DeliveryStatus, FailureKind};
+use crate::delivery::{Delivery, DeliveryError, DeliveryStatus, Event, FailureKind};
 use crate::domain::{
     BusinessId, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId,
 };
@@ -81,6 +81,33 @@ pub(super) fn read_delivery(
         Some(bytes) => delivery(decode::<DeliveryRecord>(bytes.value())?.latest()).map(Some),
         None => Ok(None),
     }
+}
+
+/// The event `seq` with its delivery.
+pub(super) fn read_event(
+    ids: &IdCipher,
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    deliveries: &impl ReadableTable<(u8, u64), &'static [u8]>,
+    seq: u64,
+) -> Result<Option<Event>, StoreError> {
+    let Some(bytes) = events.get(seq).map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let r = decode::<EventRecord>(bytes.value())?.latest();
+    let delivery = read_delivery(deliveries, JOB_EVENT, seq)?.ok_or_else(|| {
+        tracing::error!(seq, "an event has no delivery state");
+        StoreError::Corrupt
+    })?;
+    Ok(Some(Event {
+        seq,
+        id: format!("evt_{}", &ids.encode(seq).to_string()[3..]),
+        business: BusinessId::trusted(r.business),
+        target: r.target,
+        kind: r.kind,
+        created_at: r.created_at,
+        payload: r.payload,
+        delivery,
+    }))
 }
 
 /// A stored delivery as the domain sees it.

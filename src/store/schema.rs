@@ -46,9 +46,14 @@ pub(super) const DELIVERIES: TableDefinition<(u8, u64), &[u8]> = TableDefinition
 /// the due jobs are one range scan from the start.
 pub(super) const OUTBOX: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("outbox");
 
-/// Job kinds in [`OUTBOX`] and [`DELIVERIES`] keys (kinds to come: debits, merchant
-/// webhook events).
+/// Merchant webhook events, by event seq (the last key + 1 is the next one: events are
+/// never deleted).
+pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// Job kinds in [`OUTBOX`] and [`DELIVERIES`] keys (a kind to come: debits).
 pub(super) const JOB_CREDIT: u8 = 0;
+/// A merchant webhook event; the id is the event seq.
+pub(super) const JOB_EVENT: u8 = 2;
 
 /// A transaction as release 0.1.0 stored it. Field order is the format: never change it.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
@@ -195,6 +200,34 @@ impl DeliveryRecord {
     pub fn latest(self) -> DeliveryV1 {
         match self {
             DeliveryRecord::V1(r) => r,
+        }
+    }
+}
+
+/// A merchant webhook event as stored: where it goes and what it says, rendered when it
+/// was made (so a later change of the transaction does not change what the event said).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct EventV1 {
+    pub business: String,
+    /// The webhook's URL: the business's configured webhook it goes to.
+    pub target: String,
+    /// `transaction.completed`, `transaction.failed`, …
+    pub kind: String,
+    pub created_at: u64,
+    /// The JSON body sent.
+    pub payload: Vec<u8>,
+}
+
+/// Every stored event. Append variants only.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(super) enum EventRecord {
+    V1(EventV1),
+}
+
+impl EventRecord {
+    pub fn latest(self) -> EventV1 {
+        match self {
+            EventRecord::V1(r) => r,
         }
     }
 }

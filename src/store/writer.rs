@@ -15,12 +15,13 @@ use tokio::sync::mpsc;
 use super::handle::{Handle, RECOVERY_RETRY};
 use super::read::{connection, decode, delivery_record, read_delivery, read_tx, transaction};
 use super::schema::{
-    Conn, ConnectionRecord, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS,
-    DELIVERIES, JOB_CREDIT, META, OUTBOX, TRANSACTIONS,
+    Conn, ConnectionRecord, EventRecord, EventV1, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE,
+    BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, META, OUTBOX,
+    TRANSACTIONS,
 };
 use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
 use crate::clock::Clock;
-use crate::delivery::{Delivery, DeliveryStatus};
+use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
 use crate::ledger::IdCipher;
 use crate::ledger::{Recipient, Transaction};
 
@@ -130,6 +131,7 @@ impl Writer {
                 connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
                 deliveries: txn.open_table(DELIVERIES).map_err(unavailable)?,
                 outbox: txn.open_table(OUTBOX).map_err(unavailable)?,
+                events: txn.open_table(EVENTS).map_err(unavailable)?,
             };
             for job in batch.drain(..) {
                 if let Job::Write(apply) = job {
@@ -164,6 +166,7 @@ pub(super) struct Tables<'txn> {
     connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
     deliveries: redb::Table<'txn, (u8, u64), &'static [u8]>,
     outbox: redb::Table<'txn, (u64, u8, u64), ()>,
+    events: redb::Table<'txn, u64, &'static [u8]>,
 }
 
 impl Tables<'_> {
@@ -223,7 +226,7 @@ impl Tables<'_> {
         // The outbox row goes in the same write as the transaction: both or neither.
         let delivery = issue.deliver.then(|| Delivery::new(now));
         if let Some(d) = &delivery {
-            self.put_delivery(seq, None, d)?;
+            self.put_delivery(JOB_CREDIT, seq, None, d)?;
         }
         Ok(Issued::Created(transaction(
             self.ids,
@@ -235,49 +238,93 @@ impl Tables<'_> {
     /// Moves the delivery of transaction `seq` on with `step` (given the current state,
     /// the next one, or `None` to leave it as it is). `None` if the transaction has no
     /// delivery; else the transaction as it now stands and whether `step` changed it.
+    ///
+    /// When it changed, `events` gets the transaction as it now stands and the status it
+    /// had before, and the merchant webhook events it returns are recorded in this same
+    /// write, each with its own delivery, due at once.
     pub fn update_delivery(
         &mut self,
         seq: u64,
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+        events: impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
         let Some(current) = read_delivery(&self.deliveries, JOB_CREDIT, seq)? else {
             return Ok(None);
         };
-        let changed = match step(&current, self.now) {
-            Some(next) => {
-                self.put_delivery(seq, Some(&current), &next)?;
-                true
-            }
-            None => false,
-        };
+        let next = step(&current, self.now);
+        if let Some(next) = &next {
+            self.put_delivery(JOB_CREDIT, seq, Some(&current), next)?;
+        }
         let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
             tracing::error!(seq, "a delivery names a missing transaction");
             StoreError::Corrupt
         })?;
-        Ok(Some((tx, changed)))
+        if next.is_some() {
+            for event in events(&tx, current.status) {
+                self.record_event(tx.business.as_str(), event)?;
+            }
+        }
+        Ok(Some((tx, next.is_some())))
+    }
+
+    /// Moves the delivery of merchant webhook event `seq` on with `step`; `None` if there
+    /// is no such event, else whether it changed.
+    pub fn update_event(
+        &mut self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+    ) -> Result<Option<bool>, StoreError> {
+        let Some(current) = read_delivery(&self.deliveries, JOB_EVENT, seq)? else {
+            return Ok(None);
+        };
+        match step(&current, self.now) {
+            Some(next) => {
+                self.put_delivery(JOB_EVENT, seq, Some(&current), &next)?;
+                Ok(Some(true))
+            }
+            None => Ok(Some(false)),
+        }
+    }
+
+    fn record_event(&mut self, business: &str, event: NewEvent) -> Result<(), StoreError> {
+        let seq = match self.events.last().map_err(unavailable)? {
+            Some((last, _)) => last.value() + 1,
+            None => 0,
+        };
+        let record = EventRecord::V1(EventV1 {
+            business: business.to_owned(),
+            target: event.target,
+            kind: event.kind.to_owned(),
+            created_at: self.now,
+            payload: event.payload,
+        });
+        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
+        self.events
+            .insert(seq, bytes.as_slice())
+            .map_err(unavailable)?;
+        self.put_delivery(JOB_EVENT, seq, None, &Delivery::new(self.now))
     }
 
     /// Writes a delivery state and keeps the outbox in step: exactly one entry, at its due
     /// time, while it is pending.
     fn put_delivery(
         &mut self,
-        seq: u64,
+        kind: u8,
+        id: u64,
         previous: Option<&Delivery>,
         next: &Delivery,
     ) -> Result<(), StoreError> {
         if let Some(due) = previous.and_then(|p| p.next_attempt_at) {
-            self.outbox
-                .remove((due, JOB_CREDIT, seq))
-                .map_err(unavailable)?;
+            self.outbox.remove((due, kind, id)).map_err(unavailable)?;
         }
         if let (DeliveryStatus::Pending, Some(due)) = (next.status, next.next_attempt_at) {
             self.outbox
-                .insert((due, JOB_CREDIT, seq), ())
+                .insert((due, kind, id), ())
                 .map_err(unavailable)?;
         }
         let bytes = postcard::to_allocvec(&delivery_record(next)).map_err(unavailable)?;
         self.deliveries
-            .insert((JOB_CREDIT, seq), bytes.as_slice())
+            .insert((kind, id), bytes.as_slice())
             .map_err(unavailable)?;
         Ok(())
     }
