@@ -27,9 +27,11 @@
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
 //! - [`throttle`]: failed-login counting per client id and per address.
-//! - [`domain`]: checked identifiers; businesses, programs, currencies.
+//! - [`domain`]: checked identifiers; businesses, programs (and their partners), currencies.
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`decimal`]: exact decimals and the points formula.
+//! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
+//!   request per delivery attempt and what the answer means; the in-process sandbox partner.
 //! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
 //!   versioned records, the group-commit writer, reads, `check`).
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
@@ -38,7 +40,8 @@
 //!
 //! - Only `store` knows redb and postcard; its public interface names neither.
 //! - Only `server`, `router`, `api`, `body`, `error` and `openapi` know hyper; `server`
-//!   does not know the routes or the store.
+//!   does not know the routes or the store. `partner` knows hyper's client side only,
+//!   and neither the store nor the API.
 //! - `domain` and `ledger` know no HTTP, JSON or storage format: the ledger says why it
 //!   refuses in its own [`ledger::Rejection`], which `error` maps to HTTP.
 //! - Identifiers from a request are checked once, into [`domain`] types; the store takes
@@ -66,6 +69,7 @@ pub mod error;
 pub mod input;
 pub mod ledger;
 pub mod openapi;
+pub mod partner;
 pub mod router;
 pub mod server;
 pub mod service;
