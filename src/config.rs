@@ -14,7 +14,10 @@ use serde::Deserialize;
 
 use crate::auth::SecretHash;
 use crate::decimal::{minor_unit_exponent, Decimal};
-use crate::domain::{Business, BusinessId, Client, ClientSecret, Currency, Program, ProgramId};
+use crate::domain::{
+    Business, BusinessId, Client, ClientSecret, Currency, Partner, PartnerTarget, PartnerUrl,
+    Program, ProgramId, WebhookSecret,
+};
 
 /// A configuration problem: `key` names the TOML key, `reason` says what is wrong with it.
 #[derive(Debug, PartialEq, Eq)]
@@ -378,6 +381,240 @@ struct RawProgram {
     price_per_point_usd: String,
     min_points: Option<u64>,
     max_points: Option<u64>,
+    partner: Option<RawPartner>,
+}
+
+/// `[programs.partner]` as written; [`partner`] checks it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartner {
+    url: Option<String>,
+    secret: Option<String>,
+    timeout_seconds: Option<u64>,
+    retry_schedule_seconds: Option<Vec<u64>>,
+    concurrency: Option<u64>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    sandbox: bool,
+}
+
+const DEFAULT_PARTNER_TIMEOUT_SECONDS: u64 = 10;
+/// About five seconds, five minutes, half an hour, two, five and twice ten hours: a
+/// partner that is down for a day still receives everything.
+const DEFAULT_RETRY_SCHEDULE: [u64; 7] = [5, 300, 1800, 7200, 18000, 36000, 36000];
+/// The sandbox shows the whole lifecycle (pending, retried, completed) within seconds.
+const SANDBOX_RETRY_SCHEDULE: [u64; 3] = [1, 2, 4];
+const DEFAULT_PARTNER_CONCURRENCY: u64 = 16;
+
+/// Checks one program's `[programs.partner]`; `key` makes `programs[i].partner.<field>`.
+fn partner(
+    raw: RawPartner,
+    key: &dyn Fn(&str) -> String,
+    base: &Path,
+) -> Result<Partner, ConfigError> {
+    let target = if raw.sandbox {
+        for (field, given) in [("url", raw.url.is_some()), ("secret", raw.secret.is_some())] {
+            if given {
+                return Err(err(
+                    key(field),
+                    "must not be given with sandbox = true (the sandbox is in-process)",
+                ));
+            }
+        }
+        if raw.ca_file.is_some() {
+            return Err(err(
+                key("ca_file"),
+                "must not be given with sandbox = true (the sandbox makes no connection)",
+            ));
+        }
+        PartnerTarget::Sandbox
+    } else {
+        let url = raw
+            .url
+            .ok_or_else(|| err(key("url"), "is required (or sandbox = true)"))?;
+        let base_url = partner_url(&url).map_err(|reason| err(key("url"), reason))?;
+        let secret = raw
+            .secret
+            .ok_or_else(|| err(key("secret"), "is required with url"))?;
+        let secret = webhook_secret(&secret).map_err(|reason| err(key("secret"), reason))?;
+        if raw.ca_file.is_some() && !base_url.https {
+            return Err(err(
+                key("ca_file"),
+                "is only used for an https url; this url is http",
+            ));
+        }
+        PartnerTarget::Http { base_url, secret }
+    };
+
+    let timeout_seconds = raw
+        .timeout_seconds
+        .unwrap_or(DEFAULT_PARTNER_TIMEOUT_SECONDS);
+    let timeout = Duration::from_secs(positive(&key("timeout_seconds"), timeout_seconds, 300)?);
+
+    let retry_schedule = match raw.retry_schedule_seconds {
+        Some(schedule) => schedule,
+        None if target == PartnerTarget::Sandbox => SANDBOX_RETRY_SCHEDULE.to_vec(),
+        None => DEFAULT_RETRY_SCHEDULE.to_vec(),
+    };
+    if retry_schedule.is_empty() {
+        return Err(err(
+            key("retry_schedule_seconds"),
+            "must list at least one wait (seconds before the second attempt)",
+        ));
+    }
+    for (j, wait) in retry_schedule.iter().enumerate() {
+        positive(&key(&format!("retry_schedule_seconds[{j}]")), *wait, 86_400)?;
+    }
+
+    let concurrency = positive(
+        &key("concurrency"),
+        raw.concurrency.unwrap_or(DEFAULT_PARTNER_CONCURRENCY),
+        1024,
+    )? as usize;
+
+    let (ca_file, ca_certificates) = match raw.ca_file {
+        None => (None, Vec::new()),
+        Some(name) => {
+            if name.is_empty() {
+                return Err(err(key("ca_file"), "must not be empty"));
+            }
+            let path = base.join(&name);
+            let certificates =
+                ca_certificates(&path).map_err(|reason| err(key("ca_file"), reason))?;
+            (Some(path), certificates)
+        }
+    };
+
+    Ok(Partner {
+        target,
+        timeout,
+        retry_schedule,
+        concurrency,
+        ca_file,
+        ca_certificates,
+    })
+}
+
+/// Checks a partner base URL by hand (the config knows no HTTP library): `http://` or
+/// `https://`, a host with an optional port, an optional path; no userinfo (credentials
+/// belong in the signature, not in a URL that ends up in logs), no query or fragment
+/// (endpoints are appended to the path). Only characters that need no escaping in a URI
+/// are accepted, so every accepted URL is also a valid request URI.
+fn partner_url(url: &str) -> Result<PartnerUrl, String> {
+    let lower = url.to_ascii_lowercase();
+    let (https, rest) = if lower.starts_with("https://") {
+        (true, &url["https://".len()..])
+    } else if lower.starts_with("http://") {
+        (false, &url["http://".len()..])
+    } else {
+        return Err(format!("\"{url}\" must start with http:// or https://"));
+    };
+    if url.contains('?') || url.contains('#') {
+        return Err("must not have a query (?…) or fragment (#…)".into());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("must not carry user information (user:password@)".into());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let end = v6
+            .find(']')
+            .ok_or("has an IPv6 host without its closing ]")?;
+        let host = &v6[..end];
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("\"[{host}]\" is not an IPv6 address"));
+        }
+        (&authority[..end + 2], &v6[end + 1..])
+    } else {
+        match authority.find(':') {
+            Some(colon) => (&authority[..colon], &authority[colon..]),
+            None => (authority, ""),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if !host.starts_with('[')
+        && !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "host \"{host}\" may hold only letters, digits, '-' and '.'"
+        ));
+    }
+    if let Some(port) = port.strip_prefix(':') {
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+            _ => return Err(format!("port \"{port}\" is not a number from 1 to 65535")),
+        }
+    } else if !port.is_empty() {
+        return Err("has text after the host that is not a :port".into());
+    }
+    // RFC 3986 path characters: unreserved, sub-delims, ':', '@', '/', and %-escapes.
+    let path_ok = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b));
+    if !path_ok {
+        return Err(
+            "path may hold only letters, digits and -._~!$&'()*+,;=:@/% (escape others as %XX)"
+                .into(),
+        );
+    }
+    Ok(PartnerUrl {
+        https,
+        authority: authority.to_ascii_lowercase(),
+        path: path.trim_end_matches('/').to_owned(),
+    })
+}
+
+/// `whsec_` + standard base64 of 24..=64 bytes, as Standard Webhooks writes secrets.
+fn webhook_secret(text: &str) -> Result<WebhookSecret, String> {
+    // The reasons never quote the text: it is a secret.
+    let encoded = text
+        .strip_prefix("whsec_")
+        .ok_or("must start with whsec_ (then the base64 of 24 to 64 random bytes)")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "is not whsec_ followed by standard base64")?;
+    if !(24..=64).contains(&bytes.len()) {
+        return Err(format!(
+            "must decode to 24 to 64 bytes, not {}",
+            bytes.len()
+        ));
+    }
+    Ok(WebhookSecret::new(bytes))
+}
+
+/// Reads a PEM file of CA certificates and checks that each one can be a trust anchor,
+/// so a bad file stops the start rather than every later delivery.
+fn ca_certificates(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut certificates = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+        roots.add(cert.clone()).map_err(|e| {
+            format!(
+                "{} holds a certificate that cannot be a CA: {e}",
+                path.display()
+            )
+        })?;
+        certificates.push(cert.to_vec());
+    }
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certificates)
 }
 
 #[derive(Deserialize)]
@@ -685,6 +922,13 @@ impl RawConfig {
             if programs.contains_key(p.id.as_str()) {
                 return Err(err(key("id"), format!("duplicate program id \"{}\"", p.id)));
             }
+            let partner = match p.partner {
+                None => None,
+                Some(raw) => {
+                    let key = |field: &str| format!("programs[{i}].partner.{field}");
+                    Some(partner(raw, &key, base)?)
+                }
+            };
             let id = ProgramId::trusted(p.id);
             programs.insert(
                 id.clone(),
@@ -694,6 +938,7 @@ impl RawConfig {
                     price_per_point_usd: price,
                     min_points,
                     max_points: p.max_points,
+                    partner,
                 },
             );
         }
@@ -859,6 +1104,263 @@ mod tests {
             "1.2.3.4/+8",
         ] {
             assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
+    }
+
+    /// 24 bytes, the Standard Webhooks reference libraries' example secret.
+    const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+    /// A minimal valid config whose first program has `partner` as its partner table.
+    fn with_partner(partner: &str) -> String {
+        format!(
+            r#"
+[currencies]
+USD = "1"
+[[programs]]
+id = "skywards"
+name = "Skywards Miles"
+price_per_point_usd = "0.012"
+[programs.partner]
+{partner}
+[[businesses]]
+id = "acme"
+name = "Acme"
+program_id = "acme-rewards"
+currency = "USD"
+programs = ["skywards"]
+[[businesses.clients]]
+client_id = "acme-pos"
+secret = "acme-secret"
+"#
+        )
+    }
+
+    fn load(partner: &str, base: &Path) -> Result<Partner, ConfigError> {
+        let config = Config::parse(&with_partner(partner), base)?;
+        Ok(config.programs["skywards"]
+            .partner
+            .clone()
+            .expect("the test config has a partner"))
+    }
+
+    /// The one check of this file: `partner` fails with `(key, reason fragment)`.
+    fn check_error(partner: &str, key: &str, reason: &str) {
+        let e = load(partner, Path::new("/nonexistent")).expect_err(partner);
+        assert_eq!(e.key, key, "{partner}: {e}");
+        assert!(e.reason.contains(reason), "{partner}: {e}");
+        assert!(!e.to_string().contains("C2FVsBQIhrscChlQIMV"), "{e}");
+    }
+
+    #[test]
+    fn a_partner_gets_the_documented_defaults() {
+        let p = load(
+            &format!("url = \"https://Partner.example:8443/cosmo/\"\nsecret = \"{SECRET}\""),
+            Path::new("/"),
+        )
+        .expect("valid");
+        let PartnerTarget::Http { base_url, secret } = &p.target else {
+            panic!("an http partner: {p:?}");
+        };
+        assert_eq!(
+            base_url.join("/credits"),
+            "https://partner.example:8443/cosmo/credits"
+        );
+        assert_eq!(secret.bytes().len(), 24);
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert_eq!(
+            p.retry_schedule,
+            vec![5, 300, 1800, 7200, 18000, 36000, 36000]
+        );
+        assert_eq!(p.concurrency, 16);
+        assert_eq!(p.ca_file, None);
+        assert!(
+            !format!("{p:?}").contains("C2FVsBQ"),
+            "Debug shows no secret"
+        );
+
+        let config = Config::parse(
+            &with_partner("").replace("[programs.partner]", ""),
+            Path::new("/"),
+        )
+        .expect("valid");
+        assert!(config.programs["skywards"].partner.is_none());
+    }
+
+    #[test]
+    fn a_sandbox_partner_retries_within_seconds() {
+        let p = load("sandbox = true", Path::new("/")).expect("valid");
+        assert_eq!(p.target, PartnerTarget::Sandbox);
+        assert_eq!(p.retry_schedule, vec![1, 2, 4]);
+        let p = load(
+            "sandbox = true\nretry_schedule_seconds = [3]\nconcurrency = 2\ntimeout_seconds = 1",
+            Path::new("/"),
+        )
+        .expect("valid");
+        assert_eq!((p.retry_schedule, p.concurrency), (vec![3], 2));
+    }
+
+    #[test]
+    fn sandbox_excludes_url_secret_and_ca_file() {
+        let key = "programs[0].partner.";
+        check_error(
+            "sandbox = true\nurl = \"http://p.example\"",
+            &format!("{key}url"),
+            "sandbox",
+        );
+        check_error(
+            &format!("sandbox = true\nsecret = \"{SECRET}\""),
+            &format!("{key}secret"),
+            "sandbox",
+        );
+        check_error(
+            "sandbox = true\nca_file = \"ca.pem\"",
+            &format!("{key}ca_file"),
+            "sandbox",
+        );
+        check_error("sandbox = false", &format!("{key}url"), "required");
+        check_error("", &format!("{key}url"), "required");
+    }
+
+    #[test]
+    fn urls_are_http_or_https_without_userinfo_query_or_fragment() {
+        let key = "programs[0].partner.url";
+        for (url, reason) in [
+            ("ftp://p.example", "http:// or https://"),
+            ("p.example/cosmo", "http:// or https://"),
+            ("https://p.example/cosmo?x=1", "query"),
+            ("https://p.example/cosmo#frag", "fragment"),
+            ("https://user:pw@p.example/", "user information"),
+            ("https://", "no host"),
+            ("https:///path", "no host"),
+            ("https://p.example:0/", "port"),
+            ("https://p.example:99999/", "port"),
+            ("https://p.example:/", "port"),
+            ("https://p_x.example/", "host"),
+            ("https://p.example/a b", "path"),
+            ("https://[::1/", "IPv6"),
+            ("https://[zz]/", "IPv6"),
+        ] {
+            check_error(
+                &format!("url = \"{url}\"\nsecret = \"{SECRET}\""),
+                key,
+                reason,
+            );
+        }
+        for url in [
+            "http://127.0.0.1:9000",
+            "https://[::1]:8443/x/y",
+            "HTTP://P.example",
+        ] {
+            load(
+                &format!("url = \"{url}\"\nsecret = \"{SECRET}\""),
+                Path::new("/"),
+            )
+            .expect(url);
+        }
+    }
+
+    #[test]
+    fn secrets_are_whsec_and_24_to_64_bytes_of_base64() {
+        let key = "programs[0].partner.secret";
+        let url = "url = \"http://p.example\"";
+        check_error(url, key, "required");
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        for (secret, reason) in [
+            ("C2FVsBQIhrscChlQIMV+b5sSYspob7oD".to_owned(), "whsec_"),
+            ("whsec_not base64!".to_owned(), "base64"),
+            (format!("whsec_{}", b64(23)), "not 23"),
+            (format!("whsec_{}", b64(65)), "not 65"),
+        ] {
+            check_error(&format!("{url}\nsecret = \"{secret}\""), key, reason);
+        }
+        for n in [24, 64] {
+            load(
+                &format!("{url}\nsecret = \"whsec_{}\"", b64(n)),
+                Path::new("/"),
+            )
+            .expect("24 and 64 bytes are fine");
+        }
+    }
+
+    #[test]
+    fn limits_name_their_key() {
+        let http = format!("url = \"http://p.example\"\nsecret = \"{SECRET}\"");
+        let key = "programs[0].partner.";
+        for (extra, field, reason) in [
+            (
+                "timeout_seconds = 0",
+                "timeout_seconds",
+                "between 1 and 300",
+            ),
+            (
+                "timeout_seconds = 301",
+                "timeout_seconds",
+                "between 1 and 300",
+            ),
+            (
+                "retry_schedule_seconds = []",
+                "retry_schedule_seconds",
+                "at least one",
+            ),
+            (
+                "retry_schedule_seconds = [5, 0]",
+                "retry_schedule_seconds[1]",
+                "between 1 and 86400",
+            ),
+            (
+                "retry_schedule_seconds = [86401]",
+                "retry_schedule_seconds[0]",
+                "between 1 and 86400",
+            ),
+            ("concurrency = 0", "concurrency", "between 1 and 1024"),
+            ("concurrency = 1025", "concurrency", "between 1 and 1024"),
+            (
+                "ca_file = \"ca.pem\"",
+                "ca_file",
+                "only used for an https url",
+            ),
+        ] {
+            check_error(
+                &format!("{http}\n{extra}"),
+                &format!("{key}{field}"),
+                reason,
+            );
+        }
+        let e = Config::parse(
+            &with_partner(&format!("{http}\nretries = 3")),
+            Path::new("/"),
+        )
+        .expect_err("unknown keys are refused");
+        assert!(e.reason.contains("retries"), "{e}");
+    }
+
+    #[test]
+    fn ca_files_are_read_at_load_relative_to_the_config() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).expect("write");
+        std::fs::write(dir.path().join("empty.pem"), "no certificate here\n").expect("write");
+        std::fs::write(
+            dir.path().join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let https = format!("url = \"https://localhost:8443\"\nsecret = \"{SECRET}\"");
+
+        let p = load(&format!("{https}\nca_file = \"ca.pem\""), dir.path()).expect("valid");
+        assert_eq!(p.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(p.ca_certificates, vec![cert.cert.der().to_vec()]);
+
+        for (file, reason) in [
+            ("missing.pem", "cannot read"),
+            ("empty.pem", "no PEM certificate"),
+            ("broken.pem", "cannot be a CA"),
+            ("", "must not be empty"),
+        ] {
+            let e = load(&format!("{https}\nca_file = \"{file}\""), dir.path()).expect_err(file);
+            assert_eq!(e.key, "programs[0].partner.ca_file", "{e}");
+            assert!(e.reason.contains(reason), "{file}: {e}");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The nouns of the domain that do not depend on how they are stored or shown: checked
-//! identifiers, and the businesses, programs and currencies the configuration declares.
+//! identifiers, and the businesses, programs (with their partners) and currencies the
+//! configuration declares.
 //!
 //! Invariant: a value of an identifier type was checked when it was made ([`ProgramId::parse`]
 //! and friends for untrusted text; the configuration and the store make them from text that
@@ -8,6 +9,8 @@
 //! No HTTP, no JSON parsing, no storage format here.
 
 use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
@@ -196,6 +199,86 @@ pub struct Program {
     pub price_per_point_usd: Decimal,
     pub min_points: u64,
     pub max_points: Option<u64>,
+    /// Where this program's transactions are delivered; `None`: recorded here only.
+    pub partner: Option<Partner>,
+}
+
+/// The partner program's endpoint that a program's transactions are delivered to, with
+/// how patiently: checked by the configuration, used by [`crate::partner`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partner {
+    pub target: PartnerTarget,
+    /// The longest one attempt may take, from connecting to the last byte of the answer.
+    pub timeout: Duration,
+    /// Seconds to wait before attempt 2, 3, …: one entry per retry; after the last one a
+    /// delivery that still fails is given up. Never empty, each entry 1..=86400.
+    pub retry_schedule: Vec<u64>,
+    /// Requests in flight to this partner at most.
+    pub concurrency: usize,
+    /// An extra certificate authority for an https partner, as configured (resolved
+    /// against the config file's folder); its certificates are in `ca_certificates`.
+    pub ca_file: Option<PathBuf>,
+    /// The DER certificates read from `ca_file` at load (empty without one), so that the
+    /// client trusts exactly what was checked at start-up and reads no file itself.
+    pub ca_certificates: Vec<Vec<u8>>,
+}
+
+/// Who answers a partner request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartnerTarget {
+    /// A real partner over HTTP(S).
+    Http {
+        base_url: PartnerUrl,
+        secret: WebhookSecret,
+    },
+    /// The in-process simulated partner (`sandbox = true`): no network at all.
+    Sandbox,
+}
+
+/// A checked `http`/`https` base URL: no userinfo, query or fragment; requests go to
+/// `{base}/credits` and so on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerUrl {
+    pub https: bool,
+    /// `host` or `host:port` (an IPv6 host in brackets), lower-cased.
+    pub authority: String,
+    /// Empty or starting with `/`, never ending with `/`.
+    pub path: String,
+}
+
+impl PartnerUrl {
+    /// The full URL of an endpoint below the base; `endpoint` starts with `/`.
+    pub fn join(&self, endpoint: &str) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}{endpoint}", self.authority, self.path)
+    }
+}
+
+impl fmt::Display for PartnerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.join(""))
+    }
+}
+
+/// The key of Standard Webhooks signatures (the bytes behind `whsec_…`). Its `Debug`
+/// shows no byte of it, so a logged config or partner cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl WebhookSecret {
+    pub fn new(bytes: Vec<u8>) -> WebhookSecret {
+        WebhookSecret(bytes)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebhookSecret({} bytes, redacted)", self.0.len())
+    }
 }
 
 /// How a client proves who it is.
@@ -252,5 +335,26 @@ mod tests {
             e.to_string(),
             "`referenceNumber` must be 1 to 128 characters long, not 0"
         );
+    }
+
+    #[test]
+    fn webhook_secrets_do_not_show_in_debug_output() {
+        let secret = WebhookSecret::new(b"very-secret-bytes".to_vec());
+        let shown = format!("{secret:?}");
+        assert_eq!(shown, "WebhookSecret(17 bytes, redacted)");
+    }
+
+    #[test]
+    fn partner_urls_join_endpoints() {
+        let url = PartnerUrl {
+            https: true,
+            authority: "partner.example:8443".into(),
+            path: "/cosmo".into(),
+        };
+        assert_eq!(
+            url.join("/credits"),
+            "https://partner.example:8443/cosmo/credits"
+        );
+        assert_eq!(url.to_string(), "https://partner.example:8443/cosmo");
     }
 }

@@ -29,10 +29,12 @@
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
 //! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
 //!   address, address, client id).
-//! - [`domain`]: checked identifiers; businesses, programs, currencies.
+//! - [`domain`]: checked identifiers; businesses, programs (and their partners), currencies.
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
 //! - [`decimal`]: exact decimals and the points formula.
+//! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
+//!   request per delivery attempt and what the answer means; the in-process sandbox partner.
 //! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
 //!   versioned records, the group-commit writer, reads, `check`).
 //! - [`files`]: owner-only files and folders (the database, backups).
@@ -42,7 +44,8 @@
 //!
 //! - Only `store` knows redb and postcard; its public interface names neither.
 //! - Only `server`, `router`, `api`, `body`, `error` and `openapi` know hyper; `server`
-//!   does not know the routes or the store.
+//!   does not know the routes or the store. `partner` knows hyper's client side only,
+//!   and neither the store nor the API.
 //! - `domain` and `ledger` know no HTTP, JSON or storage format: the ledger says why it
 //!   refuses in its own [`ledger::Rejection`], which `error` maps to HTTP.
 //! - Identifiers from a request are checked once, into [`domain`] types; the store takes
@@ -72,6 +75,7 @@ pub mod files;
 pub mod input;
 pub mod ledger;
 pub mod openapi;
+pub mod partner;
 pub mod router;
 pub mod server;
 pub mod service;

@@ -2,6 +2,8 @@
 //! redb file in a temp dir, and a small HTTP/1.1 client over a real TCP connection.
 #![allow(dead_code)]
 
+pub mod partner;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
