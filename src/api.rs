@@ -405,7 +405,7 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             total_points,
             request,
             user_id,
-            deliver: false,
+            deliver: program.partner.is_some(),
         })
         .await?;
     match outcome {
@@ -602,6 +602,33 @@ fn not_failed(tx: &Transaction) -> Error {
         tx.id,
         tx.status().as_str()
     ))
+}
+
+/// Asks the program's partner whether `destinationUserId` is one of its members: 200
+/// `{"isValid": bool}`. A program without a partner says yes (nothing to check against);
+/// a partner that cannot be asked is 503 `partner-unavailable` with `Retry-After`.
+pub async fn validate_member(
+    app: &App,
+    caller: Caller<'_>,
+    program_id: &str,
+    body: Bytes,
+) -> Reply {
+    let program_id = ProgramId::parse(program_id)?;
+    let mut f = Fields::parse(&body, &["destinationUserId"])?;
+    let member = DestinationUserId::parse(f.required_string(DestinationUserId::FIELD)?)?;
+    let program = enabled_program(&app.config.programs, caller.business, &program_id)?;
+    let valid = match &program.partner {
+        None => true,
+        Some(partner) => app
+            .partners
+            .validate_member(partner, program.id.as_str(), member.as_str(), app.clock.now())
+            .await
+            .map_err(|reason| {
+                tracing::warn!(program = %program.id, %reason, "validate-member: the partner could not be asked");
+                Error::PartnerUnavailable { retry_after: 30 }
+            })?,
+    };
+    json(StatusCode::OK, &serde_json::json!({ "isValid": valid }))
 }
 
 /// Most transactions in one page when `limit` is given.

@@ -10,7 +10,11 @@ use crate::store::{Limits, OpenError, Store};
 use crate::throttle::Throttle;
 
 pub struct App {
-    pub config: Config,
+    /// Shared with background work that outlives a request (the delivery worker's writes).
+    pub config: std::sync::Arc<Config>,
+    /// The outbound client to partners and merchant webhooks (its connection pools are
+    /// shared by the delivery worker and validate-member).
+    pub partners: crate::partner::Client,
     pub store: Store,
     pub tokens: TokenKey,
     /// Seals listing cursors; derived from the token signing key.
@@ -59,7 +63,8 @@ impl App {
             dummy_secret,
             tokens: TokenKey::new(&key),
             cursors: CursorKey::new(&key),
-            config,
+            config: std::sync::Arc::new(config),
+            partners: crate::partner::Client::new(),
             store,
             clock,
             throttle,

@@ -16,7 +16,7 @@ use crate::auth::SecretHash;
 use crate::decimal::{minor_unit_exponent, Decimal};
 use crate::domain::{
     Business, BusinessId, Client, ClientSecret, Currency, Partner, PartnerTarget, PartnerUrl,
-    Program, ProgramId, WebhookSecret,
+    Program, ProgramId, Webhook, WebhookSecret, WEBHOOK_EVENTS,
 };
 
 /// A configuration problem: `key` names the TOML key, `reason` says what is wrong with it.
@@ -628,6 +628,66 @@ struct RawBusiness {
     programs: Vec<String>,
     #[serde(default)]
     clients: Vec<RawClient>,
+    #[serde(default)]
+    webhooks: Vec<RawWebhook>,
+}
+
+/// `[[businesses.webhooks]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    secret: String,
+    /// Absent: every event.
+    events: Option<Vec<String>>,
+}
+
+/// Checks one merchant webhook; `key` makes `businesses[i].webhooks[j].<field>`.
+fn webhook(raw: RawWebhook, key: &dyn Fn(&str) -> String) -> Result<Webhook, ConfigError> {
+    let base_url = partner_url(&raw.url).map_err(|reason| err(key("url"), reason))?;
+    let secret = webhook_secret(&raw.secret).map_err(|reason| err(key("secret"), reason))?;
+    let events = match raw.events {
+        None => WEBHOOK_EVENTS.to_vec(),
+        Some(names) => {
+            if names.is_empty() {
+                return Err(err(
+                    key("events"),
+                    "must name at least one event (leave it out for all)",
+                ));
+            }
+            let mut events = Vec::new();
+            for (n, name) in names.iter().enumerate() {
+                let known = WEBHOOK_EVENTS
+                    .iter()
+                    .find(|e| **e == name.as_str())
+                    .ok_or_else(|| {
+                        err(
+                            key(&format!("events[{n}]")),
+                            format!(
+                                "\"{name}\" is not an event; the events are {}",
+                                WEBHOOK_EVENTS.join(", ")
+                            ),
+                        )
+                    })?;
+                if !events.contains(known) {
+                    events.push(*known);
+                }
+            }
+            events
+        }
+    };
+    Ok(Webhook {
+        url: base_url.join(""),
+        endpoint: Partner {
+            target: PartnerTarget::Http { base_url, secret },
+            timeout: Duration::from_secs(DEFAULT_PARTNER_TIMEOUT_SECONDS),
+            retry_schedule: DEFAULT_RETRY_SCHEDULE.to_vec(),
+            concurrency: DEFAULT_PARTNER_CONCURRENCY as usize,
+            ca_file: None,
+            ca_certificates: Vec::new(),
+        },
+        events,
+    })
 }
 
 #[derive(Deserialize)]
@@ -1052,6 +1112,15 @@ impl RawConfig {
                     secret,
                 });
             }
+            let mut webhooks = Vec::new();
+            for (j, raw) in b.webhooks.into_iter().enumerate() {
+                let key = |field: &str| format!("businesses[{i}].webhooks[{j}].{field}");
+                let hook = webhook(raw, &key)?;
+                if webhooks.iter().any(|w: &Webhook| w.url == hook.url) {
+                    return Err(err(key("url"), "is listed twice for this business"));
+                }
+                webhooks.push(hook);
+            }
             businesses.push(Business {
                 id: BusinessId::trusted(b.id),
                 name: b.name,
@@ -1059,6 +1128,7 @@ impl RawConfig {
                 currency: b.currency,
                 programs: b.programs.into_iter().map(ProgramId::trusted).collect(),
                 clients: business_clients,
+                webhooks,
             });
         }
 

@@ -218,8 +218,9 @@ impl Delivery {
         })
     }
 
-    /// A pending delivery whose program no longer has a partner.
-    pub fn removed(&self, now: u64) -> Delivery {
+    /// A pending delivery whose destination (the program's partner, a merchant webhook)
+    /// is no longer configured: failed, saying so in `detail`.
+    pub fn removed(&self, now: u64, detail: &str) -> Delivery {
         Delivery {
             status: DeliveryStatus::Failed,
             next_attempt_at: None,
@@ -227,7 +228,7 @@ impl Delivery {
             error: Some(DeliveryError {
                 kind: FailureKind::Removed,
                 http_status: None,
-                detail: "the program's partner was removed from the configuration".into(),
+                detail: detail.to_owned(),
             }),
             ..self.clone()
         }

@@ -308,6 +308,35 @@ pub struct Business {
     /// Enabled partner programs, in config order; each is a configured program.
     pub programs: Vec<ProgramId>,
     pub clients: Vec<Client>,
+    /// Where the business is told of status changes.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// The events a merchant webhook can subscribe to.
+pub const WEBHOOK_EVENTS: [&str; 4] = [
+    "transaction.completed",
+    "transaction.failed",
+    "reversal.completed",
+    "reversal.failed",
+];
+
+/// A merchant's webhook: events are POSTed to its URL, signed and retried like partner
+/// deliveries (the same schedule and signing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// The URL as configured (checked like a partner URL); events are sent to it as is.
+    pub url: String,
+    /// How to reach it: an http(s) target with the webhook's secret, the default timeout,
+    /// retry schedule and concurrency.
+    pub endpoint: Partner,
+    /// Subscribed events, each one of [`WEBHOOK_EVENTS`].
+    pub events: Vec<&'static str>,
+}
+
+impl Webhook {
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.contains(&event)
+    }
 }
 
 impl Business {

@@ -46,6 +46,9 @@ pub enum Error {
     Overloaded { retry_after: u64 },
     /// The store cannot serve this request now (write failure, shutting down).
     Unavailable,
+    /// The program's partner could not answer a question (validate-member); retry after
+    /// this many seconds.
+    PartnerUnavailable { retry_after: u64 },
     /// A bug or an unexpected failure; the detail is in the log.
     Internal,
 }
@@ -104,7 +107,9 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Overloaded { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Overloaded { .. } | Error::Unavailable | Error::PartnerUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -126,6 +131,7 @@ impl Error {
             Error::TooManyRequests { .. } => ("too-many-requests", "Too many failed attempts"),
             Error::Overloaded { .. } => ("overloaded", "Server busy"),
             Error::Unavailable => ("unavailable", "Service unavailable"),
+            Error::PartnerUnavailable { .. } => ("partner-unavailable", "Partner unavailable"),
             Error::Internal => ("internal", "Internal server error"),
         }
     }
@@ -154,6 +160,9 @@ impl Error {
                  referenceNumber (a retry never issues points twice)"
                     .to_owned()
             }
+            Error::PartnerUnavailable { retry_after } => format!(
+                "the program's partner could not be asked right now; retry in {retry_after} s"
+            ),
             Error::Internal => "an internal error occurred; it has been logged".to_owned(),
         }
     }
@@ -185,7 +194,9 @@ impl Error {
             Error::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            Error::TooManyRequests { retry_after } | Error::Overloaded { retry_after } => {
+            Error::TooManyRequests { retry_after }
+            | Error::Overloaded { retry_after }
+            | Error::PartnerUnavailable { retry_after } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             Error::Unavailable => {

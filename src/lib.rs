@@ -32,6 +32,9 @@
 //! - [`domain`]: checked identifiers; businesses, programs (and their partners), currencies.
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
+//! - [`partner`]: the outbound HTTP client (Standard Webhooks signing, the sandbox).
+//! - [`worker`]: the delivery worker, a background task: sends due outbox jobs, writes
+//!   each outcome back.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.
@@ -81,3 +84,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod throttle;
+pub mod worker;

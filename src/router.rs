@@ -7,6 +7,7 @@
 //! | POST | /v1/auth | no |
 //! | GET, HEAD | /v1/profile | bearer |
 //! | GET, HEAD | /v1/programs | bearer |
+//! | POST | /v1/programs/{programId}/validate-member | bearer |
 //! | GET, HEAD | /v1/currencies | bearer |
 //! | POST | /v1/transactions | bearer |
 //! | GET, HEAD | /v1/transactions?startDate&endDate[&programId][&status][&limit][&after] | bearer |
@@ -97,6 +98,16 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
             api::programs(&app, authenticate(&app, req.headers())?)
         }
         (_, ["v1", "programs"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
+
+        (&Method::POST, ["v1", "programs", program, "validate-member"]) if !program.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            let program = decode_component(program, false)?;
+            let body = read_json(req, &app).await?;
+            api::validate_member(&app, caller, &program, body).await
+        }
+        (_, ["v1", "programs", program, "validate-member"]) if !program.is_empty() => {
+            Err(Error::MethodNotAllowed("POST"))
+        }
 
         (&Method::GET | &Method::HEAD, ["v1", "currencies"]) => {
             authenticate(&app, req.headers())?;

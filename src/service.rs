@@ -44,11 +44,14 @@ pub struct Service {
 }
 
 impl Service {
+    /// The server and its built-in background tasks: the delivery worker.
     pub fn new(app: Arc<App>) -> Service {
-        Service {
+        let mut service = Service {
             app,
             background: Vec::new(),
-        }
+        };
+        service.background("delivery", crate::worker::run);
+        service
     }
 
     /// Adds a task that runs beside the API from [`Service::run`] until it has finished
