@@ -260,6 +260,16 @@ impl PartnerSim {
         mine.cloned().collect()
     }
 
+    /// The requests whose body's `memberId` is `member_id`.
+    pub fn attempts_of_member(&self, member_id: &str) -> Vec<Received> {
+        let state = self.lock();
+        let mine = state
+            .received
+            .iter()
+            .filter(|r| r.member_id.as_deref() == Some(member_id));
+        mine.cloned().collect()
+    }
+
     /// Requests refused with 401 because their signature did not check out.
     pub fn bad_signatures(&self) -> usize {
         self.lock().bad_signatures
