@@ -33,8 +33,9 @@ use crate::store::Due;
 
 /// How often the worker looks for jobs that came due by time.
 pub const TICK: Duration = Duration::from_millis(200);
-/// Jobs read from the outbox per look.
-const BATCH: usize = 256;
+/// Jobs read from the outbox per look (more than the partners' concurrency, so that a
+/// look finds work for every free slot).
+const BATCH: usize = 64;
 
 /// The body of a credit request (SPEC § Partner delivery).
 #[derive(Serialize)]
@@ -59,8 +60,14 @@ struct Job {
     endpoint: Partner,
     path: &'static str,
     webhook_id: String,
-    body: Vec<u8>,
+    payload: Payload,
     before: Delivery,
+}
+
+/// What a job sends: a credit is encoded only once the job holds its permit.
+enum Payload {
+    Credit(Box<Transaction>),
+    Event(Vec<u8>),
 }
 
 /// Runs until `stopping` is set, then lets the attempts in flight finish (the lifecycle
@@ -72,7 +79,7 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
     let (done_tx, mut done) = mpsc::unbounded_channel::<(u8, u64)>();
     while !stopping.is_set() {
         let now = app.clock.now();
-        match app.store.due(now, BATCH + in_flight.len()).await {
+        match app.store.due(now, BATCH, &in_flight).await {
             Ok(due) => {
                 for job in due {
                     let Some(send) = prepare(&app, job, &in_flight).await else {
@@ -89,8 +96,9 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
                     let (app, done) = (app.clone(), done_tx.clone());
                     attempts.spawn(async move {
                         let key = send.key;
-                        attempt(&app, send).await;
-                        drop(permit);
+                        // The permit bounds requests in flight to the partner: it is let
+                        // go when the answer is in, before the outcome's commit.
+                        attempt(&app, send, permit).await;
                         let _ = done.send(key);
                     });
                 }
@@ -116,6 +124,7 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
 /// What to send for a due job, or `None` (in flight already, or its destination is gone:
 /// then it is failed here, not dropped).
 async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<Job> {
+    // `due` passes over jobs in flight; this guards the ones that started since.
     match job {
         Due::Credit(tx) => {
             let key = (0, tx.seq);
@@ -148,8 +157,8 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 endpoint,
                 path: "/credits",
                 webhook_id: tx.id.to_string(),
-                body: credit_body(&tx)?,
-                before,
+                before: before.clone(),
+                payload: Payload::Credit(Box::new(tx)),
             })
         }
         Due::Event(event) => {
@@ -180,7 +189,7 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 path: "",
                 webhook_id: event.id.clone(),
                 before: event.delivery.clone(),
-                body: event.payload,
+                payload: Payload::Event(event.payload),
             })
         }
     }
@@ -203,7 +212,14 @@ fn credit_body(tx: &Transaction) -> Option<Vec<u8>> {
 }
 
 /// Sends one job and writes its outcome back.
-async fn attempt(app: &App, send: Job) {
+async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit) {
+    let body = match &send.payload {
+        Payload::Credit(tx) => match credit_body(tx) {
+            Some(body) => body,
+            None => return,
+        },
+        Payload::Event(body) => body.clone(),
+    };
     let outcome = app
         .partners
         .send(
@@ -212,9 +228,10 @@ async fn attempt(app: &App, send: Job) {
             &send.webhook_id,
             app.clock.now(),
             send.before.attempts.saturating_add(1),
-            &send.body,
+            &body,
         )
         .await;
+    drop(permit);
     let attempt = match outcome {
         Outcome::Delivered {
             partner_transaction_id,

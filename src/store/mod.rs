@@ -353,8 +353,14 @@ impl Store {
         self.outbox_changed.notified().await
     }
 
-    /// Up to `limit` jobs due at `now`, the longest due first.
-    pub async fn due(&self, now: u64, limit: usize) -> Result<Vec<Due>, StoreError> {
+    /// Up to `limit` jobs due at `now`, the longest due first, passing over those in
+    /// `skip` (job kind, id) without reading them.
+    pub async fn due(
+        &self,
+        now: u64,
+        limit: usize,
+        skip: &std::collections::HashSet<(u8, u64)>,
+    ) -> Result<Vec<Due>, StoreError> {
         let reader = Reader::begin(&self.handle)?;
         let outbox = reader.table(OUTBOX)?;
         let records = reader.table(TRANSACTIONS)?;
@@ -364,10 +370,15 @@ impl Store {
         for entry in outbox
             .range(..=(now, u8::MAX, u64::MAX))
             .map_err(unavailable)?
-            .take(limit)
         {
+            if due.len() == limit {
+                break;
+            }
             let (key, _) = entry.map_err(unavailable)?;
             let (_, kind, id) = key.value();
+            if skip.contains(&(kind, id)) {
+                continue;
+            }
             let job = match kind {
                 JOB_CREDIT => read_tx(reader.ids, &records, &deliveries, id)?.map(Due::Credit),
                 JOB_EVENT => {
@@ -740,7 +751,10 @@ mod tests {
             assert_eq!(tx.status(), DeliveryStatus::Pending);
             store.issue(issue("no-partner", 100)).await.expect("issued");
             // Only the one with a partner is due, at once.
-            let due = store.due(1_000, 10).await.expect("due");
+            let due = store
+                .due(1_000, 10, &Default::default())
+                .await
+                .expect("due");
             assert_eq!(due, [Due::Credit(tx.clone())]);
             assert_eq!(store.outbox_depth().await.expect("depth"), (1, Some(1_000)));
 
@@ -761,8 +775,19 @@ mod tests {
                 .expect("has a delivery");
             assert!(changed);
             assert_eq!(after.status(), DeliveryStatus::Pending);
-            assert!(store.due(1_004, 10).await.expect("due").is_empty());
-            assert_eq!(store.due(1_005, 10).await.expect("due").len(), 1);
+            assert!(store
+                .due(1_004, 10, &Default::default())
+                .await
+                .expect("due")
+                .is_empty());
+            assert_eq!(
+                store
+                    .due(1_005, 10, &Default::default())
+                    .await
+                    .expect("due")
+                    .len(),
+                1
+            );
             let report = store.check().expect("check");
             assert_eq!((report.deliveries, report.outbox_entries), (1, 1));
             assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -793,7 +818,10 @@ mod tests {
             assert_eq!(failed.status(), DeliveryStatus::Failed);
             // The credit left the outbox; the event it caused entered it, due at once.
             assert_eq!(store.outbox_depth().await.expect("depth"), (1, Some(1_005)));
-            let due = store.due(1_005, 10).await.expect("due");
+            let due = store
+                .due(1_005, 10, &Default::default())
+                .await
+                .expect("due");
             let [Due::Event(event)] = due.as_slice() else {
                 panic!("{due:?}")
             };
@@ -831,7 +859,14 @@ mod tests {
                 .expect("has a delivery");
             assert!(changed);
             assert_eq!(again.status(), DeliveryStatus::Pending);
-            assert_eq!(store.due(1_005, 10).await.expect("due").len(), 1);
+            assert_eq!(
+                store
+                    .due(1_005, 10, &Default::default())
+                    .await
+                    .expect("due")
+                    .len(),
+                1
+            );
             // A transaction without a delivery has nothing to update.
             let none = store
                 .by_reference(
