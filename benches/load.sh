@@ -66,15 +66,16 @@ BASELINE_BIN=$TARGET_DIR/release/examples/baseline_server
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cosmobench.XXXXXX")
 SERVER_PID=""
 NOBATCH_PID=""
+PARTNER_PID=""
 BASELINE_PID=""
 SAMPLER_PID=""
 WRK_PID=""
 cleanup() {
   local pid
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
   done
   if [ "$KEEP" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
@@ -83,15 +84,19 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Config: the example with a free port, a temp database, the longest token lifetime, no
-# max_points (random values must pass) and the chosen log level.
+# max_points (random values must pass) and the chosen log level; the example's sandbox
+# partner is taken out (issues are recorded only), and kept in partner.toml.
 sed -e 's/^listen = .*/listen = "127.0.0.1:0"/' \
     -e 's/^path = .*/path = "bench.redb"/' \
     -e 's/^token_ttl_seconds = .*/token_ttl_seconds = 86400/' \
     -e '/^max_points *=/d' \
     -e "s/^# *log_level = .*/log_level = \"$LOG_LEVEL\"/" \
-    config.example.toml > "$WORK/cosmopoints.toml"
-grep -q '^log_level' "$WORK/cosmopoints.toml" ||
-  sed -i "s/^\[server\]/[server]\nlog_level = \"$LOG_LEVEL\"/" "$WORK/cosmopoints.toml"
+    config.example.toml > "$WORK/with-partner.toml"
+grep -q '^log_level' "$WORK/with-partner.toml" ||
+  sed -i "s/^\[server\]/[server]\nlog_level = \"$LOG_LEVEL\"/" "$WORK/with-partner.toml"
+grep -q '^sandbox = true' "$WORK/with-partner.toml" || die "the example config has no sandbox partner"
+sed -e '/^\[programs.partner\]/d' -e '/^sandbox = true/d' "$WORK/with-partner.toml" > "$WORK/cosmopoints.toml"
+sed -e 's/^path = .*/path = "partner.redb"/' "$WORK/with-partner.toml" > "$WORK/partner.toml"
 
 "$SERVER_BIN" serve --config "$WORK/cosmopoints.toml" 2>"$WORK/server.log" &
 SERVER_PID=$!
@@ -101,6 +106,11 @@ sed -e 's/^path = .*/path = "nobatch.redb"/' -e 's/^\[server\]/[server]\nmax_bat
   "$WORK/cosmopoints.toml" > "$WORK/nobatch.toml"
 "$SERVER_BIN" serve --config "$WORK/nobatch.toml" 2>"$WORK/nobatch.log" &
 NOBATCH_PID=$!
+# The same server with its program delivered to a partner (the sandbox: in process, so
+# what it costs is the outbox row and the worker's write-backs, not a network), on its
+# own database: issue throughput with a partner against without, in the same round.
+"$SERVER_BIN" serve --config "$WORK/partner.toml" 2>"$WORK/partner.log" &
+PARTNER_PID=$!
 "$BASELINE_BIN" 127.0.0.1:0 >"$WORK/baseline.out" 2>&1 &
 BASELINE_PID=$!
 
@@ -134,6 +144,13 @@ for i in $(seq 150); do
 done
 [ -n "${NOBATCH_PORT:-}" ] || die "the no-batch server is not listening"
 NOBATCH_URL=http://127.0.0.1:$NOBATCH_PORT
+for i in $(seq 150); do
+  kill -0 "$PARTNER_PID" 2>/dev/null || { cat "$WORK/partner.log" >&2; die "the partner server did not start"; }
+  PARTNER_PORT=$(listen_port "$PARTNER_PID") && break
+  sleep 0.1
+done
+[ -n "${PARTNER_PORT:-}" ] || die "the partner server is not listening"
+PARTNER_URL=http://127.0.0.1:$PARTNER_PORT
 ADDR=127.0.0.1:$PORT
 BASE_ADDR=$(wait_for "$WORK/baseline.out" 'listening on 127\.0\.0\.1:[0-9]*' | awk '{print $3}') ||
   die "the baseline server did not start"
@@ -149,6 +166,10 @@ NOBATCH_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/jso
   -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$NOBATCH_URL/v1/auth" |
   sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
 [ -n "$NOBATCH_TOKEN" ] || die "could not mint a token on the no-batch server"
+PARTNER_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/json' \
+  -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$PARTNER_URL/v1/auth" |
+  sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
+[ -n "$PARTNER_TOKEN" ] || die "could not mint a token on the partner server"
 
 # ---- measuring helpers ---------------------------------------------------------------
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
@@ -340,10 +361,13 @@ for r in $(seq "$ROUNDS"); do
   wrk_run "base_post$r" "$BASELINE_PID" "$BENCHES/issue.lua" "$BASE_URL/" "$CONNS" "$DURATION" RUN="base$r"
   wrk_run "issue$r" "$SERVER_PID" "$BENCHES/issue.lua" "$URL/v1/transactions" "$CONNS" "$DURATION" RUN="issue$r"
   add_201 "$WORK/issue$r.txt"
+  wrk_run "partner$r" "$PARTNER_PID" "$BENCHES/issue.lua" "$PARTNER_URL/v1/transactions" "$CONNS" "$DURATION" RUN="partner$r" TOKEN="$PARTNER_TOKEN"
   wrk_run "base_get$r" "$BASELINE_PID" "$BENCHES/get.lua" "$BASE_URL/" "$CONNS" "$DURATION" "${GET_ENV[@]}" PREFIX=/
   wrk_run "get$r" "$SERVER_PID" "$BENCHES/get.lua" "$URL/v1/transactions/" "$CONNS" "$DURATION" "${GET_ENV[@]}"
   report "issue$r" "base_post$r" 0.5 201 >>"$WORK/ratios"
   report "get$r" "base_get$r" 0.7 200 >>"$WORK/ratios"
+  say "   issue-points with a partner (sandbox) against without, same round (target: the outbox costs <= 15%):"
+  report "partner$r" "issue$r" 0.85 201 >>"$WORK/ratios_partner"
 done
 
 # ---- 3b. group commit off ------------------------------------------------------------------
@@ -391,6 +415,12 @@ awk '{n[$1]++; s[$1] += $2; if (min[$1] == "" || $2 < min[$1]) min[$1] = $2}
 awk '{printf "   %-6s ratio to baseline at 256 connections: %s\n", $1, $2}' "$WORK/ratios256"
 awk '{printf "   issue-points with group commit off (max_batch = 1): ratio %s; with it on (round 1): %s\n", $2, on}' \
   on="$(awk '$1 == "issue" {print $2; exit}' "$WORK/ratios")" "$WORK/ratios_nobatch"
+awk '{n++; s += $2; if (min == "" || $2 < min) min = $2}
+     END {printf "   issue-points with a partner / without: mean %.2f, worst %.2f over %d rounds (>= 0.85 wanted)\n", s / n, min, n}' "$WORK/ratios_partner"
+PENDING=$(curl -s --max-time 60 -H "Authorization: Bearer $PARTNER_TOKEN" \
+  "$PARTNER_URL/v1/transactions?startDate=0000000000&endDate=9999999999&status=pending&limit=1000" |
+  grep -o '"referenceNumber"' | wc -l)
+say "   partner server: $PENDING transactions still pending at the end (of the last page of 1000 at most)"
 say "   listing: $LIST_TPS transactions/s"
 say "   RSS: idle $(mib "$IDLE_RSS") MiB, 256 connections $(mib "$C256_RSS_MAX") MiB, listing $(mib "$LIST_RSS_MAX") MiB, now $(mib "$FINAL_RSS") MiB, peak (VmHWM) $(mib "$PEAK") MiB"
 say "   baseline peak RSS (VmHWM): $(mib "$(status_kb "$BASELINE_PID" VmHWM)") MiB"
