@@ -602,23 +602,8 @@ async fn an_id_shaped_reference_stored_earlier_still_replays() {
         .app
         .store
         .issue(cosmopoints::store::Issue {
-            business: cosmopoints::domain::BusinessId::parse("acme").expect("id"),
-            program_name: "Skywards Miles".to_owned(),
-            currency: "AED".to_owned(),
             total_points: quote,
-            request: cosmopoints::ledger::NewTransaction {
-                program_id: cosmopoints::domain::ProgramId::parse("skywards").expect("id"),
-                value: 3673,
-                recipient: cosmopoints::ledger::Recipient::Member(
-                    cosmopoints::domain::UserId::parse("user-1").expect("id"),
-                ),
-                reference_number: cosmopoints::domain::ReferenceNumber::parse(shaped.clone())
-                    .expect("reference"),
-                description: None,
-                bonus: false,
-            },
-            user_id: cosmopoints::domain::UserId::parse("user-1").expect("id"),
-            deliver: false,
+            ..common::store_issue(&shaped, None)
         })
         .await
         .expect("stored");

@@ -7,9 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::{issue_body, TestServer};
-use cosmopoints::domain::{BusinessId, ProgramId, ReferenceNumber, UserId};
-use cosmopoints::ledger::NewTransaction;
-use cosmopoints::store::{Issue, Issued};
+use cosmopoints::store::Issued;
 
 /// Whether the API still accepted connections, and what the write came to.
 type Seen = (bool, Result<Issued, cosmopoints::store::StoreError>);
@@ -32,25 +30,7 @@ async fn a_background_task_sees_the_stop_before_the_store_closes() {
             let api_open = tokio::net::TcpStream::connect(addr).await.is_ok();
             let outcome = app
                 .store
-                .issue(Issue {
-                    business: BusinessId::parse("acme").expect("id"),
-                    program_name: "Skywards Miles".into(),
-                    currency: "AED".into(),
-                    total_points: 833,
-                    request: NewTransaction {
-                        program_id: ProgramId::parse("skywards").expect("id"),
-                        value: 3673,
-                        recipient: cosmopoints::ledger::Recipient::Member(
-                            UserId::parse("user-1").expect("id"),
-                        ),
-                        reference_number: ReferenceNumber::parse("written-while-stopping")
-                            .expect("reference"),
-                        description: None,
-                        bonus: false,
-                    },
-                    user_id: UserId::parse("user-1").expect("id"),
-                    deliver: false,
-                })
+                .issue(common::store_issue("written-while-stopping", None))
                 .await;
             *record.lock().expect("lock") = Some((api_open, outcome));
         });

@@ -117,9 +117,6 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_listing_is_cut_off() {
-    use cosmopoints::domain::{BusinessId, Description, ProgramId, ReferenceNumber, UserId};
-    use cosmopoints::ledger::NewTransaction;
-    use cosmopoints::store::Issue;
     let dir = Arc::new(tempfile::tempdir().expect("dir"));
     let s = TestServer::start_in(dir, |text| {
         text.replace("[server]\n", "[server]\nsend_timeout_seconds = 1\n")
@@ -131,25 +128,10 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
         let app = s.app.clone();
         pending.push(tokio::spawn(async move {
             app.store
-                .issue(Issue {
-                    business: BusinessId::parse("acme").expect("id"),
-                    program_name: "Skywards Miles".into(),
-                    currency: "AED".into(),
-                    total_points: 833,
-                    request: NewTransaction {
-                        program_id: ProgramId::parse("skywards").expect("id"),
-                        value: 3673,
-                        recipient: cosmopoints::ledger::Recipient::Member(
-                            UserId::parse("user-1").expect("id"),
-                        ),
-                        reference_number: ReferenceNumber::parse(format!("slow-{i}"))
-                            .expect("reference"),
-                        description: Some(Description::parse("x".repeat(200)).expect("text")),
-                        bonus: false,
-                    },
-                    user_id: UserId::parse("user-1").expect("id"),
-                    deliver: false,
-                })
+                .issue(common::store_issue(
+                    &format!("slow-{i}"),
+                    Some(&"x".repeat(200)),
+                ))
                 .await
                 .expect("stored")
         }));

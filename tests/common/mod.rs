@@ -522,3 +522,26 @@ pub fn issue_body(reference: &str) -> Value {
         "referenceNumber": reference,
     })
 }
+
+/// An acme issuance of 3673 AED fils (833 points) in skywards to `user-1`, as the API
+/// would hand it to the store: for tests that write through the store directly.
+pub fn store_issue(reference: &str, description: Option<&str>) -> cosmopoints::store::Issue {
+    use cosmopoints::domain::{BusinessId, Description, ProgramId, ReferenceNumber, UserId};
+    let user = UserId::parse("user-1").expect("id");
+    cosmopoints::store::Issue {
+        business: BusinessId::parse("acme").expect("id"),
+        program_name: "Skywards Miles".into(),
+        currency: "AED".into(),
+        total_points: 833,
+        request: cosmopoints::ledger::NewTransaction {
+            program_id: ProgramId::parse("skywards").expect("id"),
+            value: 3673,
+            recipient: cosmopoints::ledger::Recipient::Member(user.clone()),
+            reference_number: ReferenceNumber::parse(reference).expect("reference"),
+            description: description.map(|d| Description::parse(d).expect("text")),
+            bonus: false,
+        },
+        user_id: user,
+        deliver: false,
+    }
+}
