@@ -341,3 +341,18 @@ fn exports_match_the_api_listings() {
         assert!(out.starts_with("usage: cosmopoints"), "{out}");
     }
 }
+
+#[test]
+fn an_admin_address_on_the_api_port_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("c.toml");
+    let text = common::config_text("db.redb")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:18555\"")
+        + "\n[admin]\nlisten = \"127.0.0.1:18555\"\n";
+    std::fs::write(&path, text).expect("write");
+    let (code, _, err) = run(&["serve", "--config", path.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("admin.listen"), "{err}");
+    assert!(!dir.path().join("db.redb").exists(), "nothing was created");
+}
