@@ -7,7 +7,8 @@
 # fails if the generator's output mentions a warning at all. Then starts the release
 # binary on a temporary copy of config.example.toml and drives it through the generated
 # client: a failed login, a login, the profile, an issue and a refused issue, each parsed
-# into the generated models (a problem+json body into `Problem`).
+# into the generated models (a problem+json body into `Problem`), and an OAuth2 token
+# request and a refused one (an RFC 6749 error into `OAuthError`).
 #
 # Usage: .ci/python-client.sh           (from anywhere; needs cargo, python3 and pip)
 # Env:   SKIP_INSTALL=1 to use the installed openapi-python-client.
@@ -61,10 +62,11 @@ PYTHONPATH="$work" python3 - "http://$addr" <<'PY'
 import sys
 
 from cosmopoints_client import AuthenticatedClient, Client
-from cosmopoints_client.api.authentication import authenticate
+from cosmopoints_client.api.authentication import authenticate, oauth_token
 from cosmopoints_client.api.business import get_profile
 from cosmopoints_client.api.transactions import issue_points
 from cosmopoints_client.models import AuthRequest, IssueRequest, Problem, Profile, Token, Issued
+from cosmopoints_client.models import OAuthError, OAuthToken, OAuthTokenRequest, OAuthTokenRequestGrantType
 
 base = sys.argv[1]
 anonymous = Client(base_url=base, raise_on_unexpected_status=True)
@@ -97,6 +99,23 @@ print(f"201 parsed as Issued: {issued.parsed.id}")
 
 body = IssueRequest(program_id="nowhere", value=3673, user_id="EK123456", reference_number="py-2")
 problem(issue_points.sync_detailed(client=client, body=body), 422, "unprocessable")
+
+# OAuth 2.0 client credentials in the form; its errors parse into OAuthError (RFC 6749).
+grant = OAuthTokenRequestGrantType.CLIENT_CREDENTIALS
+oauth = oauth_token.sync_detailed(
+    client=anonymous,
+    body=OAuthTokenRequest(grant_type=grant, client_id="demo-pos", client_secret="cosmo-demo-secret"),
+)
+assert oauth.status_code == 200 and isinstance(oauth.parsed, OAuthToken), oauth.content
+assert oauth.parsed.token_type == "Bearer"
+print(f"200 parsed as OAuthToken, expires in {oauth.parsed.expires_in} s")
+refused = oauth_token.sync_detailed(
+    client=anonymous,
+    body=OAuthTokenRequest(grant_type=grant, client_id="demo-pos", client_secret="wrong"),
+)
+assert refused.status_code == 401 and isinstance(refused.parsed, OAuthError), refused.content
+assert refused.parsed.error == "invalid_client"
+print(f"401 parsed as OAuthError: {refused.parsed.error_description}")
 
 expired = AuthenticatedClient(base_url=base, token="not-a-token", raise_on_unexpected_status=True)
 problem(get_profile.sync_detailed(client=expired), 401, "unauthenticated")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::header::{
-    HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LINK, PRAGMA,
+    HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LINK, PRAGMA, VARY,
 };
 use hyper::{Response, StatusCode};
 use serde::Serialize;
@@ -145,6 +145,44 @@ pub async fn auth(app: Arc<App>, client: IpAddr, body: Bytes) -> Reply {
     let mut fields = Fields::parse(&body, &["clientId", "clientSecret"])?;
     let client_id = fields.required_string("clientId")?;
     let secret = fields.required_string("clientSecret")?;
+    let grant = login(app, client, client_id, secret).await?;
+    let mut response = json(
+        StatusCode::OK,
+        &TokenResponse {
+            access_token: grant.access_token,
+            expires_in: grant.expires_in,
+            token_type: "Bearer",
+        },
+    )?;
+    no_store(response.headers_mut());
+    Ok(response)
+}
+
+/// RFC 6749 §5.1: a response that carries a token (or an answer about one) must not be
+/// stored by any cache.
+pub fn no_store(headers: &mut HeaderMap) {
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// A token granted by [`login`].
+pub struct Grant {
+    pub access_token: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
+
+/// Checks a client's credentials under the failed-login throttle and signs a token: the
+/// one way to log in, shared by `POST /v1/auth` and `POST /v1/oauth/token` (so that both
+/// count failures against the same limits). `client` is the client's address. Fails with
+/// [`Error::TooManyRequests`] before checking anything when a limit is reached, and with
+/// [`Error::BadCredentials`] for a wrong id or secret.
+pub async fn login(
+    app: Arc<App>,
+    client: IpAddr,
+    client_id: String,
+    secret: String,
+) -> Result<Grant, Error> {
     let limits = app.config.auth.failed_logins;
     let shown = truncate(&client_id, 128);
     let address = address_key(client);
@@ -190,19 +228,10 @@ pub async fn auth(app: Arc<App>, client: IpAddr, body: Bytes) -> Reply {
         tracing::error!("a token could not be signed: an id is longer than 255 bytes");
         Error::Internal
     })?;
-    let mut response = json(
-        StatusCode::OK,
-        &TokenResponse {
-            access_token,
-            expires_in: ttl,
-            token_type: "Bearer",
-        },
-    )?;
-    // RFC 6749 §5.1: a response that carries a token must not be stored by any cache.
-    let headers = response.headers_mut();
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(PRAGMA, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    Ok(Grant {
+        access_token,
+        expires_in: ttl,
+    })
 }
 
 fn truncate(text: &str, chars: usize) -> &str {
@@ -409,7 +438,12 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         })
         .await?;
     match outcome {
-        Issued::Created(tx) => issued(StatusCode::CREATED, &tx),
+        Issued::Created(tx) => {
+            let status = tx.status().as_str();
+            app.metrics
+                .issued(tx.program_id.as_str(), status, tx.total_points);
+            issued(StatusCode::CREATED, &tx)
+        }
         Issued::Replayed(tx) => issued(StatusCode::OK, &tx),
         Issued::Conflict(field) => Err(conflict(&reference, field)),
     }
@@ -728,21 +762,90 @@ fn decode_cursor(app: &App, business: &str, text: &str) -> Option<Cursor> {
 
 /// The business's transactions in a date range, oldest first. Without `limit` the whole
 /// range is streamed from one read snapshot; with it, one page and a `Link` to the next.
+/// `csv`: as CSV with a header row (see [`crate::csv`]) instead of a JSON array, paged
+/// the same way.
 pub async fn list_transactions(
     app: Arc<App>,
     caller: Caller<'_>,
     raw_query: Option<&str>,
+    csv: bool,
 ) -> Reply {
     let q = parse_list_query(raw_query, caller.business, |text| {
         decode_cursor(&app, &caller.business.id, text)
     })?;
-    match q.limit {
-        Some(limit) => list_page(&app, q, limit).await,
-        None => list_stream(&app, q).await,
+    let format = if csv { Format::Csv } else { Format::Json };
+    let mut response = match q.limit {
+        Some(limit) => list_page(&app, q, limit, format).await,
+        None => list_stream(&app, q, format).await,
+    }?;
+    // The same URL answers in two formats: caches must key on Accept.
+    response
+        .headers_mut()
+        .insert(VARY, HeaderValue::from_static("accept"));
+    Ok(response)
+}
+
+/// How a listing is written.
+#[derive(Clone, Copy)]
+enum Format {
+    /// One JSON array.
+    Json,
+    /// CSV with a header row.
+    Csv,
+}
+
+impl Format {
+    fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8; header=present",
+        })
+    }
+
+    /// What comes before the first row.
+    fn head(self) -> BytesMut {
+        let mut buf = BytesMut::new();
+        match self {
+            Format::Json => buf.put_u8(b'['),
+            Format::Csv => crate::csv::header(false, &mut buf),
+        }
+        buf
+    }
+
+    /// What comes after the last row.
+    fn tail(self) -> &'static [u8] {
+        match self {
+            Format::Json => b"]",
+            Format::Csv => b"",
+        }
+    }
+
+    /// An encoder of batches of rows, the first row of all not comma-led (JSON).
+    fn rows(self) -> impl FnMut(&[Transaction]) -> Option<Bytes> + Send + 'static {
+        let mut first_row = true;
+        move |rows: &[Transaction]| {
+            let mut buf = BytesMut::with_capacity(rows.len() * 400);
+            for t in rows {
+                match self {
+                    Format::Json => {
+                        if !first_row {
+                            buf.put_u8(b',');
+                        }
+                        if let Err(e) = write_transaction_json(t, (&mut buf).writer()) {
+                            tracing::error!(error = %e, "cannot encode a listing row");
+                            return None;
+                        }
+                    }
+                    Format::Csv => crate::csv::row(t, None, &mut buf),
+                }
+                first_row = false;
+            }
+            Some(buf.freeze())
+        }
     }
 }
 
-async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
+async fn list_page(app: &App, q: TxQuery, limit: usize, format: Format) -> Reply {
     // One more than the page: whether there is a next page.
     let query = TxQuery {
         limit: Some(limit + 1),
@@ -755,8 +858,13 @@ async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
     }
     let more = page.len() > limit;
     page.truncate(limit);
-    let views: Vec<TransactionView> = page.iter().map(transaction_view).collect();
-    let mut response = json(StatusCode::OK, &views)?;
+    let mut body = format.head();
+    body.extend_from_slice(&(format.rows())(&page).ok_or(Error::Internal)?);
+    body.extend_from_slice(format.tail());
+    let mut response = Response::new(body::full(body.freeze()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, format.content_type());
     if let (true, Some(last)) = (more, page.last()) {
         let mut link = format!(
             "</v1/transactions?startDate={:010}&endDate={:010}",
@@ -782,29 +890,13 @@ async fn list_page(app: &App, q: TxQuery, limit: usize) -> Reply {
     Ok(response)
 }
 
-/// Streams the whole range as one JSON array, a chunk per batch of rows. A client
+/// Streams the whole range as one JSON array (or CSV), a chunk per batch of rows. A client
 /// that stops reading for `send_timeout` is cut off, so that it cannot hold the store's
 /// snapshot for ever; a cut or failed stream ends in a transfer error, never in a short
-/// array that looks whole.
-async fn list_stream(app: &App, q: TxQuery) -> Reply {
-    // Rows are encoded where the store reads them; only JSON text crosses threads. Each
-    // batch becomes one chunk, comma-led but for the very first row.
-    let mut first_row = true;
-    let encode = move |rows: &[Transaction]| -> Option<Bytes> {
-        let mut buf = BytesMut::with_capacity(rows.len() * 400);
-        for t in rows {
-            if !first_row {
-                buf.put_u8(b',');
-            }
-            first_row = false;
-            if let Err(e) = write_transaction_json(t, (&mut buf).writer()) {
-                tracing::error!(error = %e, "cannot encode a listing row");
-                return None;
-            }
-        }
-        Some(buf.freeze())
-    };
-    let mut listing = app.store.list(q, encode)?;
+/// array (or CSV) that looks whole.
+async fn list_stream(app: &App, q: TxQuery, format: Format) -> Reply {
+    // Rows are encoded where the store reads them; only encoded text crosses threads.
+    let mut listing = app.store.list(q, format.rows())?;
     // The status is decided by the first batch: a store that fails at once gets a 503,
     // not a 200 with a broken body.
     let first = match listing.next().await {
@@ -813,8 +905,7 @@ async fn list_stream(app: &App, q: TxQuery) -> Reply {
         Some(Err(e)) => return Err(e.into()),
         None => Bytes::new(),
     };
-    let mut head = BytesMut::with_capacity(first.len() + 1);
-    head.put_u8(b'[');
+    let mut head = format.head();
     head.extend_from_slice(&first);
     let stall = app.config.server.send_timeout;
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
@@ -851,14 +942,14 @@ async fn list_stream(app: &App, q: TxQuery) -> Reply {
         }
         // The sender lives until this task ends, so the body sees the mark before it
         // sees the channel close.
-        if send(Ok(Bytes::from_static(b"]"))).await {
+        if send(Ok(Bytes::from_static(format.tail()))).await {
             completed.store(true, Ordering::Release);
         }
     });
     let mut response = Response::new(body::channel(None, rx, complete));
     response
         .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(CONTENT_TYPE, format.content_type());
     Ok(response)
 }
 

@@ -1,11 +1,14 @@
-//! The shared state every request sees: configuration, store, token key, clock, throttle.
+//! The shared state every request sees: configuration, store, token key, clock, throttle,
+//! metrics.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use crate::auth::{random_secret, CursorKey, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::ClientSecret;
+use crate::metrics::Metrics;
 use crate::store::{Limits, OpenError, Store};
 use crate::throttle::Throttle;
 
@@ -24,6 +27,8 @@ pub struct App {
     /// A hash of nothing, as costly as the costliest configured one: checked when a
     /// client id is unknown, so that a wrong id takes as long as a wrong secret.
     pub dummy_secret: SecretHash,
+    /// Counters and histograms for the admin listener's `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -59,8 +64,11 @@ impl App {
             b"",
             NonZeroU32::new(iterations).expect("parsed iterations are at least 1"),
         );
+        let metrics = Arc::new(Metrics::new());
+        store.on_commit(metrics.commit_hook());
         Ok(App {
             dummy_secret,
+            metrics,
             tokens: TokenKey::new(&key),
             cursors: CursorKey::new(&key),
             config: std::sync::Arc::new(config),

@@ -151,10 +151,19 @@ pub struct LoginLimits {
     pub window: Duration,
 }
 
+/// The admin listener: metrics, readiness and online backups, for the operator only.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where to listen; never the API's address (port 0 picks a free port, logged).
+    pub listen: SocketAddr,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    /// `[admin]`; `None` when absent (no admin listener).
+    pub admin: Option<AdminConfig>,
     /// The database file; relative paths are resolved against the config file's folder.
     pub storage_path: PathBuf,
     /// The database's page cache, in bytes.
@@ -224,6 +233,8 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     auth: RawAuth,
+    /// Absent: no admin listener.
+    admin: Option<RawAdmin>,
     /// `CODE = "units per USD"`, or `CODE = { units_per_usd = "…", exponent = N }`; read
     /// as TOML values so that each form's mistakes are reported under their own key.
     #[serde(default)]
@@ -301,6 +312,12 @@ fn default_write_queue() -> u64 {
 }
 fn default_max_batch() -> u64 {
     256
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
 }
 
 #[derive(Deserialize)]
@@ -788,6 +805,32 @@ fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `[admin] listen`: an address:port that cannot be the API's. Both on port 0 get two
+/// different free ports; otherwise the same port is refused when the addresses overlap
+/// (equal, or either one all interfaces): the admin endpoints must never be reachable
+/// where the API is.
+fn admin_listen(text: &str, api: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    let key = "admin.listen";
+    let admin: SocketAddr = text.parse().map_err(|_| {
+        err(
+            key,
+            format!("\"{text}\" is not an address:port like 127.0.0.1:9090"),
+        )
+    })?;
+    let overlap =
+        admin.ip() == api.ip() || admin.ip().is_unspecified() || api.ip().is_unspecified();
+    if admin.port() != 0 && admin.port() == api.port() && overlap {
+        return Err(err(
+            key,
+            format!(
+                "\"{text}\" is the API's address (server.listen = \"{api}\"); the admin \
+                 endpoints (metrics, backups) need an address of their own"
+            ),
+        ));
+    }
+    Ok(admin)
+}
+
 fn positive(key: &str, value: u64, max: u64) -> Result<u64, ConfigError> {
     if value == 0 || value > max {
         return Err(err(key, format!("must be between 1 and {max}")));
@@ -901,6 +944,13 @@ impl RawConfig {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+        };
+
+        let admin = match &self.admin {
+            None => None,
+            Some(a) => Some(AdminConfig {
+                listen: admin_listen(&a.listen, listen)?,
+            }),
         };
 
         if self.storage.path.is_empty() {
@@ -1134,6 +1184,7 @@ impl RawConfig {
 
         Ok(Config {
             server,
+            admin,
             storage_path,
             storage_cache_bytes,
             auth,
@@ -1149,6 +1200,22 @@ impl RawConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_listener_is_never_the_api_port() {
+        let api: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        for bad in ["127.0.0.1:8080", "0.0.0.0:8080", "nowhere", "127.0.0.1"] {
+            let e = admin_listen(bad, api).expect_err(bad);
+            assert_eq!(e.key, "admin.listen", "{bad}");
+        }
+        for good in ["127.0.0.1:9090", "127.0.0.2:8080", "127.0.0.1:0"] {
+            assert!(admin_listen(good, api).is_ok(), "{good}");
+        }
+        let any: SocketAddr = "0.0.0.0:0".parse().expect("addr");
+        assert!(admin_listen("127.0.0.1:0", any).is_ok());
+        let all: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        assert!(admin_listen("127.0.0.1:8080", all).is_err());
+    }
 
     #[test]
     fn cidr_blocks_parse_and_contain() {

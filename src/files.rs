@@ -1,5 +1,5 @@
 //! Files that only the server's own user may read: the database (it holds the token
-//! signing key and the id key) and, later, backups of it.
+//! signing key and the id key), backups of it, and exports.
 //!
 //! Modes are given at creation, never fixed up after it, so that there is no moment in
 //! which another user could open the file. The process umask can only take bits away.
@@ -47,6 +47,46 @@ pub fn ensure_private_file(path: &Path) -> io::Result<()> {
 pub fn open_to_others(path: &Path) -> io::Result<Option<u32>> {
     let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
     Ok((mode & 0o077 != 0).then_some(mode))
+}
+
+/// Writes the file at `path` all at once or not at all: `write` fills a new owner-only
+/// file beside it, which is fsynced, then `verify` is given its path, and only if both
+/// succeed is it renamed over `path` (and the folder fsynced, so that the rename is
+/// durable). On any failure the temporary file is removed and `path` is left as it was.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<(), String>,
+    verify: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    let folder = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(folder) => folder,
+        None => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} is not a file name", path.display()))?;
+    let temp = folder.join(format!(".{name}.tmp-{}", crate::store::random_suffix()));
+    let mut file =
+        create_private_file(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+    let done = write(&mut file)
+        .and_then(|()| {
+            file.sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", temp.display()))
+        })
+        .and_then(|()| verify(&temp))
+        .and_then(|()| {
+            std::fs::rename(&temp, path)
+                .map_err(|e| format!("cannot rename into {}: {e}", path.display()))
+        });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    done?;
+    if let Ok(dir) = std::fs::File::open(folder) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,11 +20,20 @@
 //! - `main.rs`: the command line; thin.
 //! - [`config`]: TOML → validated [`config::Config`], once.
 //! - [`app`]: the shared state (config, store, token key, clock, throttle).
-//! - [`service`]: the lifecycle owner: start, and stop in order.
+//! - [`service`]: the lifecycle owner: start (API listener, admin listener, background
+//!   tasks), and stop in order.
+//! - [`admin`]: the admin listener's endpoints: `/metrics`, `/readyz`, `/backup`.
+//! - [`metrics`]: the Prometheus families and the calls that record them (requests in the
+//!   router, issues in `api`, commits through a store hook, delivery attempts).
 //! - [`server`]: accept loop, limits, timeouts (writes too), graceful drain; serves any
 //!   route function.
 //! - [`router`]: the endpoint list and the match.
-//! - [`api`]: one function per endpoint and the JSON DTOs.
+//! - [`api`]: one function per endpoint and the JSON DTOs; `login`, the one credential
+//!   check behind `/v1/auth` and `/v1/oauth/token`.
+//! - [`oauth`]: `POST /v1/oauth/token` (RFC 6749 client credentials, its own error shape).
+//! - [`csv`]: transactions as RFC 4180 rows with formula cells neutralised (the listing
+//!   with `Accept: text/csv`, and exports).
+//! - [`export`]: `cosmopoints export`, every business's transactions as CSV or JSON Lines.
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
 //! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
@@ -40,7 +49,8 @@
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.
 //! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
 //!   versioned records, the group-commit writer, reads, `check`).
-//! - [`files`]: owner-only files and folders (the database, backups).
+//! - [`files`]: owner-only files and folders (the database, backups, exports), written
+//!   atomically.
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
 //!
 //! # Invariants
@@ -59,24 +69,33 @@
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
 //! - A write is acknowledged only after its commit is durable.
-//! - Shutdown order: stop accepting, drain requests, stop background tasks, flush the
-//!   writer, close the store.
+//! - Shutdown order: mark not ready, stop accepting API requests and drain them, stop the
+//!   admin listener, stop background tasks, flush the writer, close the store.
+//! - Metric labels come from closed sets (route patterns, status codes, configured
+//!   program ids, outcome names), never from request text.
+//! - A backup is made from one read transaction into a new file; the live file is never
+//!   copied.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod csv;
 pub mod decimal;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod export;
 pub mod files;
 pub mod input;
 pub mod ledger;
+pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod partner;
 pub mod router;

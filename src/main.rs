@@ -1,5 +1,6 @@
 //! The `cosmopoints` command line: parse arguments, then hand over to the library.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,13 @@ use cosmopoints::app::App;
 use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
 use cosmopoints::config::{Config, LogFormat};
+use cosmopoints::export::ExportFormat;
+use cosmopoints::store::{Limits, RestoreError, Store};
 
 const USAGE: &str = "usage: cosmopoints <serve [--config PATH] | check [--config PATH] | \
-                     hash-secret [--generate] [--iterations N]> (--help for more)";
+                     hash-secret [--generate] [--iterations N] | backup --admin ADDR --out FILE | \
+                     restore --from FILE --config PATH | export --config PATH --from S --to E \
+                     [--format csv|jsonl] [--out FILE]> (--help for more)";
 
 const HELP: &str = "cosmopoints: a self-contained loyalty-points server
 
@@ -29,6 +34,15 @@ usage:
       Read a client secret (one line; in a terminal, asked for without echo) and
       print the secret_hash to put in the config (PBKDF2-HMAC-SHA256, PHC string).
       --generate: make a strong random secret and print it with its hash.
+  cosmopoints backup --admin ADDR --out FILE
+      Take a consistent backup from a running server's admin listener and write it
+      to FILE (owner-only), after checking it as `check` does.
+  cosmopoints restore --from FILE --config PATH
+      With the server stopped: check the backup FILE, then put it in place of the
+      database named in the config, in one atomic step.
+  cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
+      With the server stopped: every business's transactions created from S to E
+      (epoch seconds, 10 digits) as CSV (default) or JSON Lines, to stdout or FILE.
   cosmopoints --help | --version
 
 Exit codes: 0 done, 1 failure while running, 2 bad usage, config or database.";
@@ -58,6 +72,36 @@ reads stdin (one line: a trailing newline is dropped). N defaults to 100000.
 prints two lines: `secret: SECRET` (give it to the client; it is not kept anywhere)
 and `secret_hash = \"HASH\"` (put it in the client's entry of the config).";
 
+const BACKUP_HELP: &str = "usage: cosmopoints backup --admin ADDR --out FILE
+
+Fetches GET /backup from the admin listener of a running server at ADDR (host:port, as
+in [admin] listen; http:// in front is allowed): a consistent snapshot of the whole
+database from one read transaction, taken while the server goes on serving. The file is
+written beside FILE under a temporary name (mode 0600), fsynced, checked as
+`cosmopoints check` does, and only then renamed to FILE: FILE is a whole, checked backup
+or is left as it was. Exit 0 done, 1 failed (nothing written), 2 bad usage.";
+
+const RESTORE_HELP: &str = "usage: cosmopoints restore --from FILE --config PATH
+
+Replaces the database named in the config with the backup FILE. The server must be
+stopped: a database held by a running server is refused. FILE is checked first (as
+`cosmopoints check` does); a damaged or unreadable FILE is refused. The backup is copied
+beside the database under a temporary name (mode 0600), fsynced and renamed over it in
+one step, so that the database is either the old one or the whole backup. Exit 0 done,
+1 the backup is damaged or a copy failed, 2 bad usage, config, unreadable backup or a
+running server (nothing changed in any of these).";
+
+const EXPORT_HELP: &str =
+    "usage: cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
+
+Writes the transactions created from S to E (epoch seconds, exactly 10 digits, as
+startDate and endDate of the listing) of every business in the config, business by
+business, each oldest first. csv (default): a header row, then the columns of the API's
+CSV listing after a `business` column (RFC 4180 quoting, formula cells prefixed with
+'). jsonl: one JSON object per line, the API's transaction with a `business` field.
+To stdout, or to FILE (mode 0600, written whole or not at all). The server must be
+stopped (it holds the database). Exit 0 done, 1 failed, 2 bad usage, config or database.";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -71,6 +115,29 @@ fn main() -> ExitCode {
         ["check"] => check(None),
         ["check", "--config", path] => check(Some(Path::new(path))),
         ["hash-secret", "--help" | "-h"] => print_ok(HASH_HELP),
+        ["backup", "--help" | "-h"] => print_ok(BACKUP_HELP),
+        ["backup", options @ ..] => match named(options, &["--admin", "--out"], &[]) {
+            Ok(o) => backup(o["--admin"], Path::new(o["--out"])),
+            Err(message) => usage_error(&message),
+        },
+        ["restore", "--help" | "-h"] => print_ok(RESTORE_HELP),
+        ["restore", options @ ..] => match named(options, &["--from", "--config"], &[]) {
+            Ok(o) => restore(Path::new(o["--from"]), Path::new(o["--config"])),
+            Err(message) => usage_error(&message),
+        },
+        ["export", "--help" | "-h"] => print_ok(EXPORT_HELP),
+        ["export", options @ ..] => {
+            match named(
+                options,
+                &["--config", "--from", "--to"],
+                &["--format", "--out"],
+            )
+            .and_then(export_options)
+            {
+                Ok(options) => export(options),
+                Err(message) => usage_error(&message),
+            }
+        }
         ["hash-secret", options @ ..] => match hash_options(options) {
             Ok((generate, iterations)) => hash_secret(generate, iterations),
             Err(message) => usage_error(message),
@@ -79,14 +146,294 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--name value` options in any order: each of `required` exactly once, each of
+/// `optional` at most once, nothing else.
+fn named<'a>(
+    options: &[&'a str],
+    required: &[&'a str],
+    optional: &[&'a str],
+) -> Result<HashMap<&'a str, &'a str>, String> {
+    let mut found = HashMap::new();
+    let mut rest = options.iter();
+    while let Some(&name) = rest.next() {
+        if !required.contains(&name) && !optional.contains(&name) {
+            return Err(format!("unknown option {name:?}\n{USAGE}"));
+        }
+        let Some(&value) = rest.next() else {
+            return Err(format!("{name} needs a value\n{USAGE}"));
+        };
+        if found.insert(name, value).is_some() {
+            return Err(format!("{name} is given twice"));
+        }
+    }
+    if let Some(missing) = required.iter().find(|r| !found.contains_key(*r)) {
+        return Err(format!("{missing} is required\n{USAGE}"));
+    }
+    Ok(found)
+}
+
 fn print_ok(text: &str) -> ExitCode {
     println!("{text}");
     ExitCode::SUCCESS
 }
 
 fn usage_error(text: &str) -> ExitCode {
-    eprintln!("{text}");
+    eprintln!("{}", text.replace('\n', "; "));
     ExitCode::from(2)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cosmopoints: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `cosmopoints backup`: see BACKUP_HELP.
+fn backup(admin: &str, out: &Path) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let address = admin
+        .strip_prefix("http://")
+        .unwrap_or(admin)
+        .trim_end_matches('/')
+        .to_owned();
+    let started = std::time::Instant::now();
+    let mut report = None;
+    let written = cosmopoints::files::write_atomically(
+        out,
+        |file| runtime.block_on(fetch_backup(&address, file)),
+        |temp| match cosmopoints::store::check_file(temp) {
+            Ok(r) if r.problems.is_empty() => {
+                report = Some(r);
+                Ok(())
+            }
+            Ok(r) => Err(format!(
+                "the backup fails the check: {}",
+                r.problems.first().map_or("", String::as_str)
+            )),
+            Err(e) => Err(format!("the backup does not open: {e}")),
+        },
+    );
+    match (written, report) {
+        (Ok(()), Some(report)) => {
+            println!(
+                "{}: {} transactions, {} connections, schema {}, checked; {:.1} s",
+                out.display(),
+                report.transactions,
+                report.connections,
+                report.schema,
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        (Err(e), _) => {
+            eprintln!(
+                "cosmopoints: backup failed, nothing written to {}: {e}",
+                out.display()
+            );
+            ExitCode::FAILURE
+        }
+        (Ok(()), None) => ExitCode::FAILURE,
+    }
+}
+
+/// GET /backup from `address` into `file`, all of it (the length the server announced).
+async fn fetch_backup(address: &str, file: &mut std::fs::File) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    use std::io::Write;
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .map_err(|_| format!("cannot connect to {address}: timed out"))?
+    .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("cannot talk HTTP to {address}: {e}"))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/backup")
+        .header(hyper::header::HOST, address)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("bad admin address {address}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET /backup on {address} failed: {e}"))?;
+    let status = response.status();
+    let expected = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        return Err(format!("the server answered {status}: {}", text.trim()));
+    }
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the transfer broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data)
+                .map_err(|e| format!("cannot write the backup: {e}"))?;
+            received += data.len() as u64;
+        }
+    }
+    if expected.is_some_and(|n| n != received) {
+        return Err(format!(
+            "the transfer ended after {received} of {} bytes",
+            expected.unwrap_or(0)
+        ));
+    }
+    Ok(())
+}
+
+/// `cosmopoints restore`: see RESTORE_HELP.
+fn restore(from: &Path, config: &Path) -> ExitCode {
+    let (_, config) = match load_config(Some(config)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let to = &config.storage_path;
+    let started = std::time::Instant::now();
+    match cosmopoints::store::restore_file(from, to) {
+        Ok(report) => {
+            println!(
+                "{} restored from {}: {} transactions, {} connections, schema {}; {:.1} s",
+                to.display(),
+                from.display(),
+                report.transactions,
+                report.connections,
+                report.schema,
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "cosmopoints: restore refused, {} unchanged: {e}",
+                to.display()
+            );
+            match e {
+                RestoreError::Damaged(_) | RestoreError::Io(_) => ExitCode::FAILURE,
+                RestoreError::Source(_) | RestoreError::InUse => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+struct ExportOptions {
+    config: PathBuf,
+    start: u64,
+    end: u64,
+    format: ExportFormat,
+    out: Option<PathBuf>,
+}
+
+fn export_options(o: HashMap<&str, &str>) -> Result<ExportOptions, String> {
+    let epoch = |name: &str| -> Result<u64, String> {
+        let text = o[name];
+        if text.len() != 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{name} must be epoch seconds of exactly 10 digits, like 1795774500"
+            ));
+        }
+        text.parse().map_err(|_| format!("{name} is not a number"))
+    };
+    let (start, end) = (epoch("--from")?, epoch("--to")?);
+    if start > end {
+        return Err("--from must not be after --to".into());
+    }
+    let format = match o.get("--format") {
+        None => ExportFormat::Csv,
+        Some(f) => ExportFormat::parse(f).ok_or("--format must be csv or jsonl")?,
+    };
+    Ok(ExportOptions {
+        config: PathBuf::from(o["--config"]),
+        start,
+        end,
+        format,
+        out: o.get("--out").map(PathBuf::from),
+    })
+}
+
+/// `cosmopoints export`: see EXPORT_HELP.
+fn export(options: ExportOptions) -> ExitCode {
+    let (_, config) = match load_config(Some(&options.config)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let path = config.storage_path.clone();
+    // Opening would create a missing database: say so instead.
+    if !path.exists() {
+        eprintln!(
+            "cosmopoints: cannot export: {} does not exist",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
+    let limits = Limits {
+        cache_bytes: config.storage_cache_bytes,
+        ..Limits::new(1, 1)
+    };
+    let store = match Store::open(&path, Clock::system(), limits) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("cosmopoints: cannot export from {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let run = |out: &mut dyn std::io::Write| -> Result<u64, String> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
+        runtime
+            .block_on(cosmopoints::export::export(
+                &store,
+                &config,
+                options.start,
+                options.end,
+                options.format,
+                &mut out,
+            ))
+            .map_err(|e| e.to_string())
+    };
+    let mut rows = 0;
+    let done = match &options.out {
+        None => run(&mut std::io::stdout().lock()).map(|n| rows = n),
+        Some(file) => {
+            cosmopoints::files::write_atomically(file, |f| run(f).map(|n| rows = n), |_| Ok(()))
+        }
+    };
+    runtime.block_on(async {
+        store.shutdown().await;
+        store.close().await;
+    });
+    match done {
+        Ok(()) => {
+            eprintln!("cosmopoints: exported {rows} transactions");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cosmopoints: export failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `[--generate] [--iterations N]` in any order → (generate, iterations).
@@ -284,6 +631,16 @@ fn serve(path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let admin = match app.config.admin.as_ref().map(|a| a.listen) {
+            None => None,
+            Some(admin_listen) => match tokio::net::TcpListener::bind(admin_listen).await {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    eprintln!("cosmopoints: cannot listen on {admin_listen} (admin.listen): {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        };
         let shutdown = shutdown_signal();
         // The first log line: what this process serves, from which files.
         let addr = match listener.local_addr() {
@@ -297,6 +654,12 @@ fn serve(path: Option<&Path>) -> ExitCode {
             businesses = %businesses,
             "listening on {addr}"
         );
+        if let Some(admin) = &admin {
+            let addr = admin
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            tracing::info!("admin listening at {addr} (GET /metrics, /readyz, /backup)");
+        }
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
@@ -314,9 +677,11 @@ fn serve(path: Option<&Path>) -> ExitCode {
                 storage.display()
             );
         }
-        cosmopoints::service::Service::new(app)
-            .run(listener, shutdown)
-            .await;
+        let mut service = cosmopoints::service::Service::new(app);
+        if let Some(admin) = admin {
+            service.admin(admin);
+        }
+        service.run(listener, shutdown).await;
         ExitCode::SUCCESS
     })
 }

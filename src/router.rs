@@ -5,6 +5,7 @@
 //! | GET, HEAD | /healthz | no |
 //! | GET, HEAD | /v1/openapi.json | no |
 //! | POST | /v1/auth | no |
+//! | POST | /v1/oauth/token | no |
 //! | GET, HEAD | /v1/profile | bearer |
 //! | GET, HEAD | /v1/programs | bearer |
 //! | POST | /v1/programs/{programId}/validate-member | bearer |
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, Version};
 
 use crate::api::{self, authenticate, Reply};
@@ -37,7 +38,7 @@ use crate::app::App;
 use crate::body::Body;
 use crate::error::Error;
 use crate::input::decode_component;
-use crate::openapi;
+use crate::{oauth, openapi};
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     // The request's log line carries these (fields of the span `server` opens).
@@ -45,9 +46,13 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) ->
     span.record("remote", tracing::field::display(remote));
     let route = route_name(req.method(), req.uri().path());
     span.record("route", tracing::field::display(route));
-    dispatch(app, req, remote)
+    let started = std::time::Instant::now();
+    let metrics = app.metrics.clone();
+    let response = dispatch(app, req, remote)
         .await
-        .unwrap_or_else(Error::into_response)
+        .unwrap_or_else(Error::into_response);
+    metrics.request(route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// The endpoint a path belongs to, as the table above writes it, for the logs: requests
@@ -59,6 +64,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         ["healthz"] => "/healthz",
         ["v1", "openapi.json"] => "/v1/openapi.json",
         ["v1", "auth"] => "/v1/auth",
+        ["v1", "oauth", "token"] => "/v1/oauth/token",
         ["v1", "profile"] => "/v1/profile",
         ["v1", "programs"] => "/v1/programs",
         ["v1", "currencies"] => "/v1/currencies",
@@ -88,6 +94,16 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
             api::auth(app, client, body).await
         }
         (_, ["v1", "auth"]) => Err(Error::MethodNotAllowed("POST")),
+
+        // Client authentication is the handler's (HTTP Basic or the form), not a bearer token.
+        (&Method::POST, ["v1", "oauth", "token"]) => {
+            let client = client_address(&app, &req, remote)?;
+            let form = has_media_type(&req, "application/x-www-form-urlencoded");
+            let authorization = req.headers().get(AUTHORIZATION).cloned();
+            let body = read_body(req, &app).await?;
+            oauth::token(app, client, form, authorization.as_ref(), body).await
+        }
+        (_, ["v1", "oauth", "token"]) => Err(Error::MethodNotAllowed("POST")),
 
         (&Method::GET | &Method::HEAD, ["v1", "profile"]) => {
             api::profile(&app, authenticate(&app, req.headers())?)
@@ -122,7 +138,9 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (&Method::GET | &Method::HEAD, ["v1", "transactions"]) => {
             let caller = authenticate(&app, req.headers())?;
-            api::list_transactions(app.clone(), caller, query.as_deref()).await
+            let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let csv = crate::csv::accepts_csv(accept);
+            api::list_transactions(app.clone(), caller, query.as_deref(), csv).await
         }
         (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
 
@@ -219,22 +237,30 @@ fn parse_forwarded(entry: &str) -> Option<IpAddr> {
     Some(address.to_canonical())
 }
 
-/// The body of a JSON request: declared `application/json` and not encoded (415
-/// otherwise), at most
-/// `max_body_bytes` (413), arriving within `body_read_timeout` (408).
-async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
-    let limit = app.config.server.max_body_bytes;
-    let is_json = req
-        .headers()
+/// Whether the request declares its body as `media` (parameters such as charset aside).
+fn has_media_type(req: &Request<Incoming>, media: &str) -> bool {
+    req.headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case(media))
+}
+
+/// The body of a JSON request: declared `application/json` (415 otherwise), read as
+/// [`read_body`] reads.
+async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
+    if !has_media_type(&req, "application/json") {
         return Err(Error::UnsupportedMediaType(
             "send the body with `Content-Type: application/json`",
         ));
     }
+    read_body(req, app).await
+}
+
+/// A request body: not encoded (415 otherwise), at most `max_body_bytes` (413), arriving
+/// within `body_read_timeout` (408).
+async fn read_body(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
+    let limit = app.config.server.max_body_bytes;
     let encoded = req
         .headers()
         .get_all(CONTENT_ENCODING)

@@ -261,6 +261,7 @@ async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit
         outcome = attempt_name(&attempt),
         "delivery attempt"
     );
+    app.metrics.delivery_attempt(attempt_name(&attempt));
     let schedule = send.endpoint.retry_schedule.clone();
     let before = send.before.clone();
     // Only the attempt this state was read for moves it on: a redelivery or another
@@ -330,6 +331,6 @@ fn attempt_name(attempt: &Attempt) -> &'static str {
     match attempt {
         Attempt::Delivered { .. } => "delivered",
         Attempt::Retry { .. } => "retry",
-        Attempt::Failed(_) => "rejected",
+        Attempt::Failed(_) => "failed",
     }
 }

@@ -13,6 +13,9 @@ use super::schema::{
 };
 use super::OpenError;
 
+/// redb's page cache while checking a file.
+const CHECK_CACHE_BYTES: usize = 64 << 20;
+
 /// What `check` found: how many of each, and every inconsistency.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -39,14 +42,16 @@ pub fn check_file(path: &Path) -> Result<CheckReport, OpenError> {
             path.display()
         )));
     }
-    let db = match Database::builder().open_read_only(path) {
+    // The check reads each page about once: a small cache does as well as redb's default
+    // (1 GiB), which a large file would fill for nothing.
+    let mut builder = Database::builder();
+    builder.set_cache_size(CHECK_CACHE_BYTES);
+    let db = match builder.open_read_only(path) {
         // Not shut down cleanly (a crash, kill -9): redb recovers such a file when it is
         // opened for writing, as a server start would. Do that, then check read-only.
         Err(DatabaseError::RepairAborted) => {
             drop(Database::open(path).map_err(open_error)?);
-            Database::builder()
-                .open_read_only(path)
-                .map_err(open_error)?
+            builder.open_read_only(path).map_err(open_error)?
         }
         other => other.map_err(open_error)?,
     };

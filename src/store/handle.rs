@@ -34,7 +34,13 @@ pub(super) struct Handle {
     /// Durable commits made by the writer, and the writes they held.
     pub commits: std::sync::atomic::AtomicU64,
     pub writes: std::sync::atomic::AtomicU64,
+    /// Told of every durable commit: its writes and how long the commit (with its fsync)
+    /// took. Set once, before serving (the metrics).
+    pub on_commit: std::sync::OnceLock<CommitHook>,
 }
+
+/// See [`Handle::on_commit`].
+pub(super) type CommitHook = Box<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 /// How often the writer retries opening a database it had to close.
 pub(super) const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
@@ -57,6 +63,7 @@ impl Handle {
             db: RwLock::new(Some(Arc::new(db))),
             commits: 0.into(),
             writes: 0.into(),
+            on_commit: std::sync::OnceLock::new(),
         }
     }
 

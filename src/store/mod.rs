@@ -39,6 +39,7 @@
 //! transactions within one second list in creation order and every key is unique. A
 //! record and all its index entries are written in one write transaction.
 
+mod backup;
 mod check;
 mod handle;
 mod read;
@@ -52,6 +53,8 @@ use std::thread::JoinHandle;
 use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+pub(crate) use backup::random_suffix;
+pub use backup::{restore_file, BackupReport, RestoreError};
 pub use check::{check_file, CheckReport};
 pub use schema::SCHEMA_VERSION;
 
@@ -468,6 +471,33 @@ impl Store {
             self.handle.commits.load(Relaxed),
             self.handle.writes.load(Relaxed),
         )
+    }
+
+    /// Writes waiting for the writer now.
+    pub fn write_queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
+    /// Calls `hook` after every durable commit with its number of writes and the time the
+    /// commit (fsync included) took, on the writer thread: keep it cheap. Only the first
+    /// hook set is kept.
+    pub fn on_commit(&self, hook: impl Fn(usize, std::time::Duration) + Send + Sync + 'static) {
+        let _ = self.handle.on_commit.set(Box::new(hook));
+    }
+
+    /// Writes a consistent snapshot of the whole database, from one read transaction, as
+    /// a new database file at `path` (created owner-only; nothing may exist there yet).
+    /// Writes go on meanwhile; the snapshot holds what was committed when it began.
+    pub async fn backup_to(&self, path: &Path) -> Result<BackupReport, StoreError> {
+        let handle = self.handle.clone();
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let reader = Reader::begin(&handle)?;
+            backup::backup(&reader.txn, &path)
+                .map_err(|e| unavailable(format!("backup failed: {e}")))
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     /// Listings running now (each holds a blocking thread and a snapshot).

@@ -143,7 +143,11 @@ impl Writer {
             meta.insert("next_seq", self.next_seq.to_le_bytes().as_slice())
                 .map_err(unavailable)?;
         }
+        let committing = std::time::Instant::now();
         txn.commit().map_err(unavailable)?;
+        if let Some(hook) = self.handle.on_commit.get() {
+            hook(answers.len(), committing.elapsed());
+        }
         self.handle.commits.fetch_add(1, Ordering::Relaxed);
         self.handle
             .writes
