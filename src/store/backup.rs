@@ -20,7 +20,8 @@ use redb::{
 
 use super::check::check_file;
 use super::schema::{
-    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, META, OUTBOX, TRANSACTIONS,
+    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, OUTBOX,
+    TRANSACTIONS,
 };
 use super::{CheckReport, OpenError};
 
@@ -47,6 +48,7 @@ const TABLES: &[&str] = &[
     "connections",
     "deliveries",
     "outbox",
+    "events",
 ];
 
 /// Copies every table of `source` (one snapshot) into a new database file at `path`,
@@ -111,6 +113,7 @@ fn copy_all(source: &ReadTransaction, dest: &Database) -> Result<(), String> {
     copy(source, dest, CONNECTIONS)?;
     copy(source, dest, DELIVERIES)?;
     copy(source, dest, OUTBOX)?;
+    copy(source, dest, EVENTS)?;
     Ok(())
 }
 
