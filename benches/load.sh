@@ -419,7 +419,7 @@ awk '{n++; s += $2; if (min == "" || $2 < min) min = $2}
      END {printf "   issue-points with a partner / without: mean %.2f, worst %.2f over %d rounds (>= 0.85 wanted)\n", s / n, min, n}' "$WORK/ratios_partner"
 PENDING=$(curl -s --max-time 60 -H "Authorization: Bearer $PARTNER_TOKEN" \
   "$PARTNER_URL/v1/transactions?startDate=0000000000&endDate=9999999999&status=pending&limit=1000" |
-  grep -o '"referenceNumber"' | wc -l)
+  grep -o '"referenceNumber"' | wc -l || true)
 say "   partner server: $PENDING transactions still pending at the end (of the last page of 1000 at most)"
 say "   listing: $LIST_TPS transactions/s"
 say "   RSS: idle $(mib "$IDLE_RSS") MiB, 256 connections $(mib "$C256_RSS_MAX") MiB, listing $(mib "$LIST_RSS_MAX") MiB, now $(mib "$FINAL_RSS") MiB, peak (VmHWM) $(mib "$PEAK") MiB"

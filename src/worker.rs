@@ -79,7 +79,17 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
     let (done_tx, mut done) = mpsc::unbounded_channel::<(u8, u64)>();
     while !stopping.is_set() {
         let now = app.clock.now();
-        match app.store.due(now, BATCH, &in_flight).await {
+        // Read no more jobs than there are free slots: the loop wakes at every finished
+        // attempt, and reading (and decoding) jobs that cannot be sent yet is wasted work.
+        // While a partner is saturated its jobs may hold the head of the outbox for a
+        // moment; they free their slots within one attempt's time.
+        let free: usize = limits.values().map(|l| l.available_permits()).sum();
+        let want = if limits.is_empty() {
+            BATCH
+        } else {
+            free.clamp(1, BATCH)
+        };
+        match app.store.due(now, want, &in_flight).await {
             Ok(due) => {
                 for job in due {
                     let Some(send) = prepare(&app, job, &in_flight).await else {
