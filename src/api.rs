@@ -824,7 +824,7 @@ impl Format {
     fn rows(self) -> impl FnMut(&[Transaction]) -> Option<Bytes> + Send + 'static {
         let mut first_row = true;
         move |rows: &[Transaction]| {
-            let mut buf = BytesMut::with_capacity(rows.len() * 400);
+            let mut buf = BytesMut::with_capacity(rows.len() * 512);
             for t in rows {
                 match self {
                     Format::Json => {
