@@ -445,3 +445,43 @@ async fn a_program_that_loses_its_partner_fails_its_queued_deliveries() {
     let r = s.issue(&token, issue_to("EK-1", "inv-2")).await;
     assert_eq!(r.json()["status"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_removed_from_the_config_fails_its_queued_events() {
+    let partner = PartnerSim::start().await;
+    let port = refused_port();
+    let hook = format!(
+        "[[businesses.webhooks]]\nurl = \"http://127.0.0.1:{port}/hooks\"\nsecret = \"{SECRET}\""
+    );
+    let s = server(&partner.partner_toml(), &hook).await;
+    let token = s.acme().await;
+    let id = issue_pending(&s, &token, "EK-1", "inv-1").await;
+    wait_tx(&s, &token, &id, "to complete", |tx| {
+        tx["status"] == "completed"
+    })
+    .await;
+    // The event's first attempt met a refused port: it waits 5 s for the next one.
+    eventually("the event to be tried and queued again", || async {
+        s.app.store.outbox_depth().await.expect("depth") == (1, Some(T0 + 5))
+    })
+    .await;
+    let dir = s.stop().await;
+
+    // Restarted without the webhook: the queued event fails, it is not dropped.
+    let partner_lines = partner.partner_toml();
+    let s = TestServer::start_in(dir, move |text| {
+        text.replace(
+            "max_points = 1000000\n",
+            &format!("max_points = 1000000\n[programs.partner]\n{partner_lines}\n"),
+        )
+    })
+    .await;
+    s.clock.set(T0 + 5);
+    eventually("the event to leave the outbox", || async {
+        s.app.store.outbox_depth().await.expect("depth") == (0, None)
+    })
+    .await;
+    let report = s.app.store.check().expect("check");
+    assert_eq!(report.events, 1);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
