@@ -29,10 +29,10 @@ use crate::domain::{
 use crate::error::Error;
 use crate::input::{encode_component, query, Fields};
 use crate::ledger::{
-    enabled_program, quote, Connection, NewTransaction, Recipient, Rejection, Transaction,
-    TransactionId, MAX_VALUE,
+    enabled_program, quote, Connection, NewReversal, NewTransaction, Recipient, Rejection,
+    Reversal, ReversalId, Transaction, TransactionId, MAX_VALUE,
 };
-use crate::store::{Connect, Cursor, Issue, Issued, TxQuery};
+use crate::store::{Connect, Cursor, Issue, Issued, Redelivery, Reverse, Reversed, TxQuery};
 
 pub type Reply = Result<Response<Body>, Error>;
 
@@ -502,10 +502,38 @@ struct TransactionView<'a> {
     end_user_id: Option<&'a str>,
     bonus: bool,
     total_points: u64,
-    point_transactions: [PointTransactionView; 1],
+    point_transactions: PointTransactions<'a>,
     partnership: PartnershipView<'a>,
     status: &'static str,
     delivery: Option<DeliveryView<'a>>,
+    reversed_value: u64,
+    reversed_points: u64,
+}
+
+/// A transaction's `pointTransactions`: the issuance, then one entry per reversal.
+struct PointTransactions<'a>(&'a Transaction);
+
+impl Serialize for PointTransactions<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let tx = self.0;
+        let mut seq = s.serialize_seq(Some(1 + tx.reversals.len()))?;
+        seq.serialize_element(&PointTransactionView {
+            destination_number_of_points: tx.total_points.to_string(),
+            kind: if tx.bonus { "bonus" } else { "base" },
+            id: None,
+            status: None,
+        })?;
+        for r in &tx.reversals {
+            seq.serialize_element(&PointTransactionView {
+                destination_number_of_points: format!("-{}", r.points),
+                kind: "reversal",
+                id: Some(r.id.to_string()),
+                status: Some(r.status().as_str()),
+            })?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -547,6 +575,11 @@ struct PointTransactionView {
     destination_number_of_points: String,
     #[serde(rename = "type")]
     kind: &'static str,
+    /// A reversal's id and status (the issuance's are the transaction's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -573,10 +606,7 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
         end_user_id: tx.end_user_id.as_ref().map(EndUserId::as_str),
         bonus: tx.bonus,
         total_points: tx.total_points,
-        point_transactions: [PointTransactionView {
-            destination_number_of_points: tx.total_points.to_string(),
-            kind: if tx.bonus { "bonus" } else { "base" },
-        }],
+        point_transactions: PointTransactions(tx),
         partnership: PartnershipView {
             destination: DestinationView {
                 name: &tx.program_name,
@@ -585,6 +615,8 @@ fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
         },
         status: tx.status().as_str(),
         delivery: tx.delivery.as_ref().map(delivery_view),
+        reversed_value: tx.reversed_value,
+        reversed_points: tx.reversed_points,
     }
 }
 
@@ -606,21 +638,22 @@ pub async fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply 
 
 /// Sends a `failed` transaction to its partner again, with a fresh retry schedule: 202 with
 /// the transaction, now `pending`. Any other status is 409 (a transaction without a
-/// partner is `completed`).
+/// partner is `completed`), and so is a failed one with reversals: they were settled
+/// without the partner, which never had the points.
 pub async fn redeliver(app: &App, caller: Caller<'_>, key: &str) -> Reply {
     let tx = app
         .store
         .transaction(&caller.business.id, key)
         .await?
         .ok_or_else(|| not_found(key))?;
-    let updated = app
-        .store
-        .update_delivery(tx.seq, |d, now| d.redeliver(now), |_, _| Vec::new())
-        .await?;
-    match updated {
-        Some((tx, true)) => json(StatusCode::ACCEPTED, &transaction_view(&tx)),
-        Some((tx, false)) => Err(not_failed(&tx)),
-        None => Err(not_failed(&tx)),
+    match app.store.redeliver_credit(tx.seq).await? {
+        Redelivery::Redelivered(tx) => json(StatusCode::ACCEPTED, &transaction_view(&tx)),
+        Redelivery::NotFailed(now) => Err(not_failed(now.as_deref().unwrap_or(&tx))),
+        Redelivery::Reversed(tx) => Err(Error::StateConflict(format!(
+            "transaction {} failed and has reversals, which were settled without the partner; \
+             it cannot be redelivered: issue a new transaction for what should still be credited",
+            tx.id
+        ))),
     }
 }
 
@@ -635,6 +668,164 @@ fn not_failed(tx: &Transaction) -> Error {
         "transaction {} is {}; only a failed delivery can be redelivered",
         tx.id,
         tx.status().as_str()
+    ))
+}
+
+/// The fields a reversal request may have.
+const REVERSAL_FIELDS: &[&str] = &["referenceNumber", "value", "reason"];
+
+fn parse_reversal(body: &[u8]) -> Result<NewReversal, Error> {
+    let mut f = Fields::parse(body, REVERSAL_FIELDS)?;
+    let reference_number = ReferenceNumber::parse(f.required_string(ReferenceNumber::FIELD)?)?;
+    let value = f.integer("value", 1, MAX_VALUE)?;
+    let reason = f
+        .string("reason")?
+        .map(|r| Description::parse_field("reason", r))
+        .transpose()?;
+    Ok(NewReversal {
+        reference_number,
+        value,
+        reason,
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReversalView<'a> {
+    id: String,
+    transaction_id: String,
+    reference_number: &'a str,
+    value: u64,
+    points: u64,
+    reason: Option<&'a str>,
+    status: &'static str,
+    created_at: String,
+    delivery: Option<DeliveryView<'a>>,
+}
+
+fn reversal_view(r: &Reversal) -> ReversalView<'_> {
+    ReversalView {
+        id: r.id.to_string(),
+        transaction_id: r.transaction_id.to_string(),
+        reference_number: r.reference_number.as_str(),
+        value: r.value,
+        points: r.points,
+        reason: r.reason.as_ref().map(Description::as_str),
+        status: r.status().as_str(),
+        created_at: rfc3339(r.created_at),
+        delivery: r.delivery.as_ref().map(delivery_view),
+    }
+}
+
+/// Writes the JSON of a reversal as the API shows it (for webhook events).
+pub fn write_reversal_json(r: &Reversal, out: impl std::io::Write) -> serde_json::Result<()> {
+    serde_json::to_writer(out, &reversal_view(r))
+}
+
+fn reversal_conflict(reference: &ReferenceNumber, field: &str) -> Error {
+    Error::Conflict(format!(
+        "reversal referenceNumber \"{reference}\" was already used with a different `{field}`; \
+         use a new referenceNumber, or resend the original request to get its result"
+    ))
+}
+
+/// Takes back (part of) a transaction's points. Order of checks: the body's shape (400);
+/// the transaction (404); then the reversal's referenceNumber, so that a retry gets its
+/// original answer (200 or 409); then a new referenceNumber's form (400); then the writer,
+/// which decides against what remains (422 when nothing, or less than asked, is left).
+pub async fn reverse(app: &App, caller: Caller<'_>, key: &str, body: Bytes) -> Reply {
+    let request = parse_reversal(&body)?;
+    let business = &caller.business.id;
+    let tx = app
+        .store
+        .transaction(business, key)
+        .await?
+        .ok_or_else(|| not_found(key))?;
+    let reference = request.reference_number.clone();
+    if let Some(existing) = app.store.reversal(business, &reference).await? {
+        if existing.reference_number == reference {
+            return match existing.differing_field(tx.seq, &request) {
+                None => reversed(StatusCode::OK, &existing),
+                Some(field) => Err(reversal_conflict(&reference, field)),
+            };
+        }
+    }
+    if ReversalId::parse(&reference).is_some() {
+        return Err(Error::bad_request(
+            "`referenceNumber` must not have the form of a reversal id (`rv_` and 22 \
+             base64url characters): GET /v1/reversals/{key} looks ids up first; choose another",
+        ));
+    }
+    let outcome = app
+        .store
+        .reverse(Reverse {
+            business: business.clone(),
+            transaction_seq: tx.seq,
+            request,
+        })
+        .await?;
+    match outcome {
+        Reversed::Created(r) => reversed(StatusCode::CREATED, &r),
+        Reversed::Replayed(r) => reversed(StatusCode::OK, &r),
+        Reversed::Conflict(field) => Err(reversal_conflict(&reference, field)),
+        Reversed::Rejected(rejection) => Err(rejection.into()),
+    }
+}
+
+fn reversed(status: StatusCode, r: &Reversal) -> Reply {
+    tracing::Span::current().record("transaction", tracing::field::display(r.transaction_id));
+    json(status, &reversal_view(r))
+}
+
+/// A transaction's reversals, oldest first: a JSON array.
+pub async fn list_reversals(app: &App, caller: Caller<'_>, key: &str) -> Reply {
+    let tx = app
+        .store
+        .transaction(&caller.business.id, key)
+        .await?
+        .ok_or_else(|| not_found(key))?;
+    let views: Vec<_> = tx.reversals.iter().map(reversal_view).collect();
+    json(StatusCode::OK, &views)
+}
+
+/// One reversal by id, else by its referenceNumber.
+pub async fn get_reversal(app: &App, caller: Caller<'_>, key: &str) -> Reply {
+    match app.store.reversal(&caller.business.id, key).await? {
+        Some(r) => json(StatusCode::OK, &reversal_view(&r)),
+        None => Err(reversal_not_found(key)),
+    }
+}
+
+/// Sends a `failed` debit to the partner again, with a fresh retry schedule: 202 with the
+/// reversal, now `pending`; any other status is 409.
+pub async fn redeliver_reversal(app: &App, caller: Caller<'_>, key: &str) -> Reply {
+    let found = app
+        .store
+        .reversal(&caller.business.id, key)
+        .await?
+        .ok_or_else(|| reversal_not_found(key))?;
+    let updated = app
+        .store
+        .update_debit(found.seq, |d, now| d.redeliver(now), |_, _| Vec::new())
+        .await?;
+    match updated {
+        Some((r, true)) => json(StatusCode::ACCEPTED, &reversal_view(&r)),
+        Some((r, false)) => Err(reversal_not_failed(&r)),
+        None => Err(reversal_not_failed(&found)),
+    }
+}
+
+fn reversal_not_found(key: &str) -> Error {
+    Error::NotFound(format!(
+        "no reversal has the id or referenceNumber \"{key}\""
+    ))
+}
+
+fn reversal_not_failed(r: &Reversal) -> Error {
+    Error::StateConflict(format!(
+        "reversal {} is {}; only a failed debit can be redelivered",
+        r.id,
+        r.status().as_str()
     ))
 }
 

@@ -34,6 +34,8 @@ pub const COLUMNS: &[&str] = &[
     "status",
     "partnerTransactionId",
     "description",
+    "reversedValue",
+    "reversedPoints",
 ];
 
 /// The header row; `business` first when `with_business` (exports span businesses).
@@ -73,6 +75,8 @@ pub fn row(tx: &Transaction, business: Option<&str>, out: &mut BytesMut) {
         tx.status().as_str(),
         partner.unwrap_or(""),
         tx.description.as_ref().map_or("", Description::as_str),
+        &tx.reversed_value.to_string(),
+        &tx.reversed_points.to_string(),
     ] {
         cell(out, &mut first, value);
     }

@@ -159,11 +159,19 @@ pub struct Description(String);
 
 impl Description {
     pub fn parse(value: impl Into<String>) -> Result<Description, Invalid> {
+        Description::parse_field("description", value)
+    }
+
+    /// Checks free text that travels in the API field `field` (a reversal's `reason`).
+    pub fn parse_field(
+        field: &'static str,
+        value: impl Into<String>,
+    ) -> Result<Description, Invalid> {
         let value = value.into();
         let chars = value.chars().count();
         if chars > MAX_DESCRIPTION_CHARS {
             return Err(Invalid {
-                field: "description",
+                field,
                 reason: format!(
                     "must be at most {MAX_DESCRIPTION_CHARS} characters long, not {chars}"
                 ),

@@ -73,7 +73,9 @@ impl From<Rejection> for Error {
             | Rejection::ZeroPoints { .. }
             | Rejection::BelowMinimum { .. }
             | Rejection::AboveMaximum { .. }
-            | Rejection::NoProgramConnection { .. } => Error::Rejected(e),
+            | Rejection::NoProgramConnection { .. }
+            | Rejection::NothingToReverse
+            | Rejection::ValueExceedsRemaining { .. } => Error::Rejected(e),
         }
     }
 }

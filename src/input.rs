@@ -57,10 +57,18 @@ impl Fields {
 
     /// A JSON integer in `min..=max` (no fraction, no exponent, no string).
     pub fn required_integer(&mut self, name: &str, min: u64, max: u64) -> Result<u64, Error> {
-        let value = self.take(name).ok_or_else(|| missing(name))?;
+        self.integer(name, min, max)?.ok_or_else(|| missing(name))
+    }
+
+    /// Like [`Fields::required_integer`]; absent or `null` is `None`.
+    pub fn integer(&mut self, name: &str, min: u64, max: u64) -> Result<Option<u64>, Error> {
+        let Some(value) = self.take(name) else {
+            return Ok(None);
+        };
         value
             .as_u64()
             .filter(|v| (min..=max).contains(v))
+            .map(Some)
             .ok_or_else(|| {
                 Error::bad_request(format!("`{name}` must be an integer from {min} to {max}"))
             })

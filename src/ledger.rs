@@ -36,15 +36,32 @@ pub struct TransactionId(pub u128);
 impl TransactionId {
     /// `None` if `text` is not the text of some id (it may still be a referenceNumber).
     pub fn parse(text: &str) -> Option<TransactionId> {
-        let encoded = text.strip_prefix("tx_")?;
-        if encoded.len() != 22 {
-            return None;
-        }
-        let bytes: [u8; 16] = URL_SAFE_NO_PAD.decode(encoded).ok()?.try_into().ok()?;
-        let id = TransactionId(u128::from_be_bytes(bytes));
-        // Only the canonical spelling names the id (the last character has spare bits).
-        (id.to_string() == text).then_some(id)
+        parse_id("tx_", text).map(TransactionId)
     }
+}
+
+/// A reversal id as clients see it: `rv_` and 22 base64url characters of 128 bits, the
+/// reversal's own sequence number enciphered with its own key (see [`IdCipher`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReversalId(pub u128);
+
+impl ReversalId {
+    /// `None` if `text` is not the text of some reversal id.
+    pub fn parse(text: &str) -> Option<ReversalId> {
+        parse_id("rv_", text).map(ReversalId)
+    }
+}
+
+/// The 128 bits behind `prefix` and 22 base64url characters, in their one canonical
+/// spelling (the last character has spare bits).
+fn parse_id(prefix: &str, text: &str) -> Option<u128> {
+    let encoded = text.strip_prefix(prefix)?;
+    if encoded.len() != 22 {
+        return None;
+    }
+    let bytes: [u8; 16] = URL_SAFE_NO_PAD.decode(encoded).ok()?.try_into().ok()?;
+    let bits = u128::from_be_bytes(bytes);
+    (URL_SAFE_NO_PAD.encode(bits.to_be_bytes()) == encoded).then_some(bits)
 }
 
 /// A 128-bit keyed permutation (a four-round Feistel network): sequence number →
@@ -82,16 +99,26 @@ impl IdCipher {
     }
 
     pub fn encode(&self, seq: u64) -> TransactionId {
-        let (mut left, mut right) = (seq, 0u64);
-        for round in 0..Self::ROUNDS {
-            (left, right) = (right, left ^ self.round(round, right));
-        }
-        TransactionId((u128::from(left) << 64) | u128::from(right))
+        TransactionId(self.encipher(seq))
     }
 
     /// The sequence number behind `id`, if this key made it.
     pub fn decode(&self, id: TransactionId) -> Option<u64> {
-        let (mut left, mut right) = ((id.0 >> 64) as u64, id.0 as u64);
+        self.decipher(id.0)
+    }
+
+    /// The 128 bits of the id of sequence number `seq` (whatever kind of id it is).
+    pub fn encipher(&self, seq: u64) -> u128 {
+        let (mut left, mut right) = (seq, 0u64);
+        for round in 0..Self::ROUNDS {
+            (left, right) = (right, left ^ self.round(round, right));
+        }
+        (u128::from(left) << 64) | u128::from(right)
+    }
+
+    /// The sequence number behind an id's 128 bits, if this key made them.
+    pub fn decipher(&self, bits: u128) -> Option<u64> {
+        let (mut left, mut right) = ((bits >> 64) as u64, bits as u64);
         for round in (0..Self::ROUNDS).rev() {
             (left, right) = (right ^ self.round(round, left), left);
         }
@@ -102,6 +129,12 @@ impl IdCipher {
 impl fmt::Display for TransactionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tx_{}", URL_SAFE_NO_PAD.encode(self.0.to_be_bytes()))
+    }
+}
+
+impl fmt::Display for ReversalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rv_{}", URL_SAFE_NO_PAD.encode(self.0.to_be_bytes()))
     }
 }
 
@@ -148,6 +181,11 @@ pub struct Transaction {
     pub seq: u64,
     /// Its delivery to the program's partner; `None` when it was never to be delivered.
     pub delivery: Option<Delivery>,
+    /// The sum of its reversals' values (minor units) and points.
+    pub reversed_value: u64,
+    pub reversed_points: u64,
+    /// Its reversals, oldest first.
+    pub reversals: Vec<Reversal>,
 }
 
 impl Transaction {
@@ -186,6 +224,108 @@ impl Transaction {
             (Recipient::EndUser(_), _) => Some("endUserId"),
         }
     }
+}
+
+/// A validated request to take back (part of) a transaction's points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReversal {
+    /// The reversal's idempotency key, unique per business among reversals.
+    pub reference_number: ReferenceNumber,
+    /// Minor units to reverse; `None` reverses all that remains.
+    pub value: Option<u64>,
+    pub reason: Option<Description>,
+}
+
+/// A stored reversal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reversal {
+    pub id: ReversalId,
+    /// Position in the order of creation of reversals.
+    pub seq: u64,
+    pub business: BusinessId,
+    pub transaction_id: TransactionId,
+    pub transaction_seq: u64,
+    pub reference_number: ReferenceNumber,
+    /// Minor units reversed.
+    pub value: u64,
+    /// Points taken back (see [`reversal_points`]).
+    pub points: u64,
+    /// Whether the request named no value ("all that remains").
+    pub full: bool,
+    pub reason: Option<Description>,
+    pub created_at: u64,
+    /// Its debit at the program's partner; `None` when there was nothing to take back
+    /// there (no partner, no points, or a credit that never arrived).
+    pub delivery: Option<Delivery>,
+}
+
+impl Reversal {
+    /// Where its debit stands: `completed` when there was nothing to send.
+    pub fn status(&self) -> DeliveryStatus {
+        self.delivery
+            .as_ref()
+            .map_or(DeliveryStatus::Completed, |d| d.status)
+    }
+
+    /// The first field in which `request` (for transaction `transaction_seq`) differs
+    /// from what this reversal was made from; `None` means the request is a replay.
+    pub fn differing_field(
+        &self,
+        transaction_seq: u64,
+        request: &NewReversal,
+    ) -> Option<&'static str> {
+        if self.transaction_seq != transaction_seq {
+            Some("transactionId")
+        } else if request
+            .value
+            .map_or(!self.full, |v| self.full || v != self.value)
+        {
+            Some("value")
+        } else if self.reason != request.reason {
+            Some("reason")
+        } else {
+            None
+        }
+    }
+}
+
+/// The points of a transaction of `total_points` for `value` minor units that still stand
+/// after reversals of `reversed` minor units: floor(total × (value − reversed) / value).
+/// Exact in 128 bits; `reversed` above `value` counts as all of it.
+pub fn standing_points(total_points: u64, value: u64, reversed: u64) -> u64 {
+    if value == 0 {
+        return 0;
+    }
+    let left = u128::from(value.saturating_sub(reversed));
+    // total ≤ 2^64 and left ≤ value, so the quotient is at most total: it fits.
+    (u128::from(total_points) * left / u128::from(value)) as u64
+}
+
+/// What reversing `requested` (or, when `None`, all that remains) of a transaction of
+/// `value` minor units and `total_points`, of which `reversed` minor units are reversed
+/// already, takes: `(value, points)`. The points are the difference between what stands
+/// before and after, so no sequence of reversals takes more than was issued and the last
+/// one takes exactly what is left.
+pub fn plan_reversal(
+    value: u64,
+    total_points: u64,
+    reversed: u64,
+    requested: Option<u64>,
+) -> Result<(u64, u64), Rejection> {
+    let remaining = value.saturating_sub(reversed);
+    if remaining == 0 {
+        return Err(Rejection::NothingToReverse);
+    }
+    let take = requested.unwrap_or(remaining);
+    if take > remaining {
+        return Err(Rejection::ValueExceedsRemaining {
+            value: take,
+            remaining,
+        });
+    }
+    let before = standing_points(total_points, value, reversed);
+    let after = standing_points(total_points, value, reversed + take);
+    Ok((take, before - after))
 }
 
 /// The link between a business's end user and their member id in a partner program.
@@ -227,6 +367,10 @@ pub enum Rejection {
         end_user_id: EndUserId,
         program: ProgramId,
     },
+    /// The transaction is wholly reversed already.
+    NothingToReverse,
+    /// A reversal of more than the transaction has left.
+    ValueExceedsRemaining { value: u64, remaining: u64 },
 }
 
 impl Rejection {
@@ -239,6 +383,8 @@ impl Rejection {
             | Rejection::AboveMaximum { .. }
             | Rejection::Unpriceable(_) => "unprocessable",
             Rejection::NoProgramConnection { .. } => "no-program-connection",
+            Rejection::NothingToReverse => "nothing-to-reverse",
+            Rejection::ValueExceedsRemaining { .. } => "value-exceeds-remaining",
         }
     }
 }
@@ -279,6 +425,15 @@ impl fmt::Display for Rejection {
                 f,
                 "end user \"{end_user_id}\" has no connection to program \"{program}\"; \
                  create one with PUT /v1/program-connections, or send `userId`"
+            ),
+            Rejection::NothingToReverse => write!(
+                f,
+                "the transaction is wholly reversed already; nothing is left to reverse"
+            ),
+            Rejection::ValueExceedsRemaining { value, remaining } => write!(
+                f,
+                "value {value} is more than the {remaining} left to reverse; send at most \
+                 {remaining}, or leave out `value` to reverse all that remains"
             ),
             Rejection::Unpriceable(program) => write!(
                 f,
@@ -369,6 +524,81 @@ mod tests {
         assert!((32..=96).contains(&differing), "{differing}");
         assert_eq!(IdCipher::new(&[2u8; 32]).decode(a), None);
         assert_eq!(cipher.decode(TransactionId(a.0 ^ 1)), None);
+    }
+
+    #[test]
+    fn reversal_ids_parse_back_and_are_not_transaction_ids() {
+        let cipher = IdCipher::new(&[1u8; 32]);
+        let id = ReversalId(cipher.encipher(7));
+        let text = id.to_string();
+        assert!(text.starts_with("rv_") && text.len() == 25, "{text}");
+        assert_eq!(ReversalId::parse(&text), Some(id));
+        assert_eq!(TransactionId::parse(&text), None);
+        assert_eq!(ReversalId::parse(&cipher.encode(7).to_string()), None);
+        assert_eq!(cipher.decipher(id.0), Some(7));
+    }
+
+    proptest::proptest! {
+        /// Any sequence of reversals: each takes what the formula says, together they
+        /// never take more value or points than were issued, and reversing the rest takes
+        /// exactly what is left.
+        #[test]
+        fn reversals_never_take_more_than_was_issued(
+            value in 1u64..=MAX_VALUE,
+            total_points in 0u64..=MAX_SAFE_POINTS,
+            parts in proptest::collection::vec(1u64..=MAX_VALUE, 0..12),
+        ) {
+            let (mut reversed, mut taken) = (0u64, 0u64);
+            for part in parts {
+                match plan_reversal(value, total_points, reversed, Some(part)) {
+                    Ok((v, points)) => {
+                        proptest::prop_assert_eq!(v, part);
+                        let before = (u128::from(total_points) * u128::from(value - reversed)) / u128::from(value);
+                        let after = (u128::from(total_points) * u128::from(value - reversed - part)) / u128::from(value);
+                        proptest::prop_assert_eq!(u128::from(points), before - after);
+                        reversed += v;
+                        taken += points;
+                    }
+                    Err(Rejection::ValueExceedsRemaining { value: asked, remaining }) => {
+                        proptest::prop_assert_eq!(asked, part);
+                        proptest::prop_assert_eq!(remaining, value - reversed);
+                        proptest::prop_assert!(part > remaining);
+                    }
+                    Err(other) => proptest::prop_assert!(false, "unexpected {other:?}"),
+                }
+                proptest::prop_assert!(reversed <= value && taken <= total_points);
+                proptest::prop_assert_eq!(total_points - taken, standing_points(total_points, value, reversed));
+            }
+            if reversed < value {
+                let (v, points) = plan_reversal(value, total_points, reversed, None).expect("the rest");
+                proptest::prop_assert_eq!(v, value - reversed);
+                proptest::prop_assert_eq!(taken + points, total_points);
+            }
+            proptest::prop_assert_eq!(
+                plan_reversal(value, total_points, value, None),
+                Err(Rejection::NothingToReverse)
+            );
+        }
+    }
+
+    #[test]
+    fn small_reversals_round_down_what_stands() {
+        // 10 points for 1000: the first unit reversed takes a point (9.99 stands as 9), the
+        // next ones none until another whole point is gone.
+        assert_eq!(plan_reversal(1000, 10, 0, Some(1)), Ok((1, 1)));
+        assert_eq!(plan_reversal(1000, 10, 1, Some(1)), Ok((1, 0)));
+        assert_eq!(plan_reversal(1000, 10, 2, None), Ok((998, 9)));
+        assert_eq!(
+            plan_reversal(1000, 10, 2, Some(999)),
+            Err(Rejection::ValueExceedsRemaining {
+                value: 999,
+                remaining: 998
+            })
+        );
+        assert_eq!(
+            plan_reversal(1, 1, 1, Some(1)),
+            Err(Rejection::NothingToReverse)
+        );
     }
 
     #[test]

@@ -564,7 +564,7 @@ fn check(path: Option<&Path>) -> ExitCode {
                 println!("problem: {problem}");
             }
             println!(
-                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} problems",
+                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} reversals, {} problems",
                 path.display(),
                 report.schema,
                 report.transactions,
@@ -574,6 +574,7 @@ fn check(path: Option<&Path>) -> ExitCode {
                 report.connections,
                 report.deliveries,
                 report.outbox_entries,
+                report.reversals,
                 report.problems.len()
             );
             if report.problems.is_empty() {

@@ -15,6 +15,10 @@
 //! | POST | /v1/transactions/preview | bearer |
 //! | GET, HEAD | /v1/transactions/{id or referenceNumber} | bearer |
 //! | POST | /v1/transactions/{id or referenceNumber}/redeliver | bearer |
+//! | POST | /v1/transactions/{id or referenceNumber}/reversals | bearer |
+//! | GET, HEAD | /v1/transactions/{id or referenceNumber}/reversals | bearer |
+//! | GET, HEAD | /v1/reversals/{id or referenceNumber} | bearer |
+//! | POST | /v1/reversals/{id or referenceNumber}/redeliver | bearer |
 //! | PUT, POST | /v1/program-connections | bearer |
 //! | GET, HEAD | /v1/program-connections?endUserId[&programId] | bearer |
 //!
@@ -71,6 +75,16 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         ["v1", "transactions"] => "/v1/transactions",
         ["v1", "transactions", "preview"] if method == Method::POST => "/v1/transactions/preview",
         ["v1", "transactions", key] if !key.is_empty() => "/v1/transactions/{transactionId}",
+        ["v1", "transactions", key, "redeliver"] if !key.is_empty() => {
+            "/v1/transactions/{transactionId}/redeliver"
+        }
+        ["v1", "transactions", key, "reversals"] if !key.is_empty() => {
+            "/v1/transactions/{transactionId}/reversals"
+        }
+        ["v1", "reversals", key] if !key.is_empty() => "/v1/reversals/{reversalId}",
+        ["v1", "reversals", key, "redeliver"] if !key.is_empty() => {
+            "/v1/reversals/{reversalId}/redeliver"
+        }
         ["v1", "program-connections"] => "/v1/program-connections",
         _ => "none",
     }
@@ -158,6 +172,36 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
             api::redeliver(&app, caller, &decode_component(key, false)?).await
         }
         (_, ["v1", "transactions", key, "redeliver"]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("POST"))
+        }
+        (&Method::POST, ["v1", "transactions", key, "reversals"]) if !key.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            let key = decode_component(key, false)?;
+            let body = read_json(req, &app).await?;
+            api::reverse(&app, caller, &key, body).await
+        }
+        (&Method::GET | &Method::HEAD, ["v1", "transactions", key, "reversals"])
+            if !key.is_empty() =>
+        {
+            let caller = authenticate(&app, req.headers())?;
+            api::list_reversals(&app, caller, &decode_component(key, false)?).await
+        }
+        (_, ["v1", "transactions", key, "reversals"]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("GET, HEAD, POST"))
+        }
+
+        (&Method::GET | &Method::HEAD, ["v1", "reversals", key]) if !key.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            api::get_reversal(&app, caller, &decode_component(key, false)?).await
+        }
+        (_, ["v1", "reversals", key]) if !key.is_empty() => {
+            Err(Error::MethodNotAllowed("GET, HEAD"))
+        }
+        (&Method::POST, ["v1", "reversals", key, "redeliver"]) if !key.is_empty() => {
+            let caller = authenticate(&app, req.headers())?;
+            api::redeliver_reversal(&app, caller, &decode_component(key, false)?).await
+        }
+        (_, ["v1", "reversals", key, "redeliver"]) if !key.is_empty() => {
             Err(Error::MethodNotAllowed("POST"))
         }
         (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),

@@ -26,10 +26,10 @@ use crate::app::App;
 use crate::clock::rfc3339;
 use crate::delivery::{Attempt, Delivery, DeliveryError, DeliveryStatus, FailureKind, NewEvent};
 use crate::domain::Partner;
-use crate::ledger::Transaction;
+use crate::ledger::{Reversal, Transaction};
 use crate::partner::Outcome;
 use crate::service::Stopping;
-use crate::store::Due;
+use crate::store::{Due, Hold};
 
 /// How often the worker looks for jobs that came due by time.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -53,6 +53,23 @@ struct Credit<'a> {
     created_at: String,
 }
 
+/// The body of a debit request (SPEC § Reversals).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Debit<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    reversal_id: String,
+    transaction_id: String,
+    partner_transaction_id: Option<&'a str>,
+    business_id: &'a str,
+    program_id: &'a str,
+    member_id: &'a str,
+    points: u64,
+    reference_number: &'a str,
+    created_at: String,
+}
+
 /// A job ready to send: what, where, and the limit it counts against.
 struct Job {
     key: (u8, u64),
@@ -67,6 +84,7 @@ struct Job {
 /// What a job sends: a credit is encoded only once the job holds its permit.
 enum Payload {
     Credit(Box<Transaction>),
+    Debit(Box<(Reversal, Transaction)>),
     Event(Vec<u8>),
 }
 
@@ -171,6 +189,59 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 payload: Payload::Credit(Box::new(tx)),
             })
         }
+        Due::Debit {
+            reversal,
+            transaction,
+        } => {
+            let key = (1, reversal.seq);
+            if in_flight.contains(&key) {
+                return None;
+            }
+            let before = reversal.delivery.clone()?;
+            if transaction.status() != DeliveryStatus::Completed {
+                // Sent only after the credit completed; settled here if it failed.
+                match app
+                    .store
+                    .hold_debit(reversal.seq, reversal_events_for(app))
+                    .await
+                {
+                    Ok(Hold::Ready) => {}
+                    Ok(Hold::Held | Hold::Unchanged) => return None,
+                    Err(e) => {
+                        tracing::warn!(reversal = %reversal.id, error = ?e, "a debit could not be held");
+                        return None;
+                    }
+                }
+            }
+            let partner = app
+                .config
+                .programs
+                .get(transaction.program_id.as_str())
+                .and_then(|p| p.partner.clone());
+            let Some(endpoint) = partner else {
+                let detail = "the program's partner was removed from the configuration";
+                let step = move |d: &Delivery, now| {
+                    (d.status == DeliveryStatus::Pending).then(|| d.removed(now, detail))
+                };
+                if let Err(e) = app
+                    .store
+                    .update_debit(reversal.seq, step, reversal_events_for(app))
+                    .await
+                {
+                    tracing::warn!(reversal = %reversal.id, error = ?e, "a delivery change was not recorded");
+                }
+                return None;
+            };
+            Some(Job {
+                key,
+                limit: format!("program:{}", transaction.program_id),
+                endpoint,
+                path: "/debits",
+                webhook_id: reversal.id.to_string(),
+                before,
+                payload: Payload::Debit(Box::new((reversal, *transaction))),
+            })
+        }
         Due::Event(event) => {
             let key = (2, event.seq);
             if in_flight.contains(&key) {
@@ -221,10 +292,34 @@ fn credit_body(tx: &Transaction) -> Option<Vec<u8>> {
     .ok()
 }
 
+fn debit_body(reversal: &Reversal, tx: &Transaction) -> Option<Vec<u8>> {
+    serde_json::to_vec(&Debit {
+        kind: "points.debit",
+        reversal_id: reversal.id.to_string(),
+        transaction_id: tx.id.to_string(),
+        partner_transaction_id: tx
+            .delivery
+            .as_ref()
+            .and_then(|d| d.partner_transaction_id.as_deref()),
+        business_id: tx.business.as_str(),
+        program_id: tx.program_id.as_str(),
+        member_id: tx.user_id.as_str(),
+        points: reversal.points,
+        reference_number: reversal.reference_number.as_str(),
+        created_at: rfc3339(reversal.created_at),
+    })
+    .map_err(|e| tracing::error!(reversal = %reversal.id, error = %e, "cannot encode a debit"))
+    .ok()
+}
+
 /// Sends one job and writes its outcome back.
 async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit) {
     let body = match &send.payload {
         Payload::Credit(tx) => match credit_body(tx) {
+            Some(body) => body,
+            None => return,
+        },
+        Payload::Debit(pair) => match debit_body(&pair.0, &pair.1) {
             Some(body) => body,
             None => return,
         },
@@ -286,6 +381,11 @@ async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit
             .update_delivery(seq, step, events_for(app))
             .await
             .map(|_| ()),
+        (1, seq) => app
+            .store
+            .update_debit(seq, step, reversal_events_for(app))
+            .await
+            .map(|_| ()),
         (_, seq) => app.store.update_event(seq, step).await.map(|_| ()),
     };
     if let Err(e) = written {
@@ -322,6 +422,48 @@ fn events_for(
         )
         .into_bytes();
         if let Err(e) = crate::api::write_transaction_json(tx, &mut payload) {
+            tracing::error!(error = %e, "cannot render a webhook event");
+            return Vec::new();
+        }
+        payload.push(b'}');
+        hooks
+            .into_iter()
+            .map(|w| NewEvent {
+                target: w.url.clone(),
+                kind,
+                payload: payload.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The merchant webhook events a debit's change of status causes: `reversal.completed` or
+/// `reversal.failed`, with the reversal as GET shows it now.
+fn reversal_events_for(
+    app: &App,
+) -> impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static {
+    let config = app.config.clone();
+    let now = app.clock.now();
+    move |reversal, before| {
+        let kind = match reversal.status() {
+            s if s == before => return Vec::new(),
+            DeliveryStatus::Completed => "reversal.completed",
+            DeliveryStatus::Failed => "reversal.failed",
+            DeliveryStatus::Pending => return Vec::new(),
+        };
+        let Some(business) = config.business(reversal.business.as_str()) else {
+            return Vec::new();
+        };
+        let hooks: Vec<_> = business.webhooks.iter().filter(|w| w.wants(kind)).collect();
+        if hooks.is_empty() {
+            return Vec::new();
+        }
+        let mut payload = format!(
+            "{{\"type\":\"{kind}\",\"timestamp\":\"{}\",\"data\":",
+            rfc3339(now)
+        )
+        .into_bytes();
+        if let Err(e) = crate::api::write_reversal_json(reversal, &mut payload) {
             tracing::error!(error = %e, "cannot render a webhook event");
             return Vec::new();
         }

@@ -47,6 +47,7 @@ async fn issuing_returns_201_with_exact_points_and_the_transaction_reads_back() 
         "pointTransactions": [{"destinationNumberOfPoints": "833", "type": "bonus"}],
         "partnership": {"destination": {"name": "Skywards Miles", "programId": "skywards"}},
         "status": "completed", "delivery": null, "endUserId": null,
+        "reversedValue": 0, "reversedPoints": 0,
     });
     assert_eq!(
         created["status"], "completed",

@@ -115,7 +115,10 @@ async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
     let (code, out) = common::run_check(&config_path);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("25 transactions"), "{out}");
-    assert!(out.contains("schema 2"), "{out}");
+    assert!(
+        out.contains(&format!("schema {}", cosmopoints::store::SCHEMA_VERSION)),
+        "{out}"
+    );
 
     // A second start finds nothing to migrate.
     let config = Config::load(&config_path).expect("config");
@@ -123,4 +126,84 @@ async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
     assert_eq!(s.app.store.migrated_from(), None);
     assert_eq!(s.all_transactions(&s.acme().await).await.len(), 24);
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_2_database_opens_and_reads_back_unchanged() {
+    let dir = copy_pinned("schema2");
+    let config_path = dir.path().join("config.toml");
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("schema 2, 18 transactions"), "{out}");
+
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
+    )
+    .expect("JSON");
+    let config = Config::load(&config_path).expect("the 0.2.0 config still loads");
+    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    assert_eq!(s.app.store.migrated_from(), Some(2));
+    for (business, client, secret) in [
+        ("acme", "acme-pos", "acme-secret"),
+        ("globex", "globex-pos", "globex-secret"),
+    ] {
+        let token = s.token(client, secret).await;
+        let listed = Value::Array(s.all_transactions(&token).await);
+        assert_shows(
+            &expected["transactions"][business],
+            &listed,
+            &format!("{business} listing"),
+        );
+        for tx in listed.as_array().expect("array") {
+            // Nothing was reversed before 0.3.0.
+            assert_eq!(tx["reversedValue"], 0);
+            assert_eq!(tx["reversedPoints"], 0);
+            let id = tx["id"].as_str().expect("id");
+            let by_id = s.get(&format!("/v1/transactions/{id}"), Some(&token)).await;
+            assert_eq!(by_id.json(), *tx, "by id");
+        }
+        let connections = s
+            .get("/v1/program-connections?endUserId=eu-1", Some(&token))
+            .await;
+        assert_shows(
+            &expected["connections"][business],
+            &connections.json(),
+            &format!("{business} connections"),
+        );
+    }
+
+    // A transaction written by 0.2.0 can be reversed: its record gains the totals.
+    let acme = s.acme().await;
+    let old = &expected["transactions"]["acme"][0];
+    let id = old["id"].as_str().expect("id");
+    let r = s
+        .post(
+            &format!("/v1/transactions/{id}/reversals"),
+            Some(&acme),
+            &serde_json::json!({"referenceNumber": "ret-1", "value": 1000}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    // And the old idempotency still holds.
+    let replay = s
+        .issue(
+            &acme,
+            serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
+                               "referenceNumber": "inv-1"}),
+        )
+        .await;
+    assert_eq!(replay.status, 200, "{}", replay.text());
+    assert_eq!(replay.json()["id"], old["id"]);
+    s.stop().await;
+
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "schema {}, 18 transactions",
+            cosmopoints::store::SCHEMA_VERSION
+        )),
+        "{out}"
+    );
+    assert!(out.contains("1 reversals"), "{out}");
 }

@@ -21,7 +21,7 @@ use redb::{
 use super::check::check_file;
 use super::schema::{
     BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, OUTBOX,
-    TRANSACTIONS,
+    REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{CheckReport, OpenError};
 
@@ -49,6 +49,9 @@ const TABLES: &[&str] = &[
     "deliveries",
     "outbox",
     "events",
+    "reversals",
+    "reversal_by_reference",
+    "reversals_by_tx",
 ];
 
 /// Copies every table of `source` (one snapshot) into a new database file at `path`,
@@ -114,6 +117,9 @@ fn copy_all(source: &ReadTransaction, dest: &Database) -> Result<(), String> {
     copy(source, dest, DELIVERIES)?;
     copy(source, dest, OUTBOX)?;
     copy(source, dest, EVENTS)?;
+    copy(source, dest, REVERSALS)?;
+    copy(source, dest, REVERSAL_BY_REFERENCE)?;
+    copy(source, dest, REVERSALS_BY_TX)?;
     Ok(())
 }
 

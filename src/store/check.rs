@@ -1,14 +1,16 @@
 //! `cosmopoints check`: verifies that every record decodes and has exactly its index
 //! entries, on the live database or on a file opened read-only.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable};
 
 use super::handle::{open_error, stored_version};
 use super::schema::{
-    decode_connection, decode_tx, DeliveryRecord, EventRecord, BY_DATE, BY_PROGRAM_DATE,
-    BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, OUTBOX, SCHEMA_VERSION,
+    decode_connection, decode_tx, DeliveryRecord, EventRecord, ReversalRecord, BY_DATE,
+    BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
+    JOB_EVENT, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, SCHEMA_VERSION,
     TRANSACTIONS,
 };
 use super::OpenError;
@@ -29,6 +31,7 @@ pub struct CheckReport {
     pub deliveries: u64,
     pub events: u64,
     pub outbox_entries: u64,
+    pub reversals: u64,
     pub problems: Vec<String>,
 }
 
@@ -79,7 +82,7 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
     let by_date = txn.open_table(BY_DATE)?;
     let by_program = txn.open_table(BY_PROGRAM_DATE)?;
     let problems = &mut report.problems;
-    let mut decoded = std::collections::HashMap::new();
+    let mut decoded = HashMap::new();
     for entry in records.iter()? {
         let (id, bytes) = entry?;
         report.transactions += 1;
@@ -152,8 +155,10 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
             )),
         }
     }
-    // Tables a file of schema 1 does not have yet (they are made on first open).
+    // Tables a file of an older schema does not have yet (they are made on first open).
     let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    let reversal_seqs = verify_reversals(txn, &decoded, &mut report)?;
+    let problems = &mut report.problems;
     let mut pending = std::collections::HashMap::new();
     let mut delivered = std::collections::HashSet::new();
     // Events first: deliveries name them.
@@ -188,7 +193,10 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
                     JOB_EVENT if !event_seqs.contains(&seq) => {
                         problems.push(format!("event delivery {seq} names a missing event"))
                     }
-                    JOB_CREDIT | JOB_EVENT => {}
+                    JOB_DEBIT if !reversal_seqs.contains(&seq) => {
+                        problems.push(format!("debit {seq} names a missing reversal"))
+                    }
+                    JOB_CREDIT | JOB_DEBIT | JOB_EVENT => {}
                     _ => problems.push(format!("delivery ({kind}, {seq}) has an unknown job kind")),
                 }
                 delivered.insert((kind, seq));
@@ -249,4 +257,113 @@ pub(super) fn verify(txn: &redb::ReadTransaction, schema: u64) -> Result<CheckRe
         }
     }
     Ok(report)
+}
+
+/// Verifies the reversals: each decodes, names a transaction of its business and has
+/// exactly its two index entries; the reversals of each transaction add up to the totals
+/// its record keeps, which never exceed its value and points. Returns the reversal seqs.
+fn verify_reversals(
+    txn: &redb::ReadTransaction,
+    transactions: &HashMap<u64, super::schema::Tx>,
+    report: &mut CheckReport,
+) -> Result<BTreeSet<u64>, redb::Error> {
+    let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    let mut seqs = BTreeSet::new();
+    let problems = &mut report.problems;
+    // (business, reference) and tx seq of each reversal that decodes.
+    let mut found = HashMap::new();
+    // Per transaction seq: (value, points, count).
+    let mut sums: HashMap<u64, (u64, u64, u32)> = HashMap::new();
+    match txn.open_table(REVERSALS) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(reversals) => {
+            for entry in reversals.iter()? {
+                let (seq, bytes) = entry?;
+                report.reversals += 1;
+                let seq = seq.value();
+                seqs.insert(seq);
+                let r = match postcard::from_bytes::<ReversalRecord>(bytes.value()) {
+                    Ok(r) => r.latest(),
+                    Err(e) => {
+                        problems.push(format!("reversal {seq} does not decode: {e}"));
+                        continue;
+                    }
+                };
+                match transactions.get(&r.tx_seq) {
+                    Some(tx) if tx.business == r.business => {}
+                    _ => problems.push(format!(
+                        "reversal {seq} names a missing transaction or one of another business"
+                    )),
+                }
+                let sum = sums.entry(r.tx_seq).or_default();
+                sum.0 = sum.0.saturating_add(r.value);
+                sum.1 = sum.1.saturating_add(r.points);
+                sum.2 = sum.2.saturating_add(1);
+                found.insert(seq, ((r.business, r.reference_number), r.tx_seq));
+            }
+        }
+    }
+    match txn.open_table(REVERSAL_BY_REFERENCE) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(by_ref) => {
+            let mut indexed = BTreeSet::new();
+            for entry in by_ref.iter()? {
+                let (key, seq) = entry?;
+                let (b, reference) = key.value();
+                let seq = seq.value();
+                match found.get(&seq) {
+                    Some(((rb, rr), _)) if rb == b && rr == reference => {
+                        indexed.insert(seq);
+                    }
+                    _ => problems.push(format!(
+                        "reversal reference index ({b}, {reference}) names a missing or different reversal"
+                    )),
+                }
+            }
+            for seq in found.keys().filter(|s| !indexed.contains(s)) {
+                problems.push(format!("reversal {seq}: reference index entry missing"));
+            }
+        }
+    }
+    match txn.open_table(REVERSALS_BY_TX) {
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(e.into()),
+        Ok(by_tx) => {
+            let mut indexed = BTreeSet::new();
+            for entry in by_tx.iter()? {
+                let (key, _) = entry?;
+                let (tx_seq, seq) = key.value();
+                match found.get(&seq) {
+                    Some((_, t)) if *t == tx_seq => {
+                        indexed.insert(seq);
+                    }
+                    _ => problems.push(format!(
+                        "reversal index ({tx_seq}, {seq}) names a missing or different reversal"
+                    )),
+                }
+            }
+            for seq in found.keys().filter(|s| !indexed.contains(s)) {
+                problems.push(format!("reversal {seq}: transaction index entry missing"));
+            }
+        }
+    }
+    for (seq, tx) in transactions {
+        let (value, points, count) = sums.get(seq).copied().unwrap_or_default();
+        if (value, points, count) != (tx.reversed_value, tx.reversed_points, tx.reversals) {
+            problems.push(format!(
+                "transaction seq {seq}: its reversals add up to value {value}, points {points} \
+                 in {count}, but the record says {}, {} in {}",
+                tx.reversed_value, tx.reversed_points, tx.reversals
+            ));
+        }
+        if tx.reversed_value > tx.value || tx.reversed_points > tx.total_points {
+            problems.push(format!(
+                "transaction seq {seq}: reversed {} of value {} and {} of {} points",
+                tx.reversed_value, tx.value, tx.reversed_points, tx.total_points
+            ));
+        }
+    }
+    Ok(seqs)
 }

@@ -8,7 +8,7 @@ use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError}
 
 use super::schema::{
     BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, MIGRATIONS,
-    OUTBOX, SCHEMA_VERSION, TRANSACTIONS,
+    OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, SCHEMA_VERSION, TRANSACTIONS,
 };
 use super::{OpenError, StoreError};
 use crate::ledger::IdCipher;
@@ -29,6 +29,8 @@ pub(super) struct Handle {
     /// The same for merchant webhook events (another key: an event id never names a
     /// transaction).
     pub event_ids: IdCipher,
+    /// The same for reversals.
+    pub reversal_ids: IdCipher,
     pub cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
     /// Durable commits made by the writer, and the writes they held.
@@ -59,6 +61,7 @@ impl Handle {
             path,
             ids: IdCipher::new(id_key),
             event_ids: IdCipher::new(&[id_key, b"/events"].concat()),
+            reversal_ids: IdCipher::new(&[id_key, b"/reversals"].concat()),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             commits: 0.into(),
@@ -227,6 +230,9 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
         txn.open_table(DELIVERIES).map_err(|e| bad(&e))?;
         txn.open_table(OUTBOX).map_err(|e| bad(&e))?;
         txn.open_table(EVENTS).map_err(|e| bad(&e))?;
+        txn.open_table(REVERSALS).map_err(|e| bad(&e))?;
+        txn.open_table(REVERSAL_BY_REFERENCE).map_err(|e| bad(&e))?;
+        txn.open_table(REVERSALS_BY_TX).map_err(|e| bad(&e))?;
     }
     txn.commit().map_err(|e| bad(&e))?;
     Ok(Prepared {

@@ -59,17 +59,20 @@ pub use check::{check_file, CheckReport};
 pub use schema::SCHEMA_VERSION;
 
 use handle::{open_error, prepare, Handle};
-use read::{connection, decode, read_event, read_tx, Reader};
+use read::{connection, decode, read_event, read_reversal, read_tx, with_reversals, Reader};
 use schema::{
-    ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, META,
-    OUTBOX, TRANSACTIONS,
+    ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
+    JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use writer::{Answer, Job, Tables, Writer};
 
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, Event, NewEvent};
 use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId};
-use crate::ledger::{Connection, NewTransaction, Transaction, TransactionId};
+use crate::ledger::{
+    Connection, NewReversal, NewTransaction, Rejection, Reversal, ReversalId, Transaction,
+    TransactionId,
+};
 
 /// Why the database could not be opened; each is a one-line message for the operator.
 #[derive(Debug)]
@@ -145,11 +148,59 @@ pub struct Connect {
     pub destination_user_id: DestinationUserId,
 }
 
+/// A reversal of one of the business's transactions (found by the caller).
+pub struct Reverse {
+    pub business: BusinessId,
+    pub transaction_seq: u64,
+    pub request: NewReversal,
+}
+
+/// What a reversal came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reversed {
+    /// New and durable.
+    Created(Reversal),
+    /// The same request was made before; nothing was written.
+    Replayed(Reversal),
+    /// The referenceNumber exists with another request; the first differing field.
+    Conflict(&'static str),
+    /// Nothing, or less than asked, is left to reverse.
+    Rejected(Rejection),
+}
+
+/// What asking to send a failed credit again came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Pending again, with a fresh schedule.
+    Redelivered(Box<Transaction>),
+    /// Not failed (or without a delivery at all): nothing to send again.
+    NotFailed(Option<Box<Transaction>>),
+    /// It has reversals, settled while the credit had failed: it stays failed.
+    Reversed(Box<Transaction>),
+}
+
+/// What the store did with a due debit whose credit may not be done (see
+/// [`Store::hold_debit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Its credit completed: send it.
+    Ready,
+    /// Put off until its credit is done, or completed without a call (the credit failed).
+    Held,
+    /// Nothing to do (it is not pending any more).
+    Unchanged,
+}
+
 /// A job due in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Due {
     /// Credit the transaction's points to its program's partner.
     Credit(Transaction),
+    /// Take a reversal's points back at the partner of its transaction's program.
+    Debit {
+        reversal: Reversal,
+        transaction: Box<Transaction>,
+    },
     /// Send a merchant webhook event.
     Event(Event),
 }
@@ -351,6 +402,101 @@ impl Store {
             .await
     }
 
+    /// Sends a failed credit again, with a fresh schedule (see [`Redelivery`]).
+    pub async fn redeliver_credit(&self, seq: u64) -> Result<Redelivery, StoreError> {
+        let redelivery = self
+            .write(move |tables| tables.redeliver_credit(seq))
+            .await?;
+        if matches!(redelivery, Redelivery::Redelivered(_)) {
+            self.outbox_changed.notify_one();
+        }
+        Ok(redelivery)
+    }
+
+    /// Reverses (part of) a transaction: durable before this returns `Created`. The
+    /// writer decides against what remains, so concurrent reversals never take more than
+    /// the transaction has.
+    pub async fn reverse(&self, reverse: Reverse) -> Result<Reversed, StoreError> {
+        let reversed = self.write(move |tables| tables.reverse(&reverse)).await?;
+        if let Reversed::Created(r) = &reversed {
+            if r.delivery.is_some() {
+                self.outbox_changed.notify_one();
+            }
+        }
+        Ok(reversed)
+    }
+
+    /// Moves the debit of reversal `seq` on (see [`Store::update_delivery`]): `None` if it
+    /// has no debit, else the reversal as it now stands and whether it changed.
+    pub async fn update_debit(
+        &self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery> + Send + 'static,
+        events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static,
+    ) -> Result<Option<(Reversal, bool)>, StoreError> {
+        let updated = self
+            .write(move |tables| tables.update_debit(seq, step, events))
+            .await?;
+        if let Some((_, true)) = &updated {
+            self.outbox_changed.notify_one();
+        }
+        Ok(updated)
+    }
+
+    /// A due debit whose credit may not be done: it waits while the credit is pending,
+    /// and completes without a partner call once the credit failed (the partner never had
+    /// the points). `events` makes the merchant events of a change, as for
+    /// [`Store::update_debit`].
+    pub async fn hold_debit(
+        &self,
+        seq: u64,
+        events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static,
+    ) -> Result<Hold, StoreError> {
+        let hold = self
+            .write(move |tables| tables.hold_debit(seq, events))
+            .await?;
+        if hold == Hold::Held {
+            self.outbox_changed.notify_one();
+        }
+        Ok(hold)
+    }
+
+    /// The business's reversal whose id, else whose referenceNumber, is `key`.
+    pub async fn reversal(
+        &self,
+        business: &BusinessId,
+        key: &str,
+    ) -> Result<Option<Reversal>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let reversals = reader.table(REVERSALS)?;
+        let deliveries = reader.table(DELIVERIES)?;
+        let read = |seq| {
+            read_reversal(
+                reader.ids,
+                reader.reversal_ids,
+                &reversals,
+                &deliveries,
+                seq,
+            )
+        };
+        let seq = ReversalId::parse(key).and_then(|id| reader.reversal_ids.decipher(id.0));
+        if let Some(seq) = seq {
+            if let Some(found) = read(seq)? {
+                if found.business == *business {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        match reader
+            .table(REVERSAL_BY_REFERENCE)?
+            .get((business.as_str(), key))
+            .map_err(unavailable)?
+        {
+            Some(seq) => read(seq.value()),
+            None => Ok(None),
+        }
+    }
+
     /// Completes when a delivery may have become due at once since the last call.
     pub async fn outbox_changed(&self) {
         self.outbox_changed.notified().await
@@ -369,6 +515,7 @@ impl Store {
         let records = reader.table(TRANSACTIONS)?;
         let deliveries = reader.table(DELIVERIES)?;
         let events = reader.table(EVENTS)?;
+        let reversals = reader.table(REVERSALS)?;
         let mut due = Vec::new();
         for entry in outbox
             .range(..=(now, u8::MAX, u64::MAX))
@@ -386,6 +533,24 @@ impl Store {
                 JOB_CREDIT => read_tx(reader.ids, &records, &deliveries, id)?.map(Due::Credit),
                 JOB_EVENT => {
                     read_event(&self.handle.event_ids, &events, &deliveries, id)?.map(Due::Event)
+                }
+                JOB_DEBIT => {
+                    match read_reversal(
+                        reader.ids,
+                        reader.reversal_ids,
+                        &reversals,
+                        &deliveries,
+                        id,
+                    )? {
+                        Some(reversal) => {
+                            read_tx(reader.ids, &records, &deliveries, reversal.transaction_seq)?
+                                .map(|tx| Due::Debit {
+                                    reversal,
+                                    transaction: Box::new(tx),
+                                })
+                        }
+                        None => None,
+                    }
                 }
                 _ => None,
             };
@@ -520,19 +685,29 @@ impl Store {
         let records = reader.table(TRANSACTIONS)?;
         let deliveries = reader.table(DELIVERIES)?;
         let seq = TransactionId::parse(key).and_then(|id| reader.ids.decode(id));
+        let mut found = None;
         if let Some(seq) = seq {
-            if let Some(tx) = read_tx(reader.ids, &records, &deliveries, seq)? {
-                if tx.business == *business {
-                    return Ok(Some(tx));
-                }
+            found = read_tx(reader.ids, &records, &deliveries, seq)?
+                .filter(|tx| tx.business == *business);
+        }
+        if found.is_none() {
+            if let Some(seq) = reader
+                .table(BY_REFERENCE)?
+                .get((business.as_str(), key))
+                .map_err(unavailable)?
+            {
+                found = read_tx(reader.ids, &records, &deliveries, seq.value())?;
             }
         }
-        match reader
-            .table(BY_REFERENCE)?
-            .get((business.as_str(), key))
-            .map_err(unavailable)?
-        {
-            Some(seq) => read_tx(reader.ids, &records, &deliveries, seq.value()),
+        match found {
+            Some(tx) => Ok(Some(with_reversals(
+                tx,
+                reader.ids,
+                reader.reversal_ids,
+                &reader.table(REVERSALS)?,
+                &reader.table(REVERSALS_BY_TX)?,
+                &deliveries,
+            )?)),
             None => Ok(None),
         }
     }

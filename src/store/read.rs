@@ -10,15 +10,16 @@ use tokio::sync::mpsc;
 
 use super::handle::Handle;
 use super::schema::{
-    Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, EventRecord, Tx, TxRecord, BY_DATE,
-    BY_PROGRAM_DATE, DELIVERIES, JOB_CREDIT, JOB_EVENT, TRANSACTIONS,
+    Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, EventRecord, ReversalRecord, ReversalV1, Tx,
+    TxRecord, BY_DATE, BY_PROGRAM_DATE, DELIVERIES, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, REVERSALS,
+    REVERSALS_BY_TX, TRANSACTIONS,
 };
 use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
 use crate::delivery::{Delivery, DeliveryError, DeliveryStatus, Event, FailureKind};
 use crate::domain::{
     BusinessId, Description, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId,
 };
-use crate::ledger::{Connection, IdCipher, Transaction};
+use crate::ledger::{Connection, IdCipher, Reversal, ReversalId, Transaction};
 
 /// Rows per batch a listing hands to its consumer.
 const LISTING_BATCH: usize = 256;
@@ -28,6 +29,7 @@ const LISTING_BATCH: usize = 256;
 pub(super) struct Reader<'h> {
     pub txn: redb::ReadTransaction,
     pub ids: &'h IdCipher,
+    pub reversal_ids: &'h IdCipher,
     _db: Arc<redb::Database>,
 }
 
@@ -38,6 +40,7 @@ impl<'h> Reader<'h> {
         Ok(Reader {
             txn,
             ids: &handle.ids,
+            reversal_ids: &handle.reversal_ids,
             _db: db,
         })
     }
@@ -70,6 +73,74 @@ pub(super) fn read_tx(
     let record = decode::<TxRecord>(bytes.value())?.latest();
     let delivery = read_delivery(deliveries, JOB_CREDIT, seq)?;
     Ok(Some(transaction(ids, record, delivery)))
+}
+
+/// `tx` with its reversals read in (a transaction without any has none to read).
+pub(super) fn with_reversals(
+    mut tx: Transaction,
+    ids: &IdCipher,
+    reversal_ids: &IdCipher,
+    reversals: &impl ReadableTable<u64, &'static [u8]>,
+    by_tx: &impl ReadableTable<(u64, u64), ()>,
+    deliveries: &impl ReadableTable<(u8, u64), &'static [u8]>,
+) -> Result<Transaction, StoreError> {
+    if tx.reversed_value == 0 {
+        return Ok(tx);
+    }
+    for entry in by_tx
+        .range((tx.seq, 0)..=(tx.seq, u64::MAX))
+        .map_err(unavailable)?
+    {
+        let (key, _) = entry.map_err(unavailable)?;
+        let seq = key.value().1;
+        let reversal =
+            read_reversal(ids, reversal_ids, reversals, deliveries, seq)?.ok_or_else(|| {
+                tracing::error!(seq, "the reversal index names a missing reversal");
+                StoreError::Corrupt
+            })?;
+        tx.reversals.push(reversal);
+    }
+    Ok(tx)
+}
+
+/// The reversal `seq` with its debit's delivery state.
+pub(super) fn read_reversal(
+    ids: &IdCipher,
+    reversal_ids: &IdCipher,
+    reversals: &impl ReadableTable<u64, &'static [u8]>,
+    deliveries: &impl ReadableTable<(u8, u64), &'static [u8]>,
+    seq: u64,
+) -> Result<Option<Reversal>, StoreError> {
+    let Some(bytes) = reversals.get(seq).map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let record = decode::<ReversalRecord>(bytes.value())?.latest();
+    let delivery = read_delivery(deliveries, JOB_DEBIT, seq)?;
+    Ok(Some(reversal(ids, reversal_ids, seq, record, delivery)))
+}
+
+/// A stored reversal as the domain sees it.
+pub(super) fn reversal(
+    ids: &IdCipher,
+    reversal_ids: &IdCipher,
+    seq: u64,
+    r: ReversalV1,
+    delivery: Option<Delivery>,
+) -> Reversal {
+    Reversal {
+        id: ReversalId(reversal_ids.encipher(seq)),
+        seq,
+        business: BusinessId::trusted(r.business),
+        transaction_id: ids.encode(r.tx_seq),
+        transaction_seq: r.tx_seq,
+        reference_number: ReferenceNumber::trusted(r.reference_number),
+        value: r.value,
+        points: r.points,
+        full: r.full,
+        reason: r.reason.map(Description::trusted),
+        created_at: r.created_at,
+        delivery,
+    }
 }
 
 pub(super) fn read_delivery(
@@ -181,6 +252,9 @@ pub(super) fn transaction(ids: &IdCipher, r: Tx, delivery: Option<Delivery>) -> 
         created_at: r.created_at,
         seq: r.seq,
         delivery,
+        reversed_value: r.reversed_value,
+        reversed_points: r.reversed_points,
+        reversals: Vec::new(),
     }
 }
 
@@ -208,6 +282,8 @@ pub(super) fn scan<T>(
     let reader = Reader::begin(handle)?;
     let records = reader.table(TRANSACTIONS)?;
     let deliveries = reader.table(DELIVERIES)?;
+    let reversals = reader.table(REVERSALS)?;
+    let by_tx = reader.table(REVERSALS_BY_TX)?;
     let business = q.business.as_str();
     let limit = q.limit.unwrap_or(usize::MAX);
     let mut batch = Vec::with_capacity(LISTING_BATCH.min(limit));
@@ -221,6 +297,14 @@ pub(super) fn scan<T>(
         if q.status.is_some_and(|status| tx.status() != status) {
             return Ok(true);
         }
+        let tx = with_reversals(
+            tx,
+            reader.ids,
+            reader.reversal_ids,
+            &reversals,
+            &by_tx,
+            &deliveries,
+        )?;
         batch.push(tx);
         sent += 1;
         if batch.len() == LISTING_BATCH || sent == limit {

@@ -17,16 +17,18 @@
 //! | schema | release | change |
 //! |---|---|---|
 //! | 1 | 0.1.0 | first layout; values are bare postcard structs |
-//! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front); new tables `deliveries`, `outbox` |
+//! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front); new tables `deliveries`, `outbox`, `events` |
+//! | 3 | 0.3.0 | `TxRecord::V3` (reversal totals), which 0.2.0 cannot read; new tables `reversals`, `reversal_by_reference`, `reversals_by_tx` (nothing is rewritten) |
 //!
-//! Record versions: `TxRecord::V1` (0.1.0), `TxRecord::V2` (0.2.0: `end_user_id`);
-//! `ConnectionRecord::V1`; `DeliveryRecord::V1`.
+//! Record versions: `TxRecord::V1` (0.1.0), `TxRecord::V2` (0.2.0: `end_user_id`),
+//! `TxRecord::V3` (0.3.0: `reversed_value`, `reversed_points`, `reversals`);
+//! `ConnectionRecord::V1`; `DeliveryRecord::V1`; `EventRecord::V1`; `ReversalRecord::V1`.
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 /// The on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(super) const TRANSACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
@@ -50,8 +52,20 @@ pub(super) const OUTBOX: TableDefinition<(u64, u8, u64), ()> = TableDefinition::
 /// never deleted).
 pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
-/// Job kinds in [`OUTBOX`] and [`DELIVERIES`] keys (a kind to come: debits).
+/// Reversals, by reversal seq (the last key + 1 is the next one: reversals are never
+/// deleted).
+pub(super) const REVERSALS: TableDefinition<u64, &[u8]> = TableDefinition::new("reversals");
+/// (business, the reversal's referenceNumber) → reversal seq.
+pub(super) const REVERSAL_BY_REFERENCE: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("reversal_by_reference");
+/// (transaction seq, reversal seq) → (): a transaction's reversals in creation order.
+pub(super) const REVERSALS_BY_TX: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("reversals_by_tx");
+
+/// Job kinds in [`OUTBOX`] and [`DELIVERIES`] keys: a credit; the id is the transaction seq.
 pub(super) const JOB_CREDIT: u8 = 0;
+/// A debit (a reversal at the partner); the id is the reversal seq.
+pub(super) const JOB_DEBIT: u8 = 1;
 /// A merchant webhook event; the id is the event seq.
 pub(super) const JOB_EVENT: u8 = 2;
 
@@ -112,28 +126,78 @@ impl From<TxV1> for TxV2 {
     }
 }
 
+/// A transaction as release 0.3.0 stores it: V2 and the totals of its reversals (kept on
+/// the record so that reading a transaction without reversals costs no extra lookup,
+/// and so that the writer decides a new reversal from one read).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct TxV3 {
+    pub business: String,
+    pub reference_number: String,
+    pub program_id: String,
+    pub program_name: String,
+    pub user_id: String,
+    pub description: Option<String>,
+    pub currency: String,
+    pub value: u64,
+    pub total_points: u64,
+    pub bonus: bool,
+    pub created_at: u64,
+    pub seq: u64,
+    pub end_user_id: Option<String>,
+    /// 0 for every V1 and V2 record: nothing could be reversed before 0.3.0.
+    pub reversed_value: u64,
+    pub reversed_points: u64,
+    /// How many reversals it has (entries in `reversals_by_tx`).
+    pub reversals: u32,
+}
+
+impl From<TxV2> for TxV3 {
+    fn from(r: TxV2) -> TxV3 {
+        TxV3 {
+            business: r.business,
+            reference_number: r.reference_number,
+            program_id: r.program_id,
+            program_name: r.program_name,
+            user_id: r.user_id,
+            description: r.description,
+            currency: r.currency,
+            value: r.value,
+            total_points: r.total_points,
+            bonus: r.bonus,
+            created_at: r.created_at,
+            seq: r.seq,
+            end_user_id: r.end_user_id,
+            reversed_value: 0,
+            reversed_points: 0,
+            reversals: 0,
+        }
+    }
+}
+
 /// Every stored transaction. Append variants only.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub(super) enum TxRecord {
     V1(TxV1),
     V2(TxV2),
+    V3(TxV3),
 }
 
 /// The newest transaction record version: what reads work with and the writer writes.
-pub(super) type Tx = TxV2;
+pub(super) type Tx = TxV3;
 
 impl TxRecord {
     pub fn latest(self) -> Tx {
         match self {
-            TxRecord::V1(r) => r.into(),
-            TxRecord::V2(r) => r,
+            TxRecord::V1(r) => TxV2::from(r).into(),
+            TxRecord::V2(r) => r.into(),
+            TxRecord::V3(r) => r,
         }
     }
 }
 
 impl From<Tx> for TxRecord {
     fn from(r: Tx) -> TxRecord {
-        TxRecord::V2(r)
+        TxRecord::V3(r)
     }
 }
 
@@ -232,11 +296,40 @@ impl EventRecord {
     }
 }
 
+/// A reversal, first stored by schema 3.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub(super) struct ReversalV1 {
+    pub business: String,
+    pub reference_number: String,
+    /// The seq of the transaction it reverses.
+    pub tx_seq: u64,
+    pub value: u64,
+    pub points: u64,
+    /// The request named no value: "all that remains".
+    pub full: bool,
+    pub reason: Option<String>,
+    pub created_at: u64,
+}
+
+/// Every stored reversal. Append variants only.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(super) enum ReversalRecord {
+    V1(ReversalV1),
+}
+
+impl ReversalRecord {
+    pub fn latest(self) -> ReversalV1 {
+        match self {
+            ReversalRecord::V1(r) => r,
+        }
+    }
+}
+
 /// Decodes a transaction value written under `schema` (older files are read as they are,
 /// by `check`, before they are migrated).
 pub(super) fn decode_tx(schema: u64, bytes: &[u8]) -> postcard::Result<Tx> {
     if schema < 2 {
-        postcard::from_bytes::<TxV1>(bytes).map(Tx::from)
+        postcard::from_bytes::<TxV1>(bytes).map(|r| TxV2::from(r).into())
     } else {
         postcard::from_bytes::<TxRecord>(bytes).map(TxRecord::latest)
     }
@@ -256,7 +349,19 @@ pub(super) fn decode_connection(schema: u64, bytes: &[u8]) -> postcard::Result<C
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), redb::Error>;
 
 /// `(version it produces, step)`, in order.
-pub(super) const MIGRATIONS: &[(u64, Migration)] = &[(2, wrap_values_in_versioned_enums)];
+pub(super) const MIGRATIONS: &[(u64, Migration)] = &[
+    (2, wrap_values_in_versioned_enums),
+    (3, add_reversal_tables),
+];
+
+/// Schema 2 → 3: the reversal tables (made empty, as on every open). Existing records stay
+/// as they are: V1 and V2 transactions read with no reversals.
+fn add_reversal_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(REVERSALS)?;
+    txn.open_table(REVERSAL_BY_REFERENCE)?;
+    txn.open_table(REVERSALS_BY_TX)?;
+    Ok(())
+}
 
 /// Rows rewritten per range read while migrating (bounds the memory a migration takes).
 const MIGRATION_CHUNK: usize = 4096;
@@ -359,7 +464,7 @@ mod tests {
             postcard::to_allocvec(&tx_v1()).expect("encodes"),
             TX_V1_BYTES
         );
-        assert_eq!(decode_tx(1, TX_V1_BYTES).expect("decodes"), tx_v1().into());
+        assert_eq!(decode_tx(1, TX_V1_BYTES).expect("decodes"), today(tx_v1()));
         // Schema 2: the same bytes behind the variant tag.
         let bytes = postcard::to_allocvec(&TxRecord::V1(tx_v1())).expect("encodes");
         assert_eq!(
@@ -367,18 +472,50 @@ mod tests {
             "a change here needs a new variant, not an edit"
         );
         assert_eq!(&bytes[1..], TX_V1_BYTES);
-        assert_eq!(decode_tx(2, &bytes).expect("decodes"), tx_v1().into());
+        assert_eq!(decode_tx(2, &bytes).expect("decodes"), today(tx_v1()));
         // V2: tag 1, V1's fields, then the end user id.
         let mut v2 = TxV2::from(tx_v1());
         v2.end_user_id = Some("eu".into());
-        let bytes = postcard::to_allocvec(&TxRecord::from(v2.clone())).expect("encodes");
+        let bytes = postcard::to_allocvec(&TxRecord::V2(v2.clone())).expect("encodes");
         assert_eq!(
             bytes[0], 1,
             "a change here needs a new variant, not an edit"
         );
         assert_eq!(&bytes[1..bytes.len() - 4], TX_V1_BYTES);
         assert_eq!(&bytes[bytes.len() - 4..], [1, 2, b'e', b'u']);
-        assert_eq!(decode_tx(2, &bytes).expect("decodes"), v2);
+        assert_eq!(decode_tx(2, &bytes).expect("decodes"), v2.clone().into());
+        // V3: tag 2, V2's fields, then the reversal totals.
+        let mut v3 = TxV3::from(v2);
+        (v3.reversed_value, v3.reversed_points, v3.reversals) = (1000, 226, 2);
+        let bytes = postcard::to_allocvec(&TxRecord::from(v3.clone())).expect("encodes");
+        assert_eq!(
+            bytes[0], 2,
+            "a change here needs a new variant, not an edit"
+        );
+        assert_eq!(&bytes[1..bytes.len() - 9], TX_V1_BYTES);
+        assert_eq!(
+            &bytes[bytes.len() - 9..],
+            [1, 2, b'e', b'u', 0xe8, 0x07, 0xe2, 0x01, 2]
+        );
+        assert_eq!(decode_tx(3, &bytes).expect("decodes"), v3);
+        let reversal = ReversalV1 {
+            business: "acme".into(),
+            reference_number: "ref-1".into(),
+            tx_seq: 7,
+            value: 500,
+            points: 113,
+            full: false,
+            reason: None,
+            created_at: 9,
+        };
+        let bytes = postcard::to_allocvec(&ReversalRecord::V1(reversal)).expect("encodes");
+        assert_eq!(
+            bytes,
+            [
+                0, 4, b'a', b'c', b'm', b'e', 5, b'r', b'e', b'f', b'-', b'1', 7, 0xf4, 0x03, 113,
+                0, 0, 9
+            ]
+        );
 
         let connection = ConnectionV1 {
             destination_user_id: "EK1".into(),
@@ -396,10 +533,11 @@ mod tests {
     }
 
     /// What a later release will do to add a field: a new struct, a new variant at the end,
-    /// a default for records written before it (as V2 did for `end_user_id`).
+    /// a default for records written before it (as V2 did for `end_user_id` and V3 for
+    /// the reversal totals).
     #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
     struct TxNext {
-        v2: TxV2,
+        v3: TxV3,
         status: Option<String>,
     }
 
@@ -407,47 +545,55 @@ mod tests {
     enum TxRecordNext {
         V1(TxV1),
         V2(TxV2),
-        V3(TxNext),
+        V3(TxV3),
+        V4(TxNext),
     }
 
     impl TxRecordNext {
         fn latest(self) -> TxNext {
-            match self {
-                TxRecordNext::V1(v1) => TxNext {
-                    v2: v1.into(),
-                    status: None,
-                },
-                TxRecordNext::V2(v2) => TxNext { v2, status: None },
-                TxRecordNext::V3(r) => r,
-            }
+            let v3 = match self {
+                TxRecordNext::V1(v1) => TxV2::from(v1).into(),
+                TxRecordNext::V2(v2) => v2.into(),
+                TxRecordNext::V3(v3) => v3,
+                TxRecordNext::V4(r) => return r,
+            };
+            TxNext { v3, status: None }
         }
+    }
+
+    fn today(r: TxV1) -> TxV3 {
+        TxV2::from(r).into()
     }
 
     #[test]
     fn a_record_written_before_a_field_was_added_decodes_with_its_default() {
-        // A V1 record (as a 0.1.0 file holds after its migration) reads as today's V2.
+        // A V1 record (as a 0.1.0 file holds after its migration) reads as today's V3,
+        // and so does a V2 record of 0.2.0.
         let v1 = postcard::to_allocvec(&TxRecord::V1(tx_v1())).expect("encodes");
-        assert_eq!(
-            decode_tx(SCHEMA_VERSION, &v1).expect("decodes"),
-            TxV2::from(tx_v1())
-        );
+        let v2 = postcard::to_allocvec(&TxRecord::V2(tx_v1().into())).expect("encodes");
+        for bytes in [&v1, &v2] {
+            assert_eq!(
+                decode_tx(SCHEMA_VERSION, bytes).expect("decodes"),
+                today(tx_v1())
+            );
+        }
         // Today's records read in a later release that added a field.
         let written_today =
-            postcard::to_allocvec(&TxRecord::from(TxV2::from(tx_v1()))).expect("encodes");
-        for bytes in [&v1, &written_today] {
+            postcard::to_allocvec(&TxRecord::from(today(tx_v1()))).expect("encodes");
+        for bytes in [&v1, &v2, &written_today] {
             let read_later: TxRecordNext = postcard::from_bytes(bytes).expect("decodes");
             assert_eq!(
                 read_later.latest(),
                 TxNext {
-                    v2: tx_v1().into(),
+                    v3: today(tx_v1()),
                     status: None
                 }
             );
         }
         // A record of the later version is refused by today's code, not misread (the
         // schema version keeps such a file from being opened at all).
-        let written_later = postcard::to_allocvec(&TxRecordNext::V3(TxNext {
-            v2: tx_v1().into(),
+        let written_later = postcard::to_allocvec(&TxRecordNext::V4(TxNext {
+            v3: today(tx_v1()),
             status: Some("completed".into()),
         }))
         .expect("encodes");

@@ -13,16 +13,21 @@ use redb::{Durability, ReadableTable};
 use tokio::sync::mpsc;
 
 use super::handle::{Handle, RECOVERY_RETRY};
-use super::read::{connection, decode, delivery_record, read_delivery, read_tx, transaction};
-use super::schema::{
-    Conn, ConnectionRecord, EventRecord, EventV1, Tx, TxRecord, BY_DATE, BY_PROGRAM_DATE,
-    BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, META, OUTBOX,
-    TRANSACTIONS,
+use super::read::{
+    connection, decode, delivery_record, read_delivery, read_reversal, read_tx, reversal,
+    transaction, with_reversals,
 };
-use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
+use super::schema::{
+    Conn, ConnectionRecord, EventRecord, EventV1, ReversalRecord, ReversalV1, Tx, TxRecord,
+    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
+    JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
+};
+use super::{
+    unavailable, Connect, Connected, Hold, Issue, Issued, Redelivery, Reverse, Reversed, StoreError,
+};
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
-use crate::ledger::IdCipher;
+use crate::ledger::{plan_reversal, IdCipher, Reversal};
 use crate::ledger::{Recipient, Transaction};
 
 /// Sends a write's outcome to its caller; run only after the batch's commit returned.
@@ -122,6 +127,7 @@ impl Writer {
         {
             let mut tables = Tables {
                 ids: &self.handle.ids,
+                reversal_ids: &self.handle.reversal_ids,
                 now,
                 next_seq: self.next_seq,
                 records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
@@ -132,6 +138,9 @@ impl Writer {
                 deliveries: txn.open_table(DELIVERIES).map_err(unavailable)?,
                 outbox: txn.open_table(OUTBOX).map_err(unavailable)?,
                 events: txn.open_table(EVENTS).map_err(unavailable)?,
+                reversals: txn.open_table(REVERSALS).map_err(unavailable)?,
+                reversal_by_ref: txn.open_table(REVERSAL_BY_REFERENCE).map_err(unavailable)?,
+                reversals_by_tx: txn.open_table(REVERSALS_BY_TX).map_err(unavailable)?,
             };
             for job in batch.drain(..) {
                 if let Job::Write(apply) = job {
@@ -159,6 +168,7 @@ impl Writer {
 /// The tables one write transaction changes, and what every write in it shares.
 pub(super) struct Tables<'txn> {
     ids: &'txn IdCipher,
+    reversal_ids: &'txn IdCipher,
     /// The batch's time: every record it writes is dated with it.
     now: u64,
     /// The next transaction sequence number.
@@ -171,6 +181,9 @@ pub(super) struct Tables<'txn> {
     deliveries: redb::Table<'txn, (u8, u64), &'static [u8]>,
     outbox: redb::Table<'txn, (u64, u8, u64), ()>,
     events: redb::Table<'txn, u64, &'static [u8]>,
+    reversals: redb::Table<'txn, u64, &'static [u8]>,
+    reversal_by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
+    reversals_by_tx: redb::Table<'txn, (u64, u64), ()>,
 }
 
 impl Tables<'_> {
@@ -213,6 +226,9 @@ impl Tables<'_> {
                 Recipient::EndUser(end_user) => Some(end_user.to_string()),
                 Recipient::Member(_) => None,
             },
+            reversed_value: 0,
+            reversed_points: 0,
+            reversals: 0,
         });
         let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.records
@@ -263,12 +279,274 @@ impl Tables<'_> {
             tracing::error!(seq, "a delivery names a missing transaction");
             StoreError::Corrupt
         })?;
+        if next.is_some() && tx.status() != DeliveryStatus::Pending {
+            // Debits wait for their credit to be done: they are due now.
+            self.wake_debits(&tx)?;
+        }
+        let tx = self.with_reversals(tx)?;
         if next.is_some() {
             for event in events(&tx, current.status) {
                 self.record_event(tx.business.as_str(), event)?;
             }
         }
         Ok(Some((tx, next.is_some())))
+    }
+
+    fn with_reversals(&self, tx: Transaction) -> Result<Transaction, StoreError> {
+        with_reversals(
+            tx,
+            self.ids,
+            self.reversal_ids,
+            &self.reversals,
+            &self.reversals_by_tx,
+            &self.deliveries,
+        )
+    }
+
+    /// Makes the pending debits of `tx` due now.
+    fn wake_debits(&mut self, tx: &Transaction) -> Result<(), StoreError> {
+        if tx.reversed_value == 0 {
+            return Ok(());
+        }
+        let seqs = self
+            .reversals_by_tx
+            .range((tx.seq, 0)..=(tx.seq, u64::MAX))
+            .map_err(unavailable)?
+            .map(|entry| entry.map(|(key, _)| key.value().1))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(unavailable)?;
+        for seq in seqs {
+            let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+                continue;
+            };
+            if debit.next_attempt_at.is_some_and(|due| due > self.now) {
+                let next = Delivery {
+                    next_attempt_at: Some(self.now),
+                    ..debit.clone()
+                };
+                self.put_delivery(JOB_DEBIT, seq, Some(&debit), &next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a `failed` credit again (see [`Delivery::redeliver`]), unless the transaction
+    /// has reversals: they were settled against a credit that never arrived (see
+    /// [`Tables::hold_debit`]), so sending it now would credit points already taken back.
+    pub fn redeliver_credit(&mut self, seq: u64) -> Result<Redelivery, StoreError> {
+        let Some(tx) = read_tx(self.ids, &self.records, &self.deliveries, seq)? else {
+            return Ok(Redelivery::NotFailed(None));
+        };
+        if tx.reversed_value > 0 {
+            return Ok(Redelivery::Reversed(Box::new(tx)));
+        }
+        match self.update_delivery(seq, |d, now| d.redeliver(now), |_, _| Vec::new())? {
+            Some((tx, true)) => Ok(Redelivery::Redelivered(Box::new(tx))),
+            Some((tx, false)) => Ok(Redelivery::NotFailed(Some(Box::new(tx)))),
+            None => Ok(Redelivery::NotFailed(Some(Box::new(tx)))),
+        }
+    }
+
+    /// Reverses (part of) transaction `r.transaction_seq`: a replay or a conflict if the
+    /// reversal's referenceNumber exists (also when an earlier write of this batch made
+    /// it); else the ledger's decision on what still remains, made here, where no other
+    /// reversal can come between the read and the write.
+    ///
+    /// A debit for the partner is queued when there is one to send: the credit has a
+    /// delivery that is not `failed`, and the reversal takes points. While the credit is
+    /// pending the debit is due when the credit's next attempt is; it is sent only once
+    /// the credit completed (see [`Tables::hold_debit`]).
+    pub fn reverse(&mut self, r: &Reverse) -> Result<Reversed, StoreError> {
+        let b = r.business.as_str();
+        let request = &r.request;
+        let existing = self
+            .reversal_by_ref
+            .get((b, request.reference_number.as_str()))
+            .map_err(unavailable)?
+            .map(|seq| seq.value());
+        if let Some(seq) = existing {
+            let found = read_reversal(
+                self.ids,
+                self.reversal_ids,
+                &self.reversals,
+                &self.deliveries,
+                seq,
+            )?
+            .ok_or_else(|| {
+                tracing::error!(seq, "the reversal reference index names a missing reversal");
+                StoreError::Corrupt
+            })?;
+            return Ok(match found.differing_field(r.transaction_seq, request) {
+                None => Reversed::Replayed(found),
+                Some(field) => Reversed::Conflict(field),
+            });
+        }
+        let Some(bytes) = self.records.get(r.transaction_seq).map_err(unavailable)? else {
+            tracing::error!(
+                seq = r.transaction_seq,
+                "a reversal names a missing transaction"
+            );
+            return Err(StoreError::Corrupt);
+        };
+        let mut record = decode::<TxRecord>(bytes.value())?.latest();
+        drop(bytes);
+        if record.business != b {
+            tracing::error!(
+                seq = r.transaction_seq,
+                "a reversal names another business's transaction"
+            );
+            return Err(StoreError::Corrupt);
+        }
+        let (value, points) = match plan_reversal(
+            record.value,
+            record.total_points,
+            record.reversed_value,
+            request.value,
+        ) {
+            Ok(plan) => plan,
+            Err(rejection) => return Ok(Reversed::Rejected(rejection)),
+        };
+        let seq = match self.reversals.last().map_err(unavailable)? {
+            Some((last, _)) => last.value() + 1,
+            None => 0,
+        };
+        let now = self.now;
+        let stored = ReversalV1 {
+            business: b.to_owned(),
+            reference_number: request.reference_number.to_string(),
+            tx_seq: r.transaction_seq,
+            value,
+            points,
+            full: request.value.is_none(),
+            reason: request.reason.as_ref().map(|d| d.as_str().to_owned()),
+            created_at: now,
+        };
+        let bytes =
+            postcard::to_allocvec(&ReversalRecord::V1(stored.clone())).map_err(unavailable)?;
+        self.reversals
+            .insert(seq, bytes.as_slice())
+            .map_err(unavailable)?;
+        self.reversal_by_ref
+            .insert((b, request.reference_number.as_str()), seq)
+            .map_err(unavailable)?;
+        self.reversals_by_tx
+            .insert((r.transaction_seq, seq), ())
+            .map_err(unavailable)?;
+        record.reversed_value += value;
+        record.reversed_points += points;
+        record.reversals += 1;
+        let bytes = postcard::to_allocvec(&TxRecord::from(record)).map_err(unavailable)?;
+        self.records
+            .insert(r.transaction_seq, bytes.as_slice())
+            .map_err(unavailable)?;
+        let credit = read_delivery(&self.deliveries, JOB_CREDIT, r.transaction_seq)?;
+        let debit = match credit {
+            Some(credit) if points > 0 && credit.status != DeliveryStatus::Failed => {
+                let due = credit.next_attempt_at.unwrap_or(now).max(now);
+                Some(Delivery {
+                    next_attempt_at: Some(due),
+                    ..Delivery::new(now)
+                })
+            }
+            // No partner, nothing to take back there, or a credit that never arrived.
+            _ => None,
+        };
+        if let Some(d) = &debit {
+            self.put_delivery(JOB_DEBIT, seq, None, d)?;
+        }
+        Ok(Reversed::Created(reversal(
+            self.ids,
+            self.reversal_ids,
+            seq,
+            stored,
+            debit,
+        )))
+    }
+
+    /// Moves the debit of reversal `seq` on with `step`, as
+    /// [`Tables::update_delivery`] does for a credit: `None` if the reversal has no debit,
+    /// else the reversal as it now stands and whether it changed (and, if it did, the
+    /// events `events` returns are recorded in this write).
+    pub fn update_debit(
+        &mut self,
+        seq: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+        events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
+    ) -> Result<Option<(Reversal, bool)>, StoreError> {
+        let Some(current) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+            return Ok(None);
+        };
+        let next = step(&current, self.now);
+        if let Some(next) = &next {
+            self.put_delivery(JOB_DEBIT, seq, Some(&current), next)?;
+        }
+        let found = read_reversal(
+            self.ids,
+            self.reversal_ids,
+            &self.reversals,
+            &self.deliveries,
+            seq,
+        )?
+        .ok_or_else(|| {
+            tracing::error!(seq, "a debit names a missing reversal");
+            StoreError::Corrupt
+        })?;
+        if next.is_some() {
+            for event in events(&found, current.status) {
+                self.record_event(found.business.as_str(), event)?;
+            }
+        }
+        Ok(Some((found, next.is_some())))
+    }
+
+    /// A due debit whose credit is not `completed`: while the credit is pending, the debit
+    /// waits until the credit's next attempt (a completed or failed credit wakes it
+    /// sooner); once the credit failed, the debit completes without a partner call, since
+    /// the partner never had the points. `Ready` when the credit completed: send it.
+    pub fn hold_debit(
+        &mut self,
+        seq: u64,
+        events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
+    ) -> Result<Hold, StoreError> {
+        let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+            return Ok(Hold::Unchanged);
+        };
+        if debit.status != DeliveryStatus::Pending {
+            return Ok(Hold::Unchanged);
+        }
+        let Some(bytes) = self.reversals.get(seq).map_err(unavailable)? else {
+            tracing::error!(seq, "a debit names a missing reversal");
+            return Err(StoreError::Corrupt);
+        };
+        let tx_seq = decode::<ReversalRecord>(bytes.value())?.latest().tx_seq;
+        drop(bytes);
+        let credit = read_delivery(&self.deliveries, JOB_CREDIT, tx_seq)?;
+        let now = self.now;
+        type Step = Box<dyn FnOnce(&Delivery, u64) -> Option<Delivery>>;
+        let step: Step = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
+            Some((DeliveryStatus::Completed, _)) => return Ok(Hold::Ready),
+            Some((DeliveryStatus::Pending, due)) => {
+                let due = due.unwrap_or(now).max(now.saturating_add(1));
+                Box::new(move |d: &Delivery, _| {
+                    Some(Delivery {
+                        next_attempt_at: Some(due),
+                        ..d.clone()
+                    })
+                })
+            }
+            // Failed (or gone): the partner never had the points.
+            _ => Box::new(|d: &Delivery, _| {
+                Some(Delivery {
+                    status: DeliveryStatus::Completed,
+                    next_attempt_at: None,
+                    ..d.clone()
+                })
+            }),
+        };
+        match self.update_debit(seq, step, events)? {
+            Some((_, true)) => Ok(Hold::Held),
+            _ => Ok(Hold::Unchanged),
+        }
     }
 
     /// Moves the delivery of merchant webhook event `seq` on with `step`; `None` if there
