@@ -765,7 +765,11 @@ pub async fn reverse(app: &App, caller: Caller<'_>, key: &str, body: Bytes) -> R
         })
         .await?;
     match outcome {
-        Reversed::Created(r) => reversed(StatusCode::CREATED, &r),
+        Reversed::Created(r) => {
+            app.metrics
+                .reversed(tx.program_id.as_str(), r.status().as_str(), r.points);
+            reversed(StatusCode::CREATED, &r)
+        }
         Reversed::Replayed(r) => reversed(StatusCode::OK, &r),
         Reversed::Conflict(field) => Err(reversal_conflict(&reference, field)),
         Reversed::Rejected(rejection) => Err(rejection.into()),

@@ -39,11 +39,11 @@
 //! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
 //!   address, address, client id).
 //! - [`domain`]: checked identifiers; businesses, programs (and their partners), currencies.
-//! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
+//! - [`ledger`]: transactions, reversals, connections, the issuance rules, the points
+//!   quote and the reversal formula.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
-//! - [`partner`]: the outbound HTTP client (Standard Webhooks signing, the sandbox).
-//! - [`worker`]: the delivery worker, a background task: sends due outbox jobs, writes
-//!   each outcome back.
+//! - [`worker`]: the delivery worker, a background task: sends due outbox jobs (credits,
+//!   debits, merchant events), writes each outcome back.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.
@@ -69,6 +69,11 @@
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
 //! - A write is acknowledged only after its commit is durable.
+//! - A job for the outbox (a credit, a debit, a merchant event) is written in the same
+//!   commit as the change that causes it; a debit is sent only after its credit completed.
+//! - The reversals of a transaction never add up to more than its value or its points:
+//!   the writer decides each one against the totals the transaction's record keeps, read
+//!   in the same write transaction (`check` verifies the sums).
 //! - Shutdown order: mark not ready, stop accepting API requests and drain them, stop the
 //!   admin listener, stop background tasks, flush the writer, close the store.
 //! - Metric labels come from closed sets (route patterns, status codes, configured

@@ -14,6 +14,8 @@
 //! | `store_listings_running` | gauge | |
 //! | `transactions_issued_total` | counter | `program`, `status` |
 //! | `points_issued_total` | counter | `program`, `status` |
+//! | `reversals_total` | counter | `program`, `status` |
+//! | `points_reversed_total` | counter | `program`, `status` |
 //! | `outbox_depth` | gauge | |
 //! | `outbox_oldest_pending_age_seconds` | gauge | |
 //! | `delivery_attempts_total` | counter | `outcome` |
@@ -82,6 +84,8 @@ pub struct Metrics {
     listings: Gauge,
     issued: Family<IssueLabels, Counter>,
     points: Family<IssueLabels, Counter>,
+    reversals: Family<IssueLabels, Counter>,
+    points_reversed: Family<IssueLabels, Counter>,
     outbox_depth: Gauge,
     outbox_oldest_age: Gauge,
     delivery_attempts: Family<OutcomeLabels, Counter>,
@@ -153,6 +157,19 @@ impl Metrics {
             "Points of the transactions created, by program and delivery status at creation",
             points.clone(),
         );
+        let reversals = Family::<IssueLabels, Counter>::default();
+        registry.register(
+            "reversals",
+            "Reversals created, by program and status at creation (pending: a debit to \
+             send to the partner; completed: nothing to send)",
+            reversals.clone(),
+        );
+        let points_reversed = Family::<IssueLabels, Counter>::default();
+        registry.register(
+            "points_reversed",
+            "Points the reversals created took back, by program and status at creation",
+            points_reversed.clone(),
+        );
         let outbox_depth = Gauge::default();
         registry.register(
             "outbox_depth",
@@ -182,6 +199,8 @@ impl Metrics {
             listings,
             issued,
             points,
+            reversals,
+            points_reversed,
             outbox_depth,
             outbox_oldest_age,
             delivery_attempts,
@@ -222,6 +241,17 @@ impl Metrics {
         };
         self.issued.get_or_create(&labels).inc();
         self.points.get_or_create(&labels).inc_by(points);
+    }
+
+    /// A reversal created in `program` taking back `points`; `status` as for
+    /// [`Metrics::issued`].
+    pub fn reversed(&self, program: &str, status: &'static str, points: u64) {
+        let labels = IssueLabels {
+            program: program.to_owned(),
+            status,
+        };
+        self.reversals.get_or_create(&labels).inc();
+        self.points_reversed.get_or_create(&labels).inc_by(points);
     }
 
     /// One delivery attempt to a partner ended with `outcome`. For the delivery worker:
@@ -273,6 +303,7 @@ mod tests {
         metrics.request("/v1/profile", 200, Duration::from_millis(3));
         metrics.commit(5, Duration::from_millis(2));
         metrics.issued("skywards", "completed", 833);
+        metrics.reversed("skywards", "pending", 227);
         metrics.delivery_attempt("delivered");
         let text = metrics
             .encode(Scraped {
@@ -293,6 +324,8 @@ mod tests {
             "cosmopoints_store_listings_running 1",
             "cosmopoints_transactions_issued_total{program=\"skywards\",status=\"completed\"} 1",
             "cosmopoints_points_issued_total{program=\"skywards\",status=\"completed\"} 833",
+            "cosmopoints_reversals_total{program=\"skywards\",status=\"pending\"} 1",
+            "cosmopoints_points_reversed_total{program=\"skywards\",status=\"pending\"} 227",
             "cosmopoints_outbox_depth 3",
             "cosmopoints_outbox_oldest_pending_age_seconds 60",
             "cosmopoints_delivery_attempts_total{outcome=\"delivered\"} 1",

@@ -675,6 +675,54 @@ fn readme_login_snippet_fails_loudly_on_a_failed_login() {
     assert!(err.contains("invalid-credentials"), "{err}");
 }
 
+/// README's whole curl walk-through runs against the real binary on the example config:
+/// it issues, refunds part, and refunds the rest, with the points README states.
+#[test]
+fn readme_walkthrough_issues_and_reverses_as_it_says() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let start = readme.find("LOGIN=$(curl").expect("the walk-through");
+    let end = start + readme[start..].find("```").expect("its end");
+    let dir = tempfile::tempdir().expect("dir");
+    let server = Binary::serve(&example_config(dir.path()));
+    let script =
+        readme[start..end].replace("http://127.0.0.1:8080", &format!("http://{}", server.addr));
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -e\n{script}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#""totalPoints":833"#), "{stdout}");
+    let created: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<serde_json::Value>()
+        .map(|v| v.expect("each answer is JSON"))
+        .collect();
+    let reversals = created.last().expect("the list of reversals");
+    let points: Vec<_> = reversals
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|r| (r["referenceNumber"].clone(), r["points"].clone()))
+        .collect();
+    assert_eq!(
+        points,
+        [
+            (serde_json::json!("ret-7-1"), serde_json::json!(227)),
+            (serde_json::json!("ret-7-2"), serde_json::json!(606))
+        ]
+    );
+}
+
 /// Each request's log line answers who, what and how it went: request id, business,
 /// client, remote address, route, status, latency, the transaction written, and the
 /// problem type of an error. Human logs carry no colour codes when stderr is not a

@@ -22,14 +22,23 @@
 //! | `tx_by_date` | (business, createdAt, seq) | seq |
 //! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq |
 //! | `connections` | (business, endUserId, programId) | postcard `ConnectionRecord` |
-//! | `deliveries` | seq | postcard `DeliveryRecord`: a transaction's delivery state |
-//! | `outbox` | (due at, job kind, seq) | (): one entry per pending delivery |
+//! | `deliveries` | (job kind, id) | postcard `DeliveryRecord`: a credit's (id = transaction seq), a debit's (reversal seq) or an event's (event seq) delivery state |
+//! | `outbox` | (due at, job kind, id) | (): one entry per pending delivery |
+//! | `events` | event seq | postcard `EventRecord`: a merchant webhook event |
+//! | `reversals` | reversal seq | postcard `ReversalRecord` |
+//! | `reversal_by_reference` | (business, the reversal's referenceNumber) | reversal seq |
+//! | `reversals_by_tx` | (transaction seq, reversal seq) | () |
 //!
 //! A transaction issued to a program with a partner gets its `deliveries` row and its
 //! `outbox` entry in the same write transaction as the record itself. The delivery worker
 //! reads the due entries (one range scan from the start of `outbox`), and each attempt's
 //! outcome is written back through the writer, which moves or removes the outbox entry
 //! in the same commit.
+//!
+//! A reversal is written with its two index entries, its transaction's record (whose
+//! reversal totals grow) and, when there is a debit to send, the debit's delivery and
+//! outbox entry, all in one commit; the writer decides it against the totals it reads in
+//! that same write transaction.
 //!
 //! Transactions are keyed by `seq`, a counter that only grows: new records append to the
 //! end of the table instead of rewriting random pages. The id a client sees is `seq`
