@@ -322,7 +322,10 @@ fn program_and_value(f: &mut Fields) -> Result<(ProgramId, u64), Error> {
 }
 
 fn parse_issue(body: &[u8]) -> Result<NewTransaction, Error> {
-    let mut f = Fields::parse(body, ISSUE_FIELDS)?;
+    parse_issue_fields(Fields::parse(body, ISSUE_FIELDS)?)
+}
+
+fn parse_issue_fields(mut f: Fields) -> Result<NewTransaction, Error> {
     let (program_id, value) = program_and_value(&mut f)?;
     let recipient = match (f.string(UserId::FIELD)?, f.string(EndUserId::FIELD)?) {
         (Some(user), None) => Recipient::Member(UserId::parse(user)?),
@@ -368,16 +371,17 @@ struct IssuedView<'a> {
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
     tracing::Span::current().record("transaction", tracing::field::display(tx.id));
-    json(
-        status,
-        &IssuedView {
-            id: tx.id.to_string(),
-            total_points: tx.total_points,
-            reference_number: tx.reference_number.as_str(),
-            date: rfc3339(tx.created_at),
-            status: tx.status().as_str(),
-        },
-    )
+    json(status, &issued_view(tx, rfc3339(tx.created_at)))
+}
+
+fn issued_view(tx: &Transaction, date: String) -> IssuedView<'_> {
+    IssuedView {
+        id: tx.id.to_string(),
+        total_points: tx.total_points,
+        reference_number: tx.reference_number.as_str(),
+        date,
+        status: tx.status().as_str(),
+    }
 }
 
 fn conflict(reference: &ReferenceNumber, field: &str) -> Error {
@@ -394,14 +398,38 @@ fn conflict(reference: &ReferenceNumber, field: &str) -> Error {
 /// inside its write transaction.
 pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let request = parse_issue(&body)?;
-    let business = caller.business;
+    let reference = request.reference_number.clone();
+    match plan_issue(app, caller.business, request).await? {
+        Planned::Replay(tx) => issued(StatusCode::OK, &tx),
+        Planned::Write(issue) => {
+            let outcome = app.store.issue(*issue).await?;
+            let (status, tx) = settle_issue(app, outcome, &reference)?;
+            issued(status, &tx)
+        }
+    }
+}
+
+/// What an issue request comes to before the writer sees it.
+enum Planned {
+    /// The referenceNumber exists with this same request: its transaction.
+    Replay(Box<Transaction>),
+    /// A new transaction to write (the writer checks the referenceNumber again).
+    Write(Box<Issue>),
+}
+
+/// Everything an issue is checked for before the write, in the order `issue` documents.
+async fn plan_issue(
+    app: &App,
+    business: &Business,
+    request: NewTransaction,
+) -> Result<Planned, Error> {
     if let Some(existing) = app
         .store
         .by_reference(&business.id, &request.reference_number)
         .await?
     {
         return match existing.differing_field(&request) {
-            None => issued(StatusCode::OK, &existing),
+            None => Ok(Planned::Replay(Box::new(existing))),
             Some(field) => Err(conflict(&request.reference_number, field)),
         };
     }
@@ -424,29 +452,115 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         program,
         request.value,
     )?;
-    let reference = request.reference_number.clone();
-    let outcome = app
-        .store
-        .issue(Issue {
-            business: business.id.clone(),
-            program_name: program.name.clone(),
-            currency: business.currency.clone(),
-            total_points,
-            request,
-            user_id,
-            deliver: program.partner.is_some(),
-        })
-        .await?;
+    Ok(Planned::Write(Box::new(Issue {
+        business: business.id.clone(),
+        program_name: program.name.clone(),
+        currency: business.currency.clone(),
+        total_points,
+        request,
+        user_id,
+        deliver: program.partner.is_some(),
+    })))
+}
+
+/// The answer to what the writer did with an issue.
+fn settle_issue(
+    app: &App,
+    outcome: Issued,
+    reference: &ReferenceNumber,
+) -> Result<(StatusCode, Transaction), Error> {
     match outcome {
         Issued::Created(tx) => {
             let status = tx.status().as_str();
             app.metrics
                 .issued(tx.program_id.as_str(), status, tx.total_points);
-            issued(StatusCode::CREATED, &tx)
+            Ok((StatusCode::CREATED, tx))
         }
-        Issued::Replayed(tx) => issued(StatusCode::OK, &tx),
-        Issued::Conflict(field) => Err(conflict(&reference, field)),
+        Issued::Replayed(tx) => Ok((StatusCode::OK, tx)),
+        Issued::Conflict(field) => Err(conflict(reference, field)),
     }
+}
+
+/// Most items in one batch.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+#[derive(Serialize)]
+struct BatchResults<'a> {
+    results: Vec<BatchResult<'a>>,
+}
+
+#[derive(Serialize)]
+struct BatchResult<'a> {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transaction: Option<IssuedView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<serde_json::Value>,
+}
+
+/// Issues up to [`MAX_BATCH_ITEMS`] transactions: each item follows the rules of
+/// [`issue`] (idempotency included) and gets its own result, in order; the new ones are
+/// written in ONE write of the store, durable before the answer. A failure that is not
+/// the item's (the store busy or unavailable, a bug) fails the whole request, and then
+/// nothing was written.
+pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
+    let items = crate::input::items(&body, MAX_BATCH_ITEMS)?;
+    let mut results: Vec<Result<(StatusCode, Transaction), Error>> =
+        Vec::with_capacity(items.len());
+    let mut writes = Vec::new();
+    let mut written = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let planned =
+            match item.and_then(|map| parse_issue_fields(Fields::of_object(map, ISSUE_FIELDS)?)) {
+                Ok(request) => {
+                    let reference = request.reference_number.clone();
+                    plan_issue(app, caller.business, request)
+                        .await
+                        .map(|p| (p, reference))
+                }
+                Err(e) => Err(e),
+            };
+        match planned {
+            Ok((Planned::Replay(tx), _)) => results.push(Ok((StatusCode::OK, *tx))),
+            Ok((Planned::Write(issue), reference)) => {
+                writes.push(*issue);
+                written.push((i, reference));
+                results.push(Err(Error::Internal)); // replaced below
+            }
+            // Not the item's fault: the whole request fails, before anything is written.
+            Err(e) if e.status().is_server_error() => return Err(e),
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    if !writes.is_empty() {
+        let outcomes = app.store.issue_many(writes).await?;
+        for ((i, reference), outcome) in written.into_iter().zip(outcomes) {
+            results[i] = settle_issue(app, outcome, &reference);
+        }
+    }
+    let dates: Vec<Option<String>> = results
+        .iter()
+        .map(|r| r.as_ref().ok().map(|(_, tx)| rfc3339(tx.created_at)))
+        .collect();
+    let views = BatchResults {
+        results: results
+            .iter()
+            .zip(&dates)
+            .map(|(r, date)| match r {
+                Ok((status, tx)) => BatchResult {
+                    status: status.as_u16(),
+                    transaction: Some(issued_view(tx, date.clone().unwrap_or_default())),
+                    problem: None,
+                },
+                Err(e) => BatchResult {
+                    status: e.status().as_u16(),
+                    transaction: None,
+                    problem: Some(e.problem()),
+                },
+            })
+            .collect(),
+    };
+    json(StatusCode::OK, &views)
 }
 
 /// The member id that the end user's connection to `program` names.

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body; larger gets 413.
     pub max_body_bytes: usize,
+    /// Largest accepted body of `POST /v1/transactions/batch` (up to 1000 items).
+    pub max_batch_body_bytes: usize,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Time a client has to send a request's headers (also bounds idle keep-alive).
@@ -252,6 +254,8 @@ struct RawServer {
     listen: String,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
+    #[serde(default = "default_max_batch_body_bytes")]
+    max_batch_body_bytes: u64,
     #[serde(default = "default_max_connections")]
     max_connections: u64,
     #[serde(default = "default_header_read_timeout")]
@@ -285,6 +289,9 @@ fn default_listen() -> String {
 }
 fn default_max_body_bytes() -> u64 {
     64 * 1024
+}
+fn default_max_batch_body_bytes() -> u64 {
+    1 << 20
 }
 fn default_max_connections() -> u64 {
     1024
@@ -907,6 +914,11 @@ impl RawConfig {
         let server = ServerConfig {
             listen,
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes, 16 << 20)? as usize,
+            max_batch_body_bytes: positive(
+                "server.max_batch_body_bytes",
+                s.max_batch_body_bytes,
+                64 << 20,
+            )? as usize,
             max_connections: positive("server.max_connections", s.max_connections, 1 << 20)?
                 as usize,
             header_read_timeout: secs(

@@ -169,18 +169,25 @@ impl Error {
         }
     }
 
+    /// The problem document (RFC 9457) of this error: the body of its response, and an
+    /// item's result in a batch.
+    pub fn problem(&self) -> serde_json::Value {
+        let (kind, title) = self.kind();
+        serde_json::json!({
+            "type": format!("urn:cosmopoints:problem:{kind}"),
+            "title": title,
+            "status": self.status().as_u16(),
+            "detail": self.detail(),
+        })
+    }
+
     /// The one place where an error becomes an HTTP response.
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
-        let (kind, title) = self.kind();
+        let (kind, _) = self.kind();
         // The request's log line names the problem (a field of the request span).
         tracing::Span::current().record("problem", tracing::field::display(kind));
-        let problem = serde_json::json!({
-            "type": format!("urn:cosmopoints:problem:{kind}"),
-            "title": title,
-            "status": status.as_u16(),
-            "detail": self.detail(),
-        });
+        let problem = self.problem();
         let mut response = Response::new(full(Bytes::from(problem.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();

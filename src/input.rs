@@ -29,6 +29,12 @@ impl Fields {
                 Error::bad_request(format!("the body is not valid JSON: {e}"))
             }
         })?;
+        Fields::of_object(map, allowed)
+    }
+
+    /// The fields of a JSON object already parsed (an item of a batch), whose keys are
+    /// all in `allowed`.
+    pub fn of_object(map: Map<String, Value>, allowed: &[&str]) -> Result<Fields, Error> {
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(Error::bad_request(format!(
                 "unknown field `{unknown}`; this endpoint takes: {}",
@@ -82,6 +88,108 @@ impl Fields {
                 "`{name}` must be true or false"
             ))),
         }
+    }
+}
+
+/// Parses `body` as `{"items": [item, …]}` with 1..=`max` items. The body's own shape
+/// is checked here (a 400 for the whole request); each item is an object without repeated
+/// keys, or the reason it is not, so that one bad item fails alone.
+pub fn items(body: &[u8], max: usize) -> Result<Vec<ItemFields>, Error> {
+    let whole = |e: serde_json::Error| {
+        if e.is_data() {
+            Error::bad_request(format!(
+                "the body must be a JSON object {{\"items\": [...]}} without repeated keys: {e}"
+            ))
+        } else {
+            Error::bad_request(format!("the body is not valid JSON: {e}"))
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        items: Vec<Item>,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(whole)?;
+    if body.items.is_empty() || body.items.len() > max {
+        return Err(Error::bad_request(format!(
+            "`items` must hold 1 to {max} items, not {}",
+            body.items.len()
+        )));
+    }
+    Ok(body
+        .items
+        .into_iter()
+        .map(|item| match item {
+            Item::Object(map) => Ok(map),
+            Item::Invalid(reason) => Err(Error::bad_request(reason)),
+        })
+        .collect())
+}
+
+/// A batch item's fields, or why it is not an object with unique keys.
+pub type ItemFields = Result<Map<String, Value>, Error>;
+
+/// One item of a batch: an object without repeated keys, or why it is not one.
+enum Item {
+    Object(Map<String, Value>),
+    Invalid(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Item {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Item;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<Item, A::Error> {
+                let mut map = Map::new();
+                let mut repeated = None;
+                while let Some((key, value)) = access.next_entry::<String, Value>()? {
+                    if map.contains_key(&key) {
+                        repeated.get_or_insert(key);
+                    } else {
+                        map.insert(key, value);
+                    }
+                }
+                Ok(match repeated {
+                    Some(key) => Item::Invalid(format!(
+                        "the item must be a JSON object without repeated keys: the key `{key}` appears twice"
+                    )),
+                    None => Item::Object(map),
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(not_an_object())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+            fn visit_unit<E>(self) -> Result<Item, E> {
+                Ok(not_an_object())
+            }
+        }
+        fn not_an_object() -> Item {
+            Item::Invalid("the item must be a JSON object".into())
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 

@@ -13,6 +13,7 @@
 //! | POST | /v1/transactions | bearer |
 //! | GET, HEAD | /v1/transactions?startDate&endDate[&programId][&status][&limit][&after] | bearer |
 //! | POST | /v1/transactions/preview | bearer |
+//! | POST | /v1/transactions/batch | bearer |
 //! | GET, HEAD | /v1/transactions/{id or referenceNumber} | bearer |
 //! | POST | /v1/transactions/{id or referenceNumber}/redeliver | bearer |
 //! | POST | /v1/transactions/{id or referenceNumber}/reversals | bearer |
@@ -26,7 +27,7 @@
 //! anything else is 404. HEAD is served wherever GET is (RFC 9110 §9.3.2): the same
 //! answer, whose body hyper leaves out. Authentication is an explicit call in each arm that needs it,
 //! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
-//! whose referenceNumber is "preview": only POST is the preview.
+//! whose referenceNumber is "preview": only POST is the preview (and the same for "batch").
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -74,6 +75,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         ["v1", "currencies"] => "/v1/currencies",
         ["v1", "transactions"] => "/v1/transactions",
         ["v1", "transactions", "preview"] if method == Method::POST => "/v1/transactions/preview",
+        ["v1", "transactions", "batch"] if method == Method::POST => "/v1/transactions/batch",
         ["v1", "transactions", key] if !key.is_empty() => "/v1/transactions/{transactionId}",
         ["v1", "transactions", key, "redeliver"] if !key.is_empty() => {
             "/v1/transactions/{transactionId}/redeliver"
@@ -158,6 +160,12 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         }
         (_, ["v1", "transactions"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
 
+        (&Method::POST, ["v1", "transactions", "batch"]) => {
+            let caller = authenticate(&app, req.headers())?;
+            let limit = app.config.server.max_batch_body_bytes;
+            let body = read_json_up_to(req, &app, limit).await?;
+            api::issue_batch(&app, caller, body).await
+        }
         (&Method::POST, ["v1", "transactions", "preview"]) => {
             let caller = authenticate(&app, req.headers())?;
             let body = read_json(req, &app).await?;
@@ -204,7 +212,9 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
         (_, ["v1", "reversals", key, "redeliver"]) if !key.is_empty() => {
             Err(Error::MethodNotAllowed("POST"))
         }
-        (_, ["v1", "transactions", "preview"]) => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
+        (_, ["v1", "transactions", "preview" | "batch"]) => {
+            Err(Error::MethodNotAllowed("GET, HEAD, POST"))
+        }
         (_, ["v1", "transactions", key]) if !key.is_empty() => {
             Err(Error::MethodNotAllowed("GET, HEAD"))
         }
@@ -293,18 +303,26 @@ fn has_media_type(req: &Request<Incoming>, media: &str) -> bool {
 /// The body of a JSON request: declared `application/json` (415 otherwise), read as
 /// [`read_body`] reads.
 async fn read_json(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
+    read_json_up_to(req, app, app.config.server.max_body_bytes).await
+}
+
+/// [`read_json`] with another size limit (the batch endpoint's).
+async fn read_json_up_to(req: Request<Incoming>, app: &App, limit: usize) -> Result<Bytes, Error> {
     if !has_media_type(&req, "application/json") {
         return Err(Error::UnsupportedMediaType(
             "send the body with `Content-Type: application/json`",
         ));
     }
-    read_body(req, app).await
+    read_body_up_to(req, app, limit).await
 }
 
 /// A request body: not encoded (415 otherwise), at most `max_body_bytes` (413), arriving
 /// within `body_read_timeout` (408).
 async fn read_body(req: Request<Incoming>, app: &App) -> Result<Bytes, Error> {
-    let limit = app.config.server.max_body_bytes;
+    read_body_up_to(req, app, app.config.server.max_body_bytes).await
+}
+
+async fn read_body_up_to(req: Request<Incoming>, app: &App, limit: usize) -> Result<Bytes, Error> {
     let encoded = req
         .headers()
         .get_all(CONTENT_ENCODING)

@@ -376,6 +376,22 @@ impl Store {
         Ok(issued)
     }
 
+    /// Issues many at once, in ONE write of the writer (so one durable commit): each as
+    /// [`Store::issue`] would, in order, so that a later one with the referenceNumber of an
+    /// earlier one is its replay or a conflict.
+    pub async fn issue_many(&self, issues: Vec<Issue>) -> Result<Vec<Issued>, StoreError> {
+        let issued: Vec<Issued> = self
+            .write(move |tables| issues.iter().map(|issue| tables.issue(issue)).collect())
+            .await?;
+        if issued
+            .iter()
+            .any(|i| matches!(i, Issued::Created(tx) if tx.delivery.is_some()))
+        {
+            self.outbox_changed.notify_one();
+        }
+        Ok(issued)
+    }
+
     /// Moves a transaction's delivery on: `step` gets the current state and the commit's
     /// time and returns the next state, or `None` to leave it. Applied by the writer, so it
     /// never races another change of the same delivery. `None` if the transaction has no
