@@ -613,7 +613,8 @@ fn serve(path: Option<&Path>) -> ExitCode {
     };
     // Logging starts once start-up can no longer fail on config or database, so that a
     // failed start prints exactly one line.
-    init_tracing(format, &level);
+    // Held to the end of `serve`: dropping it writes out the log lines still queued.
+    let _log_flush = init_tracing(format, &level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -733,11 +734,20 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn init_tracing(format: LogFormat, level: &str) {
+/// Logs go to stderr through a writer thread (`tracing_appender::non_blocking`): a request
+/// formats its line into a buffer and queues it, and never waits on stderr or its lock
+/// (a slow journal or a full pipe held every worker thread up before). Not lossy: when
+/// 128k lines are queued, loggers wait rather than drop access-log lines. The guard
+/// returned writes out what is queued when it is dropped, at the end of `serve`.
+fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("cosmopoints-log")
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::new(level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false);
     match format {
         // Colours only for a person at a terminal: never escape codes in a file or journal.
@@ -748,4 +758,5 @@ fn init_tracing(format: LogFormat, level: &str) {
             .with_current_span(true)
             .init(),
     }
+    guard
 }
