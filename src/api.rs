@@ -640,7 +640,11 @@ impl Serialize for PointTransactions<'_> {
         })?;
         for r in &tx.reversals {
             seq.serialize_element(&PointTransactionView {
-                destination_number_of_points: format!("-{}", r.points),
+                // Minus the points; "0" (not "-0") for a reversal that took none.
+                destination_number_of_points: match r.points {
+                    0 => "0".to_owned(),
+                    points => format!("-{points}"),
+                },
                 kind: "reversal",
                 id: Some(r.id.to_string()),
                 status: Some(r.status().as_str()),
@@ -791,6 +795,14 @@ const REVERSAL_FIELDS: &[&str] = &["referenceNumber", "value", "reason"];
 fn parse_reversal(body: &[u8]) -> Result<NewReversal, Error> {
     let mut f = Fields::parse(body, REVERSAL_FIELDS)?;
     let reference_number = ReferenceNumber::parse(f.required_string(ReferenceNumber::FIELD)?)?;
+    // Only an absent `value` reverses all that remains: a `null` is more likely a client
+    // that lost its amount than one that means "everything".
+    if f.is_null("value") {
+        return Err(Error::bad_request(format!(
+            "`value` must be an integer from 1 to {MAX_VALUE}, not null; leave it out to \
+             reverse all that remains"
+        )));
+    }
     let value = f.integer("value", 1, MAX_VALUE)?;
     let reason = f
         .string("reason")?
@@ -880,8 +892,13 @@ pub async fn reverse(app: &App, caller: Caller<'_>, key: &str, body: Bytes) -> R
         .await?;
     match outcome {
         Reversed::Created(r) => {
-            app.metrics
-                .reversed(tx.program_id.as_str(), r.status().as_str(), r.points);
+            // Labels only from the configuration (a program removed since is "other").
+            let program = app
+                .config
+                .programs
+                .get(tx.program_id.as_str())
+                .map_or("other", |p| p.id.as_str());
+            app.metrics.reversed(program, r.status().as_str(), r.points);
             reversed(StatusCode::CREATED, &r)
         }
         Reversed::Replayed(r) => reversed(StatusCode::OK, &r),

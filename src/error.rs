@@ -75,7 +75,8 @@ impl From<Rejection> for Error {
             | Rejection::AboveMaximum { .. }
             | Rejection::NoProgramConnection { .. }
             | Rejection::NothingToReverse
-            | Rejection::ValueExceedsRemaining { .. } => Error::Rejected(e),
+            | Rejection::ValueExceedsRemaining { .. }
+            | Rejection::TooManyReversals { .. } => Error::Rejected(e),
         }
     }
 }

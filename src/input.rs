@@ -44,6 +44,11 @@ impl Fields {
         Ok(Fields { map })
     }
 
+    /// Whether the field is there with the value `null`.
+    pub fn is_null(&self, name: &str) -> bool {
+        self.map.get(name).is_some_and(Value::is_null)
+    }
+
     /// A field that is absent or `null` is `None`.
     fn take(&mut self, name: &str) -> Option<Value> {
         self.map.remove(name).filter(|v| !v.is_null())

@@ -226,6 +226,10 @@ impl Transaction {
     }
 }
 
+/// The most reversals one transaction may have: each is an entry of the transaction's
+/// `pointTransactions`, so the transaction's size stays bounded.
+pub const MAX_REVERSALS: u32 = 1000;
+
 /// A validated request to take back (part of) a transaction's points.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewReversal {
@@ -371,6 +375,8 @@ pub enum Rejection {
     NothingToReverse,
     /// A reversal of more than the transaction has left.
     ValueExceedsRemaining { value: u64, remaining: u64 },
+    /// The transaction has the most reversals it may have.
+    TooManyReversals { max: u32 },
 }
 
 impl Rejection {
@@ -385,6 +391,7 @@ impl Rejection {
             Rejection::NoProgramConnection { .. } => "no-program-connection",
             Rejection::NothingToReverse => "nothing-to-reverse",
             Rejection::ValueExceedsRemaining { .. } => "value-exceeds-remaining",
+            Rejection::TooManyReversals { .. } => "too-many-reversals",
         }
     }
 }
@@ -434,6 +441,11 @@ impl fmt::Display for Rejection {
                 f,
                 "value {value} is more than the {remaining} left to reverse; send at most \
                  {remaining}, or leave out `value` to reverse all that remains"
+            ),
+            Rejection::TooManyReversals { max } => write!(
+                f,
+                "the transaction has {max} reversals, the most one may have; reverse all \
+                 that remains in one reversal (leave out `value`)"
             ),
             Rejection::Unpriceable(program) => write!(
                 f,

@@ -198,26 +198,29 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 return None;
             }
             let before = reversal.delivery.clone()?;
+            let partner = app
+                .config
+                .programs
+                .get(transaction.program_id.as_str())
+                .and_then(|p| p.partner.clone());
             if transaction.status() != DeliveryStatus::Completed {
-                // Sent only after the credit completed; settled here if it failed.
+                // Sent only after the credit completed; settled here if it failed. While
+                // its credit is in flight, it waits about as long as one attempt takes.
+                let patience = partner.as_ref().map_or(1, |p| p.timeout.as_secs() + 1);
                 match app
                     .store
-                    .hold_debit(reversal.seq, reversal_events_for(app))
+                    .hold_debit(reversal.seq, patience, reversal_events_for(app))
                     .await
                 {
-                    Ok(Hold::Ready) => {}
-                    Ok(Hold::Held | Hold::Unchanged) => return None,
+                    // The credit completed since this was read: the debit stays due, and
+                    // the next look reads it with the credit's partner id.
+                    Ok(Hold::Ready | Hold::Held | Hold::Unchanged) => return None,
                     Err(e) => {
                         tracing::warn!(reversal = %reversal.id, error = ?e, "a debit could not be held");
                         return None;
                     }
                 }
             }
-            let partner = app
-                .config
-                .programs
-                .get(transaction.program_id.as_str())
-                .and_then(|p| p.partner.clone());
             let Some(endpoint) = partner else {
                 let detail = "the program's partner was removed from the configuration";
                 let step = move |d: &Delivery, now| {

@@ -260,6 +260,7 @@ async fn bad_reversal_requests_are_400_and_change_nothing() {
     for (body, says) in [
         (json!({"value": 10}), "referenceNumber"),
         (json!({"referenceNumber": "r", "value": 0}), "value"),
+        (json!({"referenceNumber": "r", "value": null}), "not null"),
         (json!({"referenceNumber": "r", "value": -5}), "value"),
         (json!({"referenceNumber": "r", "value": 1.5}), "value"),
         (json!({"referenceNumber": "r", "value": "10"}), "value"),
@@ -743,4 +744,173 @@ async fn a_debit_the_partner_rejects_fails_with_its_reason_and_can_be_redelivere
         .collect();
     assert_eq!(kinds, ["reversal.failed", "reversal.completed"]);
     assert_eq!(sim.credits()[&rv_id].answered, 1);
+}
+
+#[tokio::test]
+async fn a_reversal_worth_less_than_a_point_takes_none_and_says_0() {
+    let s = server("", "").await;
+    let token = s.acme().await;
+    // 10.00 AED is 226 points: 1 unit back leaves floor(226 × 999 / 1000) = 225 standing.
+    let tx = issue(&s, &token, "EK-1", "inv-1", 1000).await;
+    let id = tx["id"].as_str().expect("id");
+    assert_eq!(tx["totalPoints"], 226);
+    let first = reverse(
+        &s,
+        &token,
+        id,
+        json!({"referenceNumber": "r-1", "value": 1}),
+    )
+    .await;
+    assert_eq!(first.json()["points"], 1, "{}", first.text());
+    let second = reverse(
+        &s,
+        &token,
+        id,
+        json!({"referenceNumber": "r-2", "value": 1}),
+    )
+    .await;
+    assert_eq!(second.status, 201, "{}", second.text());
+    assert_eq!(second.json()["points"], 0);
+    assert_eq!(second.json()["status"], "completed");
+    let tx = get(&s, &token, &format!("/v1/transactions/{id}")).await;
+    assert_eq!(
+        tx["pointTransactions"][1]["destinationNumberOfPoints"],
+        "-1"
+    );
+    assert_eq!(tx["pointTransactions"][2]["destinationNumberOfPoints"], "0");
+    assert_eq!(
+        (tx["reversedValue"].as_u64(), tx["reversedPoints"].as_u64()),
+        (Some(2), Some(1))
+    );
+    // The rest takes exactly what is left.
+    let rest = reverse(&s, &token, id, json!({"referenceNumber": "r-3"})).await;
+    assert_eq!(rest.json()["points"], 225, "{}", rest.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_takes_at_most_1000_partial_reversals_then_the_rest() {
+    let s = server("", "").await;
+    let token = s.acme().await;
+    let tx = issue(&s, &token, "EK-1", "inv-1", 100_000).await;
+    let id = tx["id"].as_str().expect("id").to_owned();
+    let seq = s
+        .app
+        .store
+        .transaction(
+            &cosmopoints::domain::BusinessId::parse("acme").expect("id"),
+            &id,
+        )
+        .await
+        .expect("read")
+        .expect("found")
+        .seq;
+    // Through the store, all at once (so they share a few commits).
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let app = s.app.clone();
+        tasks.spawn(async move {
+            app.store
+                .reverse(cosmopoints::store::Reverse {
+                    business: cosmopoints::domain::BusinessId::parse("acme").expect("id"),
+                    transaction_seq: seq,
+                    request: cosmopoints::ledger::NewReversal {
+                        reference_number: cosmopoints::domain::ReferenceNumber::parse(format!(
+                            "part-{i}"
+                        ))
+                        .expect("reference"),
+                        value: Some(1),
+                        reason: None,
+                    },
+                })
+                .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let reversed = done.expect("task").expect("stored");
+        assert!(
+            matches!(reversed, cosmopoints::store::Reversed::Created(_)),
+            "{reversed:?}"
+        );
+    }
+    let one_more = reverse(
+        &s,
+        &token,
+        &id,
+        json!({"referenceNumber": "part-x", "value": 1}),
+    )
+    .await;
+    assert_eq!(one_more.status, 422, "{}", one_more.text());
+    assert_eq!(
+        problem_type(&one_more),
+        "urn:cosmopoints:problem:too-many-reversals"
+    );
+    let rest = reverse(&s, &token, &id, json!({"referenceNumber": "rest"})).await;
+    assert_eq!(rest.status, 201, "{}", rest.text());
+    assert_eq!(rest.json()["value"], 99_000);
+    let tx = get(&s, &token, &format!("/v1/transactions/{id}")).await;
+    assert_eq!(
+        tx["pointTransactions"].as_array().expect("entries").len(),
+        1002
+    );
+    assert_eq!(tx["reversedPoints"], tx["totalPoints"]);
+    let report = s.app.store.check().expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_debit_follows_its_credit_through_retries() {
+    let sim = PartnerSim::start().await;
+    let unavailable = Behaviour::Unavailable { retry_after: None };
+    sim.script_member(
+        "EK-3",
+        vec![unavailable.clone(), unavailable, Behaviour::Accept],
+    );
+    let s = server(
+        &format!(
+            "{}retry_schedule_seconds = [5, 60, 600]",
+            sim.partner_toml()
+        ),
+        "",
+    )
+    .await;
+    let token = s.acme().await;
+    let tx = issue(&s, &token, "EK-3", "inv-1", 10_000).await;
+    let id = tx["id"].as_str().expect("id").to_owned();
+    eventually("the first attempt", || async {
+        sim.attempts(&id).len() == 1
+    })
+    .await;
+    let r = reverse(
+        &s,
+        &token,
+        &id,
+        json!({"referenceNumber": "ret-1", "value": 100}),
+    )
+    .await;
+    let rv = r.json()["id"].as_str().expect("id").to_owned();
+    // Due with the credit's next attempt, 5 s on.
+    let credit_due = |tx: &Value| tx["delivery"]["nextAttemptAt"].clone();
+    let shown = get(&s, &token, &format!("/v1/reversals/{rv}")).await;
+    let tx = get(&s, &token, &format!("/v1/transactions/{id}")).await;
+    assert_eq!(shown["delivery"]["nextAttemptAt"], credit_due(&tx));
+    // The credit's second attempt fails too: the debit moves with it, 60 s on.
+    s.clock.set(s.clock.now() + 5);
+    eventually("the second attempt is recorded", || async {
+        get(&s, &token, &format!("/v1/transactions/{id}")).await["delivery"]["attempts"] == 2
+    })
+    .await;
+    let tx = get(&s, &token, &format!("/v1/transactions/{id}")).await;
+    assert_eq!(tx["delivery"]["nextAttemptAt"], "2026-11-27T10:16:05Z");
+    let shown = get(&s, &token, &format!("/v1/reversals/{rv}")).await;
+    assert_eq!(shown["delivery"]["nextAttemptAt"], credit_due(&tx));
+    assert_eq!(shown["delivery"]["attempts"], 0);
+    assert!(sim.attempts(&rv).is_empty());
+    // Then it completes, and the debit goes at once.
+    s.clock.set(s.clock.now() + 60);
+    eventually("the debit", || async { sim.credits().contains_key(&rv) }).await;
+    let debit = &sim.credits()[&rv];
+    assert_eq!(
+        debit.body["partnerTransactionId"],
+        sim.credits()[&id].partner_transaction_id.as_str()
+    );
 }

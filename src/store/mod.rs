@@ -468,17 +468,19 @@ impl Store {
         Ok(updated)
     }
 
-    /// A due debit whose credit may not be done: it waits while the credit is pending,
+    /// A due debit whose credit may not be done: it waits while the credit is pending
+    /// (`patience` seconds when the credit is due already: its next move re-times it),
     /// and completes without a partner call once the credit failed (the partner never had
     /// the points). `events` makes the merchant events of a change, as for
     /// [`Store::update_debit`].
     pub async fn hold_debit(
         &self,
         seq: u64,
+        patience: u64,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static,
     ) -> Result<Hold, StoreError> {
         let hold = self
-            .write(move |tables| tables.hold_debit(seq, events))
+            .write(move |tables| tables.hold_debit(seq, patience, events))
             .await?;
         if hold == Hold::Held {
             self.outbox_changed.notify_one();
@@ -1114,6 +1116,82 @@ mod tests {
             let report = store.check().expect("check");
             assert!(report.problems.is_empty(), "{:?}", report.problems);
         });
+    }
+
+    #[test]
+    fn check_finds_reversals_that_do_not_add_up_or_lack_their_indexes() {
+        use super::schema::{TxRecord, REVERSALS_BY_TX};
+        use crate::ledger::NewReversal;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(&path, Clock::manual(100), Limits::new(8, 8)).expect("open");
+            runtime().block_on(async {
+                let mut delivered = issue("a", 10_000);
+                delivered.deliver = true;
+                let Issued::Created(tx) = store.issue(delivered).await.expect("a") else {
+                    panic!("not created")
+                };
+                for (reference, value) in [("r-1", Some(2_500)), ("r-2", None)] {
+                    let reversed = store
+                        .reverse(Reverse {
+                            business: BusinessId::trusted("acme".into()),
+                            transaction_seq: tx.seq,
+                            request: NewReversal {
+                                reference_number: ReferenceNumber::trusted(reference.into()),
+                                value,
+                                reason: None,
+                            },
+                        })
+                        .await
+                        .expect("stored");
+                    assert!(matches!(reversed, Reversed::Created(_)), "{reversed:?}");
+                }
+                let report = store.check().expect("check");
+                assert_eq!((report.reversals, report.deliveries), (2, 3));
+                assert!(report.problems.is_empty(), "{:?}", report.problems);
+                store.shutdown().await;
+            });
+            let txn = store
+                .handle
+                .db()
+                .expect("open")
+                .begin_write()
+                .expect("write");
+            {
+                // The record claims one unit more than its reversals add up to.
+                let mut records = txn.open_table(TRANSACTIONS).expect("t");
+                let bytes = records.get(0u64).expect("get").expect("record").value().to_vec();
+                let mut record = decode::<TxRecord>(&bytes).expect("decodes").latest();
+                record.reversed_value += 1;
+                let bytes = postcard::to_allocvec(&TxRecord::from(record)).expect("encodes");
+                records.insert(0u64, bytes.as_slice()).expect("insert");
+                // A reversal loses its entry in the transaction's list.
+                txn.open_table(REVERSALS_BY_TX)
+                    .expect("t")
+                    .remove((0u64, 1u64))
+                    .expect("remove");
+                // A debit of a reversal that does not exist.
+                let debit = txn
+                    .open_table(DELIVERIES)
+                    .expect("t")
+                    .get((JOB_DEBIT, 0u64))
+                    .expect("get")
+                    .expect("a debit")
+                    .value()
+                    .to_vec();
+                txn.open_table(DELIVERIES)
+                    .expect("t")
+                    .insert((JOB_DEBIT, 99u64), debit.as_slice())
+                    .expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let report = check_file(&path).expect("readable");
+        let problems = report.problems.join("\n");
+        assert!(problems.contains("reversals add up to value 10000"), "{problems}");
+        assert!(problems.contains("reversal 1: transaction index entry missing"), "{problems}");
+        assert!(problems.contains("debit 99 names a missing reversal"), "{problems}");
     }
 
     #[test]

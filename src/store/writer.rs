@@ -27,7 +27,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
-use crate::ledger::{plan_reversal, IdCipher, Reversal};
+use crate::ledger::{plan_reversal, IdCipher, Rejection, Reversal, MAX_REVERSALS};
 use crate::ledger::{Recipient, Transaction};
 
 /// Sends a write's outcome to its caller; run only after the batch's commit returned.
@@ -279,9 +279,9 @@ impl Tables<'_> {
             tracing::error!(seq, "a delivery names a missing transaction");
             StoreError::Corrupt
         })?;
-        if next.is_some() && tx.status() != DeliveryStatus::Pending {
-            // Debits wait for their credit to be done: they are due now.
-            self.wake_debits(&tx)?;
+        if next.is_some() {
+            // Debits wait for their credit: they follow its every move.
+            self.retime_debits(&tx)?;
         }
         let tx = self.with_reversals(tx)?;
         if next.is_some() {
@@ -303,8 +303,10 @@ impl Tables<'_> {
         )
     }
 
-    /// Makes the pending debits of `tx` due now.
-    fn wake_debits(&mut self, tx: &Transaction) -> Result<(), StoreError> {
+    /// Re-times the pending debits of `tx` after its credit changed: due now once the
+    /// credit is done (completed: send them; failed: settle them), else due with the
+    /// credit's next attempt.
+    fn retime_debits(&mut self, tx: &Transaction) -> Result<(), StoreError> {
         if tx.reversed_value == 0 {
             return Ok(());
         }
@@ -319,9 +321,18 @@ impl Tables<'_> {
             let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
                 continue;
             };
-            if debit.next_attempt_at.is_some_and(|due| due > self.now) {
+            // Only debits still waiting for their credit: none has been attempted yet.
+            if debit.status != DeliveryStatus::Pending || debit.attempts > 0 {
+                continue;
+            }
+            let due = match tx.delivery.as_ref().and_then(|c| c.next_attempt_at) {
+                Some(credit_due) if tx.status() == DeliveryStatus::Pending => credit_due,
+                _ => self.now,
+            }
+            .max(self.now);
+            if debit.next_attempt_at != Some(due) {
                 let next = Delivery {
-                    next_attempt_at: Some(self.now),
+                    next_attempt_at: Some(due),
                     ..debit.clone()
                 };
                 self.put_delivery(JOB_DEBIT, seq, Some(&debit), &next)?;
@@ -396,6 +407,12 @@ impl Tables<'_> {
                 "a reversal names another business's transaction"
             );
             return Err(StoreError::Corrupt);
+        }
+        // The rest can always be reversed: that one is the last.
+        if record.reversals >= MAX_REVERSALS && request.value.is_some() {
+            return Ok(Reversed::Rejected(Rejection::TooManyReversals {
+                max: MAX_REVERSALS,
+            }));
         }
         let (value, points) = match plan_reversal(
             record.value,
@@ -503,9 +520,14 @@ impl Tables<'_> {
     /// waits until the credit's next attempt (a completed or failed credit wakes it
     /// sooner); once the credit failed, the debit completes without a partner call, since
     /// the partner never had the points. `Ready` when the credit completed: send it.
+    ///
+    /// A credit that is due already (in flight, or waiting for a free slot) will move
+    /// soon, and its move re-times the debit ([`Tables::update_delivery`]): the debit waits
+    /// `patience` seconds meanwhile, a fallback rather than a poll.
     pub fn hold_debit(
         &mut self,
         seq: u64,
+        patience: u64,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<Hold, StoreError> {
         let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
@@ -526,7 +548,10 @@ impl Tables<'_> {
         let step: Step = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
             Some((DeliveryStatus::Completed, _)) => return Ok(Hold::Ready),
             Some((DeliveryStatus::Pending, due)) => {
-                let due = due.unwrap_or(now).max(now.saturating_add(1));
+                let due = match due {
+                    Some(due) if due > now => due,
+                    _ => now.saturating_add(patience.max(1)),
+                };
                 Box::new(move |d: &Delivery, _| {
                     Some(Delivery {
                         next_attempt_at: Some(due),
