@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::app::App;
 use crate::auth::{plain_secret_matches, Claims, TokenError};
 use crate::body::{self, Body};
-use crate::clock::rfc3339;
+use crate::clock::{rfc3339, write_rfc3339};
 use crate::delivery::{Delivery, DeliveryStatus};
 use crate::domain::{
     Business, ClientSecret, Description, DestinationUserId, EndUserId, Program, ProgramId,
@@ -87,6 +87,11 @@ fn json(status: StatusCode, value: &impl Serialize) -> Reply {
         tracing::error!(error = %e, "cannot encode a response");
         Error::Internal
     })?;
+    json_bytes(status, bytes)
+}
+
+/// A JSON response of text already encoded.
+fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Reply {
     let mut response = Response::new(body::full(bytes));
     *response.status_mut() = status;
     response
@@ -605,57 +610,6 @@ pub fn preview(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct TransactionView<'a> {
-    id: String,
-    reference_number: &'a str,
-    source_value: u64,
-    currency: &'a str,
-    description: Option<&'a str>,
-    created_at: String,
-    user_id: &'a str,
-    end_user_id: Option<&'a str>,
-    bonus: bool,
-    total_points: u64,
-    point_transactions: PointTransactions<'a>,
-    partnership: PartnershipView<'a>,
-    status: &'static str,
-    delivery: Option<DeliveryView<'a>>,
-    reversed_value: u64,
-    reversed_points: u64,
-}
-
-/// A transaction's `pointTransactions`: the issuance, then one entry per reversal.
-struct PointTransactions<'a>(&'a Transaction);
-
-impl Serialize for PointTransactions<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let tx = self.0;
-        let mut seq = s.serialize_seq(Some(1 + tx.reversals.len()))?;
-        seq.serialize_element(&PointTransactionView {
-            destination_number_of_points: tx.total_points.to_string(),
-            kind: if tx.bonus { "bonus" } else { "base" },
-            id: None,
-            status: None,
-        })?;
-        for r in &tx.reversals {
-            seq.serialize_element(&PointTransactionView {
-                // Minus the points; "0" (not "-0") for a reversal that took none.
-                destination_number_of_points: match r.points {
-                    0 => "0".to_owned(),
-                    points => format!("-{points}"),
-                },
-                kind: "reversal",
-                id: Some(r.id.to_string()),
-                status: Some(r.status().as_str()),
-            })?;
-        }
-        seq.end()
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 struct DeliveryView<'a> {
     attempts: u32,
     last_attempt_at: Option<String>,
@@ -687,69 +641,172 @@ fn delivery_view(d: &Delivery) -> DeliveryView<'_> {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PointTransactionView {
-    destination_number_of_points: String,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    /// A reversal's id and status (the issuance's are the transaction's own).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'static str>,
+/// Writes the JSON of a transaction as the API shows it: every response that shows one
+/// (a listing row, `GET /v1/transactions/{key}`, an event's payload, an export line).
+///
+/// Written by hand rather than through a serde view: the listing writes one per row, and
+/// the view cost four allocated strings (id, dates, points) and serde's per-field calls.
+/// Strings go through serde_json's escaping; the shape (field names, order, `null`s) is
+/// pinned against a serde view in the tests below.
+pub fn write_transaction_json(
+    tx: &Transaction,
+    mut out: impl std::io::Write,
+) -> serde_json::Result<()> {
+    write_transaction(tx, &mut out).map_err(serde_json::Error::io)
 }
 
-#[derive(Serialize)]
-struct PartnershipView<'a> {
-    destination: DestinationView<'a>,
+fn write_transaction(tx: &Transaction, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut id = [0; 25];
+    out.write_all(b"{\"id\":\"")?;
+    out.write_all(tx.id.write_text(&mut id).as_bytes())?;
+    out.write_all(b"\",\"referenceNumber\":")?;
+    json_str(out, tx.reference_number.as_str())?;
+    out.write_all(b",\"sourceValue\":")?;
+    json_u64(out, tx.value)?;
+    out.write_all(b",\"currency\":")?;
+    json_str(out, &tx.currency)?;
+    out.write_all(b",\"description\":")?;
+    json_opt_str(out, tx.description.as_ref().map(Description::as_str))?;
+    out.write_all(b",\"createdAt\":")?;
+    json_time(out, tx.created_at)?;
+    out.write_all(b",\"userId\":")?;
+    json_str(out, tx.user_id.as_str())?;
+    out.write_all(b",\"endUserId\":")?;
+    json_opt_str(out, tx.end_user_id.as_ref().map(EndUserId::as_str))?;
+    out.write_all(match tx.bonus {
+        true => b",\"bonus\":true,\"totalPoints\":",
+        false => b",\"bonus\":false,\"totalPoints\":",
+    })?;
+    json_u64(out, tx.total_points)?;
+    out.write_all(b",\"pointTransactions\":[{\"destinationNumberOfPoints\":\"")?;
+    json_u64(out, tx.total_points)?;
+    out.write_all(match tx.bonus {
+        true => b"\",\"type\":\"bonus\"}",
+        false => b"\",\"type\":\"base\"}",
+    })?;
+    for r in &tx.reversals {
+        // Minus the points; "0" (not "-0") for a reversal that took none.
+        out.write_all(match r.points {
+            0 => b",{\"destinationNumberOfPoints\":\"0".as_slice(),
+            _ => b",{\"destinationNumberOfPoints\":\"-".as_slice(),
+        })?;
+        if r.points > 0 {
+            json_u64(out, r.points)?;
+        }
+        out.write_all(b"\",\"type\":\"reversal\",\"id\":")?;
+        json_str(out, &r.id.to_string())?;
+        out.write_all(b",\"status\":")?;
+        json_str(out, r.status().as_str())?;
+        out.write_all(b"}")?;
+    }
+    out.write_all(b"]")?;
+    out.write_all(b",\"partnership\":{\"destination\":{\"name\":")?;
+    json_str(out, &tx.program_name)?;
+    out.write_all(b",\"programId\":")?;
+    json_str(out, tx.program_id.as_str())?;
+    out.write_all(b"}},\"status\":")?;
+    json_str(out, tx.status().as_str())?;
+    out.write_all(b",\"delivery\":")?;
+    match &tx.delivery {
+        None => out.write_all(b"null")?,
+        Some(d) => write_delivery(d, out)?,
+    }
+    out.write_all(b",\"reversedValue\":")?;
+    json_u64(out, tx.reversed_value)?;
+    out.write_all(b",\"reversedPoints\":")?;
+    json_u64(out, tx.reversed_points)?;
+    out.write_all(b"}")
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DestinationView<'a> {
-    name: &'a str,
-    program_id: &'a str,
+fn write_delivery(d: &Delivery, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    out.write_all(b"{\"attempts\":")?;
+    json_u64(out, d.attempts.into())?;
+    out.write_all(b",\"lastAttemptAt\":")?;
+    json_opt_time(out, d.last_attempt_at)?;
+    out.write_all(b",\"nextAttemptAt\":")?;
+    json_opt_time(out, d.next_attempt_at)?;
+    out.write_all(b",\"partnerTransactionId\":")?;
+    json_opt_str(out, d.partner_transaction_id.as_deref())?;
+    out.write_all(b",\"error\":")?;
+    match &d.error {
+        None => out.write_all(b"null")?,
+        Some(e) => {
+            out.write_all(b"{\"type\":")?;
+            json_str(out, e.kind.as_str())?;
+            out.write_all(b",\"httpStatus\":")?;
+            match e.http_status {
+                Some(status) => json_u64(out, status.into())?,
+                None => out.write_all(b"null")?,
+            }
+            out.write_all(b",\"detail\":")?;
+            json_str(out, &e.detail)?;
+            out.write_all(b"}")?;
+        }
+    }
+    out.write_all(b"}")
 }
 
-fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
-    TransactionView {
-        id: tx.id.to_string(),
-        reference_number: tx.reference_number.as_str(),
-        source_value: tx.value,
-        currency: &tx.currency,
-        description: tx.description.as_ref().map(Description::as_str),
-        created_at: rfc3339(tx.created_at),
-        user_id: tx.user_id.as_str(),
-        end_user_id: tx.end_user_id.as_ref().map(EndUserId::as_str),
-        bonus: tx.bonus,
-        total_points: tx.total_points,
-        point_transactions: PointTransactions(tx),
-        partnership: PartnershipView {
-            destination: DestinationView {
-                name: &tx.program_name,
-                program_id: tx.program_id.as_str(),
-            },
-        },
-        status: tx.status().as_str(),
-        delivery: tx.delivery.as_ref().map(delivery_view),
-        reversed_value: tx.reversed_value,
-        reversed_points: tx.reversed_points,
+/// A JSON string, escaped as serde_json escapes it.
+fn json_str(out: &mut impl std::io::Write, text: &str) -> std::io::Result<()> {
+    Ok(serde_json::to_writer(out, text)?)
+}
+
+fn json_opt_str(out: &mut impl std::io::Write, text: Option<&str>) -> std::io::Result<()> {
+    match text {
+        Some(text) => json_str(out, text),
+        None => out.write_all(b"null"),
     }
 }
 
-/// Writes the JSON of a transaction as the API shows it (the listing's per-row work).
-pub fn write_transaction_json(
-    tx: &Transaction,
-    out: impl std::io::Write,
-) -> serde_json::Result<()> {
-    serde_json::to_writer(out, &transaction_view(tx))
+fn json_u64(out: &mut impl std::io::Write, n: u64) -> std::io::Result<()> {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.write_all(&digits[i..])
+}
+
+/// A time as a quoted RFC 3339 string.
+fn json_time(out: &mut impl std::io::Write, epoch_seconds: u64) -> std::io::Result<()> {
+    let mut buf = [0; 20];
+    match write_rfc3339(epoch_seconds, &mut buf) {
+        Some(text) => {
+            out.write_all(b"\"")?;
+            out.write_all(text.as_bytes())?;
+            out.write_all(b"\"")
+        }
+        None => json_str(out, &rfc3339(epoch_seconds)),
+    }
+}
+
+fn json_opt_time(out: &mut impl std::io::Write, epoch_seconds: Option<u64>) -> std::io::Result<()> {
+    match epoch_seconds {
+        Some(t) => json_time(out, t),
+        None => out.write_all(b"null"),
+    }
+}
+
+/// A transaction as a whole JSON response.
+fn transaction_reply(status: StatusCode, tx: &Transaction) -> Reply {
+    let mut bytes = Vec::with_capacity(640);
+    write_transaction_json(tx, &mut bytes).map_err(|e| {
+        tracing::error!(error = %e, "cannot encode a response");
+        Error::Internal
+    })?;
+    json_bytes(status, bytes)
 }
 
 /// One transaction by id, else by referenceNumber (`key` is already percent-decoded).
 pub async fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply {
     match app.store.transaction(&caller.business.id, key).await? {
-        Some(tx) => json(StatusCode::OK, &transaction_view(&tx)),
+        Some(tx) => transaction_reply(StatusCode::OK, &tx),
         None => Err(not_found(key)),
     }
 }
@@ -765,7 +822,7 @@ pub async fn redeliver(app: &App, caller: Caller<'_>, key: &str) -> Reply {
         .await?
         .ok_or_else(|| not_found(key))?;
     match app.store.redeliver_credit(tx.seq).await? {
-        Redelivery::Redelivered(tx) => json(StatusCode::ACCEPTED, &transaction_view(&tx)),
+        Redelivery::Redelivered(tx) => transaction_reply(StatusCode::ACCEPTED, &tx),
         Redelivery::NotFailed(now) => Err(not_failed(now.as_deref().unwrap_or(&tx))),
         Redelivery::Reversed(tx) => Err(Error::StateConflict(format!(
             "transaction {} failed and has reversals, which were settled without the partner; \
@@ -1149,9 +1206,13 @@ impl Format {
     /// An encoder of batches of rows, the first row of all not comma-led (JSON).
     fn rows(self) -> impl FnMut(&[Transaction]) -> Option<Bytes> + Send + 'static {
         let mut first_row = true;
+        // Bytes per row to make room for: the widest row seen so far and some slack, so
+        // that a batch's buffer is allocated once and not regrown while it fills.
+        let mut room = 512;
         move |rows: &[Transaction]| {
-            let mut buf = BytesMut::with_capacity(rows.len() * 512);
+            let mut buf = BytesMut::with_capacity(rows.len() * room);
             for t in rows {
+                let before = buf.len();
                 match self {
                     Format::Json => {
                         if !first_row {
@@ -1164,6 +1225,7 @@ impl Format {
                     }
                     Format::Csv => crate::csv::row(t, None, &mut buf),
                 }
+                room = room.max(buf.len() - before + 64);
                 first_row = false;
             }
             Some(buf.freeze())
@@ -1339,4 +1401,250 @@ pub async fn list_connections(app: &App, caller: Caller<'_>, raw_query: Option<&
         .await?;
     let views: Vec<ConnectionView> = found.iter().map(connection_view).collect();
     json(StatusCode::OK, &views)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::{DeliveryError, FailureKind};
+    use crate::domain::BusinessId;
+
+    // The serde view the listing's JSON was first written with: the oracle that pins the
+    // hand-written writer's shape, byte for byte.
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TransactionView<'a> {
+        id: String,
+        reference_number: &'a str,
+        source_value: u64,
+        currency: &'a str,
+        description: Option<&'a str>,
+        created_at: String,
+        user_id: &'a str,
+        end_user_id: Option<&'a str>,
+        bonus: bool,
+        total_points: u64,
+        point_transactions: Vec<PointTransactionView>,
+        partnership: PartnershipView<'a>,
+        status: &'static str,
+        delivery: Option<DeliveryView<'a>>,
+        reversed_value: u64,
+        reversed_points: u64,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeliveryView<'a> {
+        attempts: u32,
+        last_attempt_at: Option<String>,
+        next_attempt_at: Option<String>,
+        partner_transaction_id: Option<&'a str>,
+        error: Option<DeliveryErrorView<'a>>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeliveryErrorView<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        http_status: Option<u16>,
+        detail: &'a str,
+    }
+
+    fn delivery_view(d: &Delivery) -> DeliveryView<'_> {
+        DeliveryView {
+            attempts: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(rfc3339),
+            next_attempt_at: d.next_attempt_at.map(rfc3339),
+            partner_transaction_id: d.partner_transaction_id.as_deref(),
+            error: d.error.as_ref().map(|e| DeliveryErrorView {
+                kind: e.kind.as_str(),
+                http_status: e.http_status,
+                detail: &e.detail,
+            }),
+        }
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PointTransactionView {
+        destination_number_of_points: String,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<&'static str>,
+    }
+
+    #[derive(Serialize)]
+    struct PartnershipView<'a> {
+        destination: DestinationView<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DestinationView<'a> {
+        name: &'a str,
+        program_id: &'a str,
+    }
+
+    fn transaction_view(tx: &Transaction) -> TransactionView<'_> {
+        TransactionView {
+            id: tx.id.to_string(),
+            reference_number: tx.reference_number.as_str(),
+            source_value: tx.value,
+            currency: &tx.currency,
+            description: tx.description.as_ref().map(Description::as_str),
+            created_at: rfc3339(tx.created_at),
+            user_id: tx.user_id.as_str(),
+            end_user_id: tx.end_user_id.as_ref().map(EndUserId::as_str),
+            bonus: tx.bonus,
+            total_points: tx.total_points,
+            point_transactions: std::iter::once(PointTransactionView {
+                destination_number_of_points: tx.total_points.to_string(),
+                kind: if tx.bonus { "bonus" } else { "base" },
+                id: None,
+                status: None,
+            })
+            .chain(tx.reversals.iter().map(|r| PointTransactionView {
+                destination_number_of_points: match r.points {
+                    0 => "0".to_owned(),
+                    points => format!("-{points}"),
+                },
+                kind: "reversal",
+                id: Some(r.id.to_string()),
+                status: Some(r.status().as_str()),
+            }))
+            .collect(),
+            partnership: PartnershipView {
+                destination: DestinationView {
+                    name: &tx.program_name,
+                    program_id: tx.program_id.as_str(),
+                },
+            },
+            status: tx.status().as_str(),
+            delivery: tx.delivery.as_ref().map(delivery_view),
+            reversed_value: tx.reversed_value,
+            reversed_points: tx.reversed_points,
+        }
+    }
+
+    fn transaction(seq: u64) -> Transaction {
+        Transaction {
+            id: crate::ledger::IdCipher::new(&[3; 32]).encode(seq),
+            business: BusinessId::trusted("acme".into()),
+            reference_number: ReferenceNumber::trusted(format!("ref-{seq}")),
+            program_id: ProgramId::trusted("skywards".into()),
+            program_name: "Skywards Miles".into(),
+            user_id: UserId::trusted("EK123456".into()),
+            end_user_id: None,
+            description: None,
+            currency: "AED".into(),
+            value: 12_345,
+            total_points: 280,
+            bonus: false,
+            created_at: 1_795_774_500,
+            seq,
+            delivery: None,
+            reversed_value: 0,
+            reversed_points: 0,
+            reversals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_written_json_is_the_serde_view_byte_for_byte() {
+        let pending = Delivery {
+            status: DeliveryStatus::Pending,
+            attempts: 2,
+            step: 2,
+            last_attempt_at: Some(1_795_774_560),
+            next_attempt_at: Some(1_795_775_000),
+            partner_transaction_id: None,
+            error: Some(DeliveryError {
+                kind: FailureKind::Unreachable,
+                http_status: None,
+                detail: "connect: refused".into(),
+            }),
+        };
+        let mut cases = vec![transaction(0), transaction(u64::MAX)];
+        let mut t = transaction(7);
+        t.end_user_id = Some(EndUserId::trusted("user-\u{e9}t\u{e9}".into()));
+        t.description = Some(Description::trusted(
+            "\"quoted\" \\ back\tslash\n\u{1} \u{7f} \u{2028} caf\u{e9} \u{1f600}".into(),
+        ));
+        t.program_name = "Name with \"quotes\" </script>".into();
+        t.bonus = true;
+        t.value = u64::MAX;
+        t.total_points = 0;
+        t.created_at = 0;
+        cases.push(t);
+        let mut t = transaction(8);
+        t.delivery = Some(pending.clone());
+        t.created_at = 253_402_300_800; // the year 10000: past the fixed-width dates
+        cases.push(t);
+        let mut t = transaction(9);
+        t.delivery = Some(Delivery {
+            status: DeliveryStatus::Failed,
+            next_attempt_at: None,
+            partner_transaction_id: Some("p-\"1\"".into()),
+            error: Some(DeliveryError {
+                kind: FailureKind::Rejected,
+                http_status: Some(422),
+                detail: "member \"x\" unknown\r\n".into(),
+            }),
+            ..pending.clone()
+        });
+        cases.push(t);
+        let mut t = transaction(10);
+        t.delivery = Some(Delivery {
+            status: DeliveryStatus::Completed,
+            attempts: 1,
+            step: 1,
+            last_attempt_at: Some(u64::MAX),
+            next_attempt_at: None,
+            partner_transaction_id: Some("partner-tx-1".into()),
+            error: None,
+        });
+        // Reversals: one pending, one of 0 points, one failed.
+        let reversal =
+            |seq: u64, points: u64, delivery: Option<Delivery>| crate::ledger::Reversal {
+                id: crate::ledger::ReversalId(crate::ledger::IdCipher::new(&[4; 32]).encipher(seq)),
+                seq,
+                business: BusinessId::trusted("acme".into()),
+                transaction_id: t.id,
+                transaction_seq: t.seq,
+                reference_number: ReferenceNumber::trusted(format!("ret-{seq}")),
+                value: 100,
+                points,
+                full: false,
+                reason: None,
+                created_at: 1_795_774_600,
+                delivery,
+            };
+        t.reversals = vec![
+            reversal(0, 3, Some(Delivery::new(1_795_774_600))),
+            reversal(1, 0, None),
+            reversal(
+                2,
+                u64::MAX,
+                t.delivery.clone().map(|d| Delivery {
+                    status: DeliveryStatus::Failed,
+                    ..d
+                }),
+            ),
+        ];
+        (t.reversed_value, t.reversed_points) = (300, 12);
+        cases.push(t);
+        for tx in &cases {
+            let mut written = Vec::new();
+            write_transaction_json(tx, &mut written).expect("a Vec takes it all");
+            let expected = serde_json::to_vec(&transaction_view(tx)).expect("encodes");
+            assert_eq!(
+                String::from_utf8(written).expect("UTF-8"),
+                String::from_utf8(expected).expect("UTF-8")
+            );
+        }
+    }
 }

@@ -57,6 +57,33 @@ pub fn rfc3339(epoch_seconds: u64) -> String {
     )
 }
 
+/// [`rfc3339`] written into `buf` without allocating (the listing writes one or more per
+/// row); `None` after the year 9999, which needs more than four digits.
+pub fn write_rfc3339(epoch_seconds: u64, buf: &mut [u8; 20]) -> Option<&str> {
+    let days = (epoch_seconds / 86_400) as i64;
+    let secs = (epoch_seconds % 86_400) as u32;
+    let (year, month, day) = civil_from_days(days);
+    if !(0..=9999).contains(&year) {
+        return None;
+    }
+    let year = year as u32;
+    let digits = |buf: &mut [u8], n: u32| {
+        let mut n = n;
+        for b in buf.iter_mut().rev() {
+            *b = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    *buf = *b"0000-00-00T00:00:00Z";
+    digits(&mut buf[0..4], year);
+    digits(&mut buf[5..7], month);
+    digits(&mut buf[8..10], day);
+    digits(&mut buf[11..13], secs / 3600);
+    digits(&mut buf[14..16], secs / 60 % 60);
+    digits(&mut buf[17..19], secs % 60);
+    Some(std::str::from_utf8(&buf[..]).expect("digits and separators are ASCII"))
+}
+
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -81,6 +108,24 @@ mod tests {
         assert_eq!(rfc3339(1_795_774_500), "2026-11-27T10:15:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(9_999_999_999), "2286-11-20T17:46:39Z");
+    }
+
+    #[test]
+    fn written_rfc3339_is_the_same_text() {
+        let mut buf = [0; 20];
+        for t in [
+            0,
+            59,
+            951_782_400,
+            1_795_774_500,
+            9_999_999_999,
+            253_402_300_799,
+        ] {
+            assert_eq!(write_rfc3339(t, &mut buf), Some(rfc3339(t).as_str()), "{t}");
+        }
+        // The first second of the year 10000 no longer fits.
+        assert_eq!(write_rfc3339(253_402_300_800, &mut buf), None);
+        assert_eq!(write_rfc3339(u64::MAX, &mut buf), None);
     }
 
     #[test]

@@ -77,6 +77,10 @@ fn parse_id(prefix: &str, text: &str) -> Option<u128> {
 pub struct IdCipher {
     /// A digest that has absorbed the key: each round clones it and adds its input.
     keyed: digest::Context,
+    /// Round 0 of zero: the first round of every encoding (the plaintext's low half is
+    /// always zero), and the last of every decoding of an id this key made. Kept, it saves
+    /// a quarter of the SHA-256 work of a listing.
+    first_of_zero: u64,
 }
 
 impl IdCipher {
@@ -85,10 +89,23 @@ impl IdCipher {
     pub fn new(secret: &[u8]) -> IdCipher {
         let mut keyed = digest::Context::new(&digest::SHA256);
         keyed.update(secret);
-        IdCipher { keyed }
+        let mut cipher = IdCipher {
+            keyed,
+            first_of_zero: 0,
+        };
+        cipher.first_of_zero = cipher.compute_round(0, 0);
+        cipher
     }
 
     fn round(&self, round: u8, half: u64) -> u64 {
+        if round == 0 && half == 0 {
+            self.first_of_zero
+        } else {
+            self.compute_round(round, half)
+        }
+    }
+
+    fn compute_round(&self, round: u8, half: u64) -> u64 {
         let mut context = self.keyed.clone();
         context.update(&[round]);
         context.update(&half.to_be_bytes());
@@ -126,9 +143,22 @@ impl IdCipher {
     }
 }
 
+impl TransactionId {
+    /// Its text (`tx_` and 22 base64url characters) written into `buf`, without allocating:
+    /// the listing spells one per row.
+    pub fn write_text<'b>(&self, buf: &'b mut [u8; 25]) -> &'b str {
+        buf[..3].copy_from_slice(b"tx_");
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(self.0.to_be_bytes(), &mut buf[3..])
+            .expect("16 bytes are 22 base64 characters");
+        debug_assert_eq!(written, 22);
+        std::str::from_utf8(&buf[..]).expect("base64 is ASCII")
+    }
+}
+
 impl fmt::Display for TransactionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "tx_{}", URL_SAFE_NO_PAD.encode(self.0.to_be_bytes()))
+        f.write_str(self.write_text(&mut [0; 25]))
     }
 }
 
@@ -535,7 +565,25 @@ mod tests {
         let differing = (a.0 ^ b.0).count_ones();
         assert!((32..=96).contains(&differing), "{differing}");
         assert_eq!(IdCipher::new(&[2u8; 32]).decode(a), None);
+        assert_eq!(IdCipher::new(&[2u8; 32]).decode(cipher.encode(0)), None);
         assert_eq!(cipher.decode(TransactionId(a.0 ^ 1)), None);
+    }
+
+    #[test]
+    fn the_kept_first_round_changes_no_id() {
+        let cipher = IdCipher::new(&[7u8; 32]);
+        for seq in [0, 1, 2, 1 << 40, u64::MAX] {
+            let (mut left, mut right) = (seq, 0u64);
+            for round in 0..IdCipher::ROUNDS {
+                (left, right) = (right, left ^ cipher.compute_round(round, right));
+            }
+            let id = TransactionId((u128::from(left) << 64) | u128::from(right));
+            assert_eq!(cipher.encode(seq), id);
+            assert_eq!(
+                id.to_string(),
+                format!("tx_{}", URL_SAFE_NO_PAD.encode(id.0.to_be_bytes()))
+            );
+        }
     }
 
     #[test]

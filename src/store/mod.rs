@@ -964,6 +964,62 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_shows_each_row_with_its_delivery_as_a_single_read_does() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(1000, 1000),
+        )
+        .expect("open");
+        runtime().block_on(async {
+            let query = TxQuery {
+                business: BusinessId::trusted("acme".into()),
+                program: None,
+                start: 0,
+                end: 1000,
+                after: None,
+                limit: None,
+                status: None,
+            };
+            let listed = |store: &Store| {
+                let mut listing = store.list(query.clone(), <[_]>::to_vec).expect("list");
+                async move {
+                    let mut rows: Vec<Transaction> = Vec::new();
+                    while let Some(batch) = listing.next().await {
+                        rows.extend(batch.expect("ok"));
+                    }
+                    rows
+                }
+            };
+            // No delivery anywhere yet (the listing skips the look-ups).
+            store.issue(issue("r0", 100)).await.expect("issued");
+            assert!(listed(&store).await.iter().all(|t| t.delivery.is_none()));
+            // Deliveries in the middle of the range, rows without on both sides and between.
+            for i in 1..200usize {
+                let mut request = issue(&format!("r{i}"), 100);
+                request.deliver = (50..150).contains(&i) && !i.is_multiple_of(3);
+                store.issue(request).await.expect("issued");
+            }
+            let rows = listed(&store).await;
+            assert_eq!(rows.len(), 200);
+            for row in &rows {
+                let single = store
+                    .transaction(&row.business, row.reference_number.as_str())
+                    .await
+                    .expect("read")
+                    .expect("found");
+                assert_eq!(row, &single);
+                let r: usize = row.reference_number.as_str()[1..].parse().expect("r<n>");
+                assert_eq!(
+                    row.delivery.is_some(),
+                    (50..150).contains(&r) && !r.is_multiple_of(3)
+                );
+            }
+        });
+    }
+
+    #[test]
     fn a_delivery_moves_through_the_outbox_and_check_follows_it() {
         use crate::delivery::{Attempt, DeliveryStatus};
         let dir = tempfile::tempdir().expect("dir");
@@ -1161,7 +1217,12 @@ mod tests {
             {
                 // The record claims one unit more than its reversals add up to.
                 let mut records = txn.open_table(TRANSACTIONS).expect("t");
-                let bytes = records.get(0u64).expect("get").expect("record").value().to_vec();
+                let bytes = records
+                    .get(0u64)
+                    .expect("get")
+                    .expect("record")
+                    .value()
+                    .to_vec();
                 let mut record = decode::<TxRecord>(&bytes).expect("decodes").latest();
                 record.reversed_value += 1;
                 let bytes = postcard::to_allocvec(&TxRecord::from(record)).expect("encodes");
@@ -1189,9 +1250,18 @@ mod tests {
         }
         let report = check_file(&path).expect("readable");
         let problems = report.problems.join("\n");
-        assert!(problems.contains("reversals add up to value 10000"), "{problems}");
-        assert!(problems.contains("reversal 1: transaction index entry missing"), "{problems}");
-        assert!(problems.contains("debit 99 names a missing reversal"), "{problems}");
+        assert!(
+            problems.contains("reversals add up to value 10000"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("reversal 1: transaction index entry missing"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("debit 99 names a missing reversal"),
+            "{problems}"
+        );
     }
 
     #[test]
