@@ -71,6 +71,23 @@ use crate::delivery::{Delivery, DeliveryStatus, Event, NewEvent};
 use crate::domain::{BusinessId, DestinationUserId, EndUserId, ProgramId, ReferenceNumber, UserId};
 use crate::ledger::{Connection, NewTransaction, Transaction, TransactionId};
 
+/// How a state change of a delivery is computed: the current state and the commit's
+/// time → the next state, or `None` to leave it.
+pub type DeliveryStep = Box<dyn FnOnce(&Delivery, u64) -> Option<Delivery> + Send>;
+/// The merchant webhook events a transaction's change of status causes (see
+/// [`Store::update_delivery`]).
+pub type EventsFor = Box<dyn FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send>;
+
+/// One delivery attempt's outcome, for [`Store::record_outcomes`].
+pub struct JobOutcome {
+    /// The job as [`Store::due`] names it: (job kind, id).
+    pub job: (u8, u64),
+    pub step: DeliveryStep,
+    /// For a job on a transaction: the events a change of its status causes. `None` when
+    /// the business wants none, which also spares reading the transaction back.
+    pub events: Option<EventsFor>,
+}
+
 /// Why the database could not be opened; each is a one-line message for the operator.
 #[derive(Debug)]
 pub enum OpenError {
@@ -351,6 +368,28 @@ impl Store {
             .await
     }
 
+    /// Records the outcomes of many delivery attempts in one write, durable before this
+    /// returns: each as [`Store::update_delivery`] or [`Store::update_event`] would, by its
+    /// job's kind. The delivery worker gathers the outcomes that come in while the
+    /// previous write is committing, so one write carries all of them.
+    pub async fn record_outcomes(&self, outcomes: Vec<JobOutcome>) -> Result<(), StoreError> {
+        let (due_now, events) = self
+            .write(move |tables| {
+                let (mut due_now, mut events) = (false, false);
+                for outcome in outcomes {
+                    let (d, e) = tables.record_outcome(outcome)?;
+                    due_now |= d;
+                    events |= e;
+                }
+                Ok((due_now, events))
+            })
+            .await?;
+        if due_now || events {
+            self.outbox_changed.notify_one();
+        }
+        Ok(())
+    }
+
     /// Completes when a delivery may have become due at once since the last call.
     pub async fn outbox_changed(&self) {
         self.outbox_changed.notified().await
@@ -368,7 +407,8 @@ impl Store {
         let outbox = reader.table(OUTBOX)?;
         let records = reader.table(TRANSACTIONS)?;
         let deliveries = reader.table(DELIVERIES)?;
-        let events = reader.table(EVENTS)?;
+        // Opened only when an event job is due: the worker looks often.
+        let mut events = None;
         let mut due = Vec::new();
         for entry in outbox
             .range(..=(now, u8::MAX, u64::MAX))
@@ -385,7 +425,11 @@ impl Store {
             let job = match kind {
                 JOB_CREDIT => read_tx(reader.ids, &records, &deliveries, id)?.map(Due::Credit),
                 JOB_EVENT => {
-                    read_event(&self.handle.event_ids, &events, &deliveries, id)?.map(Due::Event)
+                    let events = match &mut events {
+                        Some(events) => events,
+                        None => events.insert(reader.table(EVENTS)?),
+                    };
+                    read_event(&self.handle.event_ids, events, &deliveries, id)?.map(Due::Event)
                 }
                 _ => None,
             };

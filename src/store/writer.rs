@@ -19,7 +19,7 @@ use super::schema::{
     BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_EVENT, META, OUTBOX,
     TRANSACTIONS,
 };
-use super::{unavailable, Connect, Connected, Issue, Issued, StoreError};
+use super::{unavailable, Connect, Connected, Issue, Issued, JobOutcome, StoreError};
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
 use crate::ledger::IdCipher;
@@ -252,23 +252,93 @@ impl Tables<'_> {
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
         events: impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, JOB_CREDIT, seq)? else {
+        let Some((before, next)) = self.step_delivery(JOB_CREDIT, seq, step)? else {
             return Ok(None);
         };
-        let next = step(&current, self.now);
-        if let Some(next) = &next {
-            self.put_delivery(JOB_CREDIT, seq, Some(&current), next)?;
-        }
-        let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
-            tracing::error!(seq, "a delivery names a missing transaction");
-            StoreError::Corrupt
-        })?;
+        let tx = self.transaction_of(seq)?;
         if next.is_some() {
-            for event in events(&tx, current.status) {
+            for event in events(&tx, before) {
                 self.record_event(tx.business.as_str(), event)?;
             }
         }
         Ok(Some((tx, next.is_some())))
+    }
+
+    /// Records one delivery attempt's outcome (see [`super::Store::record_outcomes`]):
+    /// whether it left the job due at or before `now` (a change that needs the worker to
+    /// look again at once), and whether it recorded merchant events.
+    pub fn record_outcome(&mut self, outcome: JobOutcome) -> Result<(bool, bool), StoreError> {
+        let JobOutcome {
+            job: (kind, id),
+            step,
+            events,
+        } = outcome;
+        let now = self.now;
+        let due_now = |next: &Delivery| next.next_attempt_at.is_some_and(|at| at <= now);
+        match kind {
+            JOB_EVENT => {
+                let Some(current) = read_delivery(&self.deliveries, JOB_EVENT, id)? else {
+                    return Ok((false, false));
+                };
+                let Some(next) = step(&current, now) else {
+                    return Ok((false, false));
+                };
+                self.put_delivery(JOB_EVENT, id, Some(&current), &next)?;
+                Ok((due_now(&next), false))
+            }
+            // A job on a transaction: its delivery moves on, and a change of status may
+            // cause merchant events. The transaction is read only when they are wanted.
+            JOB_CREDIT => {
+                let Some((before, next)) = self.step_delivery(kind, id, step)? else {
+                    return Ok((false, false));
+                };
+                let Some(next) = next else {
+                    return Ok((false, false));
+                };
+                let mut recorded = false;
+                if let Some(events) = events.filter(|_| next.status != before) {
+                    let tx = self.transaction_of(id)?;
+                    for event in events(&tx, before) {
+                        self.record_event(tx.business.as_str(), event)?;
+                        recorded = true;
+                    }
+                }
+                Ok((due_now(&next), recorded))
+            }
+            _ => {
+                tracing::error!(
+                    kind,
+                    id,
+                    "an outcome for a job kind this build does not know"
+                );
+                Ok((false, false))
+            }
+        }
+    }
+
+    /// Moves the delivery `(kind, id)` of a transaction on with `step`: `None` if there is
+    /// none, else its status before and the new state if `step` changed it.
+    fn step_delivery(
+        &mut self,
+        kind: u8,
+        id: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+    ) -> Result<Option<(DeliveryStatus, Option<Delivery>)>, StoreError> {
+        let Some(current) = read_delivery(&self.deliveries, kind, id)? else {
+            return Ok(None);
+        };
+        let next = step(&current, self.now);
+        if let Some(next) = &next {
+            self.put_delivery(kind, id, Some(&current), next)?;
+        }
+        Ok(Some((current.status, next)))
+    }
+
+    fn transaction_of(&self, seq: u64) -> Result<Transaction, StoreError> {
+        read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
+            tracing::error!(seq, "a delivery names a missing transaction");
+            StoreError::Corrupt
+        })
     }
 
     /// Moves the delivery of merchant webhook event `seq` on with `step`; `None` if there
