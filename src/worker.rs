@@ -101,6 +101,10 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
     // for waits for it: the jobs being written back are still in the outbox, and a look
     // now would pass over each of them, once per new issue.
     let mut changed = false;
+    // One timer for the whole run: a fresh sleep per wake-up (a wake-up per issue, under
+    // load) would register a timer each time, and would never fire while issues arrive.
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if stopping.is_set() {
             if attempts.is_empty() && finished.is_empty() && writing.is_none() {
@@ -137,7 +141,7 @@ pub async fn run(app: Arc<App>, mut stopping: Stopping) {
                     }
                 }
             }
-            () = tokio::time::sleep(TICK) => look = true,
+            _ = tick.tick() => look = true,
         }
         while let Some(joined) = attempts.try_join_next() {
             take(joined, &mut finished, &mut in_flight);
