@@ -42,8 +42,8 @@
 //! - [`ledger`]: transactions, connections, the issuance rules and the points quote.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
 //! - [`partner`]: the outbound HTTP client (Standard Webhooks signing, the sandbox).
-//! - [`worker`]: the delivery worker, a background task: sends due outbox jobs, writes
-//!   each outcome back.
+//! - [`worker`]: the delivery worker, a background task: sends due outbox jobs, writes the
+//!   outcomes back, many in one write.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.

@@ -27,9 +27,9 @@
 //!
 //! A transaction issued to a program with a partner gets its `deliveries` row and its
 //! `outbox` entry in the same write transaction as the record itself. The delivery worker
-//! reads the due entries (one range scan from the start of `outbox`), and each attempt's
-//! outcome is written back through the writer, which moves or removes the outbox entry
-//! in the same commit.
+//! reads the due entries (one range scan from the start of `outbox`), and the attempts'
+//! outcomes are written back through the writer, many in one write, which moves or
+//! removes each outbox entry in the same commit.
 //!
 //! Transactions are keyed by `seq`, a counter that only grows: new records append to the
 //! end of the table instead of rewriting random pages. The id a client sees is `seq`
