@@ -9,12 +9,17 @@
 #   1. fill: issue-points until FILL transactions are stored (one wrk run, bounded);
 #   2. listing: GET /v1/transactions over the whole range (~FILL rows) with curl,
 #      transactions/s, server RSS before, during and after;
-#   3. ROUNDS x { baseline POST, issue-points, baseline GET, get-by-reference }, each
+#   3. ROUNDS x { baseline POST, issue-points, issue-points with a partner (a: the sandbox,
+#      delivering while wrk runs; b: a partner that never answers, so the outbox rows are
+#      written but delivery does not compete), baseline GET, get-by-reference }, each
 #      THREADS x CONNS for DURATION s with --latency; figures as ratios to the baseline
 #      measured in the same round (the machine is shared and noisy: absolute numbers
 #      drift, ratios much less);
 #   4. 256 connections briefly (GET and issue), RSS sampled during;
-#   5. the count of 201s that wrk saw against the number of transactions stored.
+#   5. the count of 201s that wrk saw against the number of transactions stored;
+#   6. delivery catch-up: server (b) restarted on its database with the sandbox partner
+#      (pending deliveries resume after a restart); wall time and server CPU per credit
+#      delivered until its outbox is drained.
 # Each wrk run also reports the CPU time per request of the server (its writer thread
 # apart), of the baseline and of wrk itself (from /proc, so noise-resistant), the bytes
 # the server wrote to disk per request, where the writer thread spent the run (on a CPU,
@@ -67,15 +72,17 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/cosmobench.XXXXXX")
 SERVER_PID=""
 NOBATCH_PID=""
 PARTNER_PID=""
+STALLED_PID=""
+HUNG_PID=""
 BASELINE_PID=""
 SAMPLER_PID=""
 WRK_PID=""
 cleanup() {
   local pid
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$STALLED_PID" "$HUNG_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
-  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$BASELINE_PID"; do
+  for pid in "$WRK_PID" "$SAMPLER_PID" "$SERVER_PID" "$NOBATCH_PID" "$PARTNER_PID" "$STALLED_PID" "$HUNG_PID" "$BASELINE_PID"; do
     [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
   done
   if [ "$KEEP" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
@@ -111,6 +118,25 @@ NOBATCH_PID=$!
 # own database: issue throughput with a partner against without, in the same round.
 "$SERVER_BIN" serve --config "$WORK/partner.toml" 2>"$WORK/partner.log" &
 PARTNER_PID=$!
+# (b) The same again, its partner one that accepts connections and never answers (a
+# listening socket nobody accepts from), with concurrency 1: one attempt hangs, every
+# other credit's outbox row waits, and the worker reads nothing while its one slot is
+# taken. So this measures the outbox row without delivery competing for the CPU; the
+# deliveries are measured after the rounds (6.), by restarting it with the sandbox.
+command -v python3 >/dev/null || die "python3 is needed (the partner that never answers)"
+python3 -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1024)
+print(s.getsockname()[1], flush=True); time.sleep(1e9)' >"$WORK/hung.port" &
+HUNG_PID=$!
+for i in $(seq 50); do [ -s "$WORK/hung.port" ] && break; sleep 0.1; done
+HUNG_PORT=$(cat "$WORK/hung.port")
+[ -n "$HUNG_PORT" ] || die "the never-answering partner did not start"
+sed -e 's/^path = .*/path = "stalled.redb"/' \
+    -e "s|^sandbox = true.*|url = \"http://127.0.0.1:$HUNG_PORT\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3\"\ntimeout_seconds = 300\nretry_schedule_seconds = [3600]\nconcurrency = 1|" \
+    "$WORK/with-partner.toml" > "$WORK/stalled.toml"
+sed -e 's/^path = .*/path = "stalled.redb"/' "$WORK/with-partner.toml" > "$WORK/catchup.toml"
+"$SERVER_BIN" serve --config "$WORK/stalled.toml" 2>"$WORK/stalled.log" &
+STALLED_PID=$!
 "$BASELINE_BIN" 127.0.0.1:0 >"$WORK/baseline.out" 2>&1 &
 BASELINE_PID=$!
 
@@ -151,6 +177,13 @@ for i in $(seq 150); do
 done
 [ -n "${PARTNER_PORT:-}" ] || die "the partner server is not listening"
 PARTNER_URL=http://127.0.0.1:$PARTNER_PORT
+for i in $(seq 150); do
+  kill -0 "$STALLED_PID" 2>/dev/null || { cat "$WORK/stalled.log" >&2; die "the stalled-partner server did not start"; }
+  STALLED_PORT=$(listen_port "$STALLED_PID") && break
+  sleep 0.1
+done
+[ -n "${STALLED_PORT:-}" ] || die "the stalled-partner server is not listening"
+STALLED_URL=http://127.0.0.1:$STALLED_PORT
 ADDR=127.0.0.1:$PORT
 BASE_ADDR=$(wait_for "$WORK/baseline.out" 'listening on 127\.0\.0\.1:[0-9]*' | awk '{print $3}') ||
   die "the baseline server did not start"
@@ -170,6 +203,10 @@ PARTNER_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/jso
   -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$PARTNER_URL/v1/auth" |
   sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
 [ -n "$PARTNER_TOKEN" ] || die "could not mint a token on the partner server"
+STALLED_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/json' \
+  -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$STALLED_URL/v1/auth" |
+  sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
+[ -n "$STALLED_TOKEN" ] || die "could not mint a token on the stalled-partner server"
 
 # ---- measuring helpers ---------------------------------------------------------------
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
@@ -362,12 +399,15 @@ for r in $(seq "$ROUNDS"); do
   wrk_run "issue$r" "$SERVER_PID" "$BENCHES/issue.lua" "$URL/v1/transactions" "$CONNS" "$DURATION" RUN="issue$r"
   add_201 "$WORK/issue$r.txt"
   wrk_run "partner$r" "$PARTNER_PID" "$BENCHES/issue.lua" "$PARTNER_URL/v1/transactions" "$CONNS" "$DURATION" RUN="partner$r" TOKEN="$PARTNER_TOKEN"
+  wrk_run "stalled$r" "$STALLED_PID" "$BENCHES/issue.lua" "$STALLED_URL/v1/transactions" "$CONNS" "$DURATION" RUN="stalled$r" TOKEN="$STALLED_TOKEN"
   wrk_run "base_get$r" "$BASELINE_PID" "$BENCHES/get.lua" "$BASE_URL/" "$CONNS" "$DURATION" "${GET_ENV[@]}" PREFIX=/
   wrk_run "get$r" "$SERVER_PID" "$BENCHES/get.lua" "$URL/v1/transactions/" "$CONNS" "$DURATION" "${GET_ENV[@]}"
   report "issue$r" "base_post$r" 0.5 201 >>"$WORK/ratios"
   report "get$r" "base_get$r" 0.7 200 >>"$WORK/ratios"
   say "   issue-points with a partner (sandbox) against without, same round (target: the outbox costs <= 15%):"
   report "partner$r" "issue$r" 0.85 201 >>"$WORK/ratios_partner"
+  say "   (b) the outbox row alone: a partner that never answers, delivery not competing, same round:"
+  report "stalled$r" "issue$r" 0.85 201 >>"$WORK/ratios_stalled"
 done
 
 # ---- 3b. group commit off ------------------------------------------------------------------
@@ -420,9 +460,58 @@ awk '{n++; s += $2; if (min == "" || $2 < min) min = $2}
 PENDING=$(curl -s --max-time 60 -H "Authorization: Bearer $PARTNER_TOKEN" \
   "$PARTNER_URL/v1/transactions?startDate=0000000000&endDate=9999999999&status=pending&limit=1000" |
   grep -o '"referenceNumber"' | wc -l || true)
+awk '{n++; s += $2; if (min == "" || $2 < min) min = $2}
+     END {printf "   (b) outbox row alone (partner not answering, delivery not competing) / without: mean %.2f, worst %.2f over %d rounds (>= 0.85 wanted)\n", s / n, min, n}' "$WORK/ratios_stalled"
+for r in $(seq "$ROUNDS"); do
+  awk -v r="$r" -v f="$WORK/issue$r.cpu" -v g="$WORK/stalled$r.cpu" 'FNR == 1 && FILENAME == ARGV[1] {p = $2} FNR == 1 && FILENAME == f {i = $2} FNR == 1 && FILENAME == g {s = $2}
+    END {printf "   round %d server CPU per issue: without %s us, outbox row only %s us, with delivery (a) %s us: delivery ~ %.1f us per credit while issuing\n", r, i, s, p, p - s}' \
+    "$WORK/partner$r.cpu" "$WORK/issue$r.cpu" "$WORK/stalled$r.cpu"
+done
 say "   partner server: $PENDING transactions still pending at the end (of the last page of 1000 at most)"
 say "   listing: $LIST_TPS transactions/s"
 say "   RSS: idle $(mib "$IDLE_RSS") MiB, 256 connections $(mib "$C256_RSS_MAX") MiB, listing $(mib "$LIST_RSS_MAX") MiB, now $(mib "$FINAL_RSS") MiB, peak (VmHWM) $(mib "$PEAK") MiB"
 say "   baseline peak RSS (VmHWM): $(mib "$(status_kb "$BASELINE_PID" VmHWM)") MiB"
 say "   database file: $(mib $(($(stat -c %s "$WORK/bench.redb") / 1024))) MiB for $STORED transactions"
+say "   server log: $(wc -l <"$WORK/server.log") lines, partner server log: $(wc -l <"$WORK/partner.log") lines"
 say "   server log: $(wc -l <"$WORK/server.log") lines, $(mib $(($(stat -c %s "$WORK/server.log") / 1024))) MiB"
+
+# ---- 6. delivery catch-up ----------------------------------------------------------------
+pending_on() { # URL TOKEN -> pending transactions (the whole listing)
+  curl -s --max-time 120 -H "Authorization: Bearer $2" \
+    "$1/v1/transactions?startDate=0000000000&endDate=9999999999&status=pending" |
+    grep -o '"referenceNumber"' | wc -l || true
+}
+say ""
+say "== delivery catch-up: the stalled-partner server restarted with the sandbox partner"
+QUEUED=$(pending_on "$STALLED_URL" "$STALLED_TOKEN")
+kill -TERM "$STALLED_PID" 2>/dev/null || true
+wait "$STALLED_PID" 2>/dev/null || true
+"$SERVER_BIN" serve --config "$WORK/catchup.toml" 2>"$WORK/catchup.log" &
+STALLED_PID=$!
+CATCHUP_PORT=""
+for i in $(seq 300); do
+  kill -0 "$STALLED_PID" 2>/dev/null || { cat "$WORK/catchup.log" >&2; die "the catch-up server did not start"; }
+  CATCHUP_PORT=$(listen_port "$STALLED_PID") && break
+  sleep 0.02
+done
+[ -n "$CATCHUP_PORT" ] || die "the catch-up server is not listening"
+t0=$(ticks "/proc/$STALLED_PID/stat"); started=$(date +%s.%N)
+CATCHUP_URL=http://127.0.0.1:$CATCHUP_PORT
+CATCHUP_TOKEN=$(curl -sf --max-time 10 -X POST -H 'Content-Type: application/json' \
+  -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' "$CATCHUP_URL/v1/auth" |
+  sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p')
+# The one attempt that hung waits an hour for its retry: drained means at most 1 left.
+# The poll asks for one row every 0.2 s: its own cost is small against the deliveries'.
+LEFT=$QUEUED
+for i in $(seq 3000); do
+  LEFT=$(curl -s --max-time 30 -H "Authorization: Bearer $CATCHUP_TOKEN" \
+    "$CATCHUP_URL/v1/transactions?startDate=0000000000&endDate=9999999999&status=pending&limit=2" |
+    grep -o '"referenceNumber"' | wc -l || true)
+  [ "$LEFT" -le 1 ] && break
+  sleep 0.2
+done
+ended=$(date +%s.%N); t1=$(ticks "/proc/$STALLED_PID/stat")
+awk -v q="$QUEUED" -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v a="$started" -v b="$ended" -v left="$LEFT" \
+  'BEGIN { d = q - left; if (d < 1) d = 1;
+    printf "   %d credits queued; drained (%d left) in %.2f s = %.0f credits/s; server CPU %.1f us per credit delivered\n",
+      q, left, b - a, d / (b - a), t * 1e6 / hz / d }'

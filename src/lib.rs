@@ -43,7 +43,7 @@
 //!   quote and the reversal formula.
 //! - [`delivery`]: a delivery's state and how an attempt moves it on (pure).
 //! - [`worker`]: the delivery worker, a background task: sends due outbox jobs (credits,
-//!   debits, merchant events), writes each outcome back.
+//!   debits, merchant events), writes the outcomes back, many in one write.
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.

@@ -474,9 +474,19 @@ const SANDBOX_FLAKY_FAILURES: u32 = 2;
 
 /// The in-process sandbox partner (see [`Client::send`]).
 fn sandbox_send(webhook_id: &str, attempt: u32, body: &[u8]) -> Outcome {
-    let member = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| Some(v.get("memberId")?.as_str()?.to_owned()));
+    // A partner would parse the whole body as a JSON object and read its `memberId`
+    // string; so does this, into a borrowed field, without building a `Value` tree.
+    #[derive(serde::Deserialize)]
+    struct Credit<'a> {
+        #[serde(rename = "memberId", borrow)]
+        member_id: std::borrow::Cow<'a, str>,
+    }
+    // `Credit` would also take a JSON array (serde's sequence form of a struct).
+    let object = body.trim_ascii_start().first() == Some(&b'{');
+    let member = object
+        .then(|| serde_json::from_slice::<Credit>(body).ok())
+        .flatten()
+        .map(|c| c.member_id);
     let Some(member) = member else {
         return Outcome::Rejected {
             http_status: 400,
@@ -649,12 +659,30 @@ mod tests {
             panic!("{fine:?}");
         };
         assert!(id.starts_with("sbx_") && id.len() == 20, "{id}");
+        for body in [
+            &b"[]"[..],
+            br#"["member-9"]"#,
+            br#"{"memberId":42}"#,
+            br#"{"type":"points.credit"}"#,
+            br#"{"memberId":"member-9""#,
+            br#"{"memberId":"member-9"} trailing"#,
+        ] {
+            assert!(
+                matches!(
+                    sandbox_send("tx_3", 1, body),
+                    Outcome::Rejected {
+                        http_status: 400,
+                        ..
+                    }
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Escapes are read as JSON says.
         assert!(matches!(
-            sandbox_send("tx_3", 1, b"[]"),
-            Outcome::Rejected {
-                http_status: 400,
-                ..
-            }
+            sandbox_send("tx_4", 1, br#"{"memberId":"inval\u0069d-1"}"#),
+            Outcome::Rejected { detail, .. } if detail.contains("invalid-1")
         ));
     }
 }

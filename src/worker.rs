@@ -2,25 +2,32 @@
 //! partners, events to the merchants' webhooks — and writes each outcome back durably.
 //!
 //! A job moves due → in flight → done (completed, failed) or due again later; every move
-//! is one write through the store's writer, so a crash at any point leaves the job either
-//! due (it is sent again after the restart: the receiver dedupes on `webhook-id`, so it
-//! acts once) or done. "In flight" is only this process's memory.
+//! is a durable write through the store's writer, so a crash at any point leaves the job
+//! either due (it is sent again after the restart: the receiver dedupes on `webhook-id`,
+//! so it acts once) or done. "In flight" is only this process's memory, and lasts until
+//! the job's outcome is durable. The outcomes that come in while one write-back commits
+//! go together in the next one (one writer job for many attempts).
 //!
 //! A credit that completes or fails records the merchant's `transaction.completed` /
-//! `transaction.failed` events in the same write, rendered then.
+//! `transaction.failed` events in the same write, rendered then; a debit (a reversal at
+//! the partner) `reversal.completed` / `reversal.failed`. A debit is sent only once its
+//! credit completed: a due debit whose credit is not is held by the store (see
+//! [`crate::store::Store::hold_debit`]).
 //!
 //! At most `concurrency` requests are in flight to one partner (or one webhook URL). The
-//! worker wakes when a job becomes due at once (a new issue, a redelivery, a status
-//! change), when an attempt finishes, and every [`TICK`] for jobs that come due by time.
-//! Time comes from the app's clock.
+//! worker looks at the outbox when a job may have become due at once (a new issue, a
+//! redelivery, a status change: while a write-back is committing, such a look waits for
+//! it, so that one look serves the batch), when its last look filled every free slot and
+//! a slot frees, and every [`TICK`] for jobs that come due by time. Time comes from the
+//! app's clock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::app::App;
 use crate::clock::rfc3339;
@@ -29,7 +36,7 @@ use crate::domain::Partner;
 use crate::ledger::{Reversal, Transaction};
 use crate::partner::Outcome;
 use crate::service::Stopping;
-use crate::store::{Due, Hold};
+use crate::store::{Due, EventsFor, Hold, JobOutcome, OutcomeEvents, ReversalEventsFor};
 
 /// How often the worker looks for jobs that came due by time.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -88,65 +95,162 @@ enum Payload {
     Event(Vec<u8>),
 }
 
-/// Runs until `stopping` is set, then lets the attempts in flight finish (the lifecycle
-/// owner cuts them off after the shutdown grace; a cut attempt stays due).
+/// An attempt whose answer is in: its outcome, to be written back.
+struct Finished {
+    webhook_id: String,
+    outcome: JobOutcome,
+}
+
+/// Runs until `stopping` is set, then lets the attempts in flight finish and writes their
+/// outcomes back (the lifecycle owner cuts them off after the shutdown grace; a cut
+/// attempt stays due).
+///
+/// Outcomes are written back in batches: those that come in while the previous batch is
+/// committing go together in the next write, so a busy worker makes one write (and one
+/// look at the outbox) per batch rather than per attempt. A job stays in `in_flight`
+/// until its outcome is durable, so that it is not read and sent again before then.
 pub async fn run(app: Arc<App>, mut stopping: Stopping) {
     let mut in_flight: HashSet<(u8, u64)> = HashSet::new();
     let mut limits: HashMap<String, Arc<Semaphore>> = HashMap::new();
-    let mut attempts = JoinSet::new();
-    let (done_tx, mut done) = mpsc::unbounded_channel::<(u8, u64)>();
-    while !stopping.is_set() {
-        let now = app.clock.now();
-        // Read no more jobs than there are free slots: the loop wakes at every finished
-        // attempt, and reading (and decoding) jobs that cannot be sent yet is wasted work.
-        // While a partner is saturated its jobs may hold the head of the outbox for a
-        // moment; they free their slots within one attempt's time.
-        let free: usize = limits.values().map(|l| l.available_permits()).sum();
-        let want = if limits.is_empty() {
-            BATCH
-        } else {
-            free.clamp(1, BATCH)
-        };
-        match app.store.due(now, want, &in_flight).await {
-            Ok(due) => {
-                for job in due {
-                    let Some(send) = prepare(&app, job, &in_flight).await else {
-                        continue;
-                    };
-                    let limit = limits
-                        .entry(send.limit.clone())
-                        .or_insert_with(|| Arc::new(Semaphore::new(send.endpoint.concurrency)))
-                        .clone();
-                    let Ok(permit) = limit.try_acquire_owned() else {
-                        continue; // at its concurrency: it stays due
-                    };
-                    in_flight.insert(send.key);
-                    let (app, done) = (app.clone(), done_tx.clone());
-                    attempts.spawn(async move {
-                        let key = send.key;
-                        // The permit bounds requests in flight to the partner: it is let
-                        // go when the answer is in, before the outcome's commit.
-                        attempt(&app, send, permit).await;
-                        let _ = done.send(key);
-                    });
-                }
+    let mut attempts: JoinSet<Attempted> = JoinSet::new();
+    let mut finished: Vec<Finished> = Vec::new();
+    let mut writing: Option<JoinHandle<Vec<(u8, u64)>>> = None;
+    // Whether the outbox may hold due jobs this worker has not read: set by the tick, a
+    // look that filled its slots or left a job due for want of a permit.
+    let mut look = true;
+    // A job may have become due at once. While a write-back commits, the look this asks
+    // for waits for it: the jobs being written back are still in the outbox, and a look
+    // now would pass over each of them, once per new issue.
+    let mut changed = false;
+    // One timer for the whole run: a fresh sleep per wake-up (a wake-up per issue, under
+    // load) would register a timer each time, and would never fire while issues arrive.
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if stopping.is_set() {
+            if attempts.is_empty() && finished.is_empty() && writing.is_none() {
+                break;
             }
-            Err(e) => tracing::warn!(error = ?e, "cannot read the outbox; retrying"),
+        } else if look || (changed && writing.is_none()) {
+            changed = false;
+            look = start_due(&app, &mut in_flight, &mut limits, &mut attempts).await;
+        }
+        if writing.is_none() && !finished.is_empty() {
+            writing = Some(tokio::spawn(write_back(
+                app.clone(),
+                std::mem::take(&mut finished),
+            )));
         }
         tokio::select! {
-            () = stopping.wait() => {}
-            () = app.store.outbox_changed() => {}
-            Some(key) = done.recv() => {
-                in_flight.remove(&key);
+            () = stopping.wait(), if !stopping.is_set() => {}
+            () = app.store.outbox_changed() => changed = true,
+            Some(joined) = attempts.join_next() => {
+                take(joined, &mut finished, &mut in_flight);
             }
-            () = tokio::time::sleep(TICK) => {}
+            Some(written) = async { Some(writing.as_mut()?.await) } => {
+                writing = None;
+                match written {
+                    Ok(done) => {
+                        for key in done {
+                            in_flight.remove(&key);
+                        }
+                    }
+                    // The write-back task panicked: its jobs stay due, to be read again.
+                    Err(_) => {
+                        in_flight.clear();
+                        look = true;
+                    }
+                }
+            }
+            _ = tick.tick() => look = true,
         }
-        while let Ok(key) = done.try_recv() {
+        while let Some(joined) = attempts.try_join_next() {
+            take(joined, &mut finished, &mut in_flight);
+        }
+    }
+}
+
+/// What an attempt's task ends with: its outcome, or the job it could not send (its
+/// credit could not be encoded; logged), which stays due.
+type Attempted = Result<Finished, (u8, u64)>;
+
+/// Files an ended attempt: its outcome joins the next write-back, or its job is free.
+fn take(
+    joined: Result<Attempted, tokio::task::JoinError>,
+    finished: &mut Vec<Finished>,
+    in_flight: &mut HashSet<(u8, u64)>,
+) {
+    match joined {
+        Ok(Ok(done)) => finished.push(done),
+        Ok(Err(key)) => {
             in_flight.remove(&key);
         }
-        while attempts.try_join_next().is_some() {}
+        // A panicked attempt: logged by the panic hook. Its job stays in `in_flight`
+        // until the restart, as it did when each attempt wrote its own outcome.
+        Err(_) => {}
     }
-    while attempts.join_next().await.is_some() {}
+}
+
+/// Reads the due jobs there are free slots for and starts their attempts. Returns whether
+/// the outbox may hold more due jobs than were started.
+async fn start_due(
+    app: &Arc<App>,
+    in_flight: &mut HashSet<(u8, u64)>,
+    limits: &mut HashMap<String, Arc<Semaphore>>,
+    attempts: &mut JoinSet<Attempted>,
+) -> bool {
+    let now = app.clock.now();
+    // Read no more jobs than there are free slots: reading (and decoding) jobs that cannot
+    // be sent yet is wasted work. While a partner is saturated its jobs may hold the head
+    // of the outbox for a moment; they free their slots within one attempt's time.
+    let free: usize = limits.values().map(|l| l.available_permits()).sum();
+    let want = if limits.is_empty() {
+        BATCH
+    } else if free == 0 {
+        return true;
+    } else {
+        free.min(BATCH)
+    };
+    let due = match app.store.due(now, want, in_flight).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(error = ?e, "cannot read the outbox; retrying");
+            return false; // the tick looks again
+        }
+    };
+    let mut more = due.len() == want;
+    for job in due {
+        let Some(send) = prepare(app, job, in_flight).await else {
+            continue;
+        };
+        let limit = limits
+            .entry(send.limit.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(send.endpoint.concurrency)))
+            .clone();
+        let Ok(permit) = limit.try_acquire_owned() else {
+            more = true; // at its concurrency: it stays due
+            continue;
+        };
+        in_flight.insert(send.key);
+        let app = app.clone();
+        // The permit bounds requests in flight to the partner: it is let go when the
+        // answer is in, before the outcome's commit.
+        attempts.spawn(async move { attempt(&app, send, permit).await });
+    }
+    more
+}
+
+/// Writes a batch of outcomes back in one write; returns the jobs it is done with (all of
+/// them: written, or left due when the write failed).
+async fn write_back(app: Arc<App>, batch: Vec<Finished>) -> Vec<(u8, u64)> {
+    let keys: Vec<_> = batch.iter().map(|f| f.outcome.job).collect();
+    let (ids, outcomes): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|f| (f.webhook_id, f.outcome)).unzip();
+    if let Err(e) = app.store.record_outcomes(outcomes).await {
+        // Not recorded: the jobs stay due and are sent again (the receivers dedupe).
+        tracing::warn!(jobs = ?ids, error = ?e, "delivery outcomes were not recorded");
+    }
+    keys
 }
 
 /// What to send for a due job, or `None` (in flight already, or its destination is gone:
@@ -212,8 +316,8 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                     .hold_debit(reversal.seq, patience, reversal_events_for(app))
                     .await
                 {
-                    // The credit completed since this was read: the debit stays due, and
-                    // the next look reads it with the credit's partner id.
+                    // Ready: the credit completed since this was read; the debit stays
+                    // due, and the next look reads it with the credit's partner id.
                     Ok(Hold::Ready | Hold::Held | Hold::Unchanged) => return None,
                     Err(e) => {
                         tracing::warn!(reversal = %reversal.id, error = ?e, "a debit could not be held");
@@ -315,18 +419,27 @@ fn debit_body(reversal: &Reversal, tx: &Transaction) -> Option<Vec<u8>> {
     .ok()
 }
 
-/// Sends one job and writes its outcome back.
-async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit) {
-    let body = match &send.payload {
+/// Sends one job; its outcome is written back with the others of its batch.
+async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit) -> Attempted {
+    let (body, events) = match &send.payload {
         Payload::Credit(tx) => match credit_body(tx) {
-            Some(body) => body,
-            None => return,
+            Some(body) => (
+                body,
+                wants_events(app, tx.business.as_str(), "transaction")
+                    .then(|| OutcomeEvents::Transaction(Box::new(events_for(app)) as EventsFor)),
+            ),
+            None => return Err(send.key),
         },
         Payload::Debit(pair) => match debit_body(&pair.0, &pair.1) {
-            Some(body) => body,
-            None => return,
+            Some(body) => (
+                body,
+                wants_events(app, pair.0.business.as_str(), "reversal").then(|| {
+                    OutcomeEvents::Reversal(Box::new(reversal_events_for(app)) as ReversalEventsFor)
+                }),
+            ),
+            None => return Err(send.key),
         },
-        Payload::Event(body) => body.clone(),
+        Payload::Event(body) => (body.clone(), None),
     };
     let outcome = app
         .partners
@@ -364,37 +477,47 @@ async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit
             detail,
         }),
     };
-    tracing::info!(
-        job = %send.webhook_id,
-        outcome = attempt_name(&attempt),
-        "delivery attempt"
-    );
+    // A delivered attempt is the common case and the metrics count it: debug. A retry or
+    // a refusal is worth an operator's eye.
+    match &attempt {
+        Attempt::Delivered { .. } => {
+            tracing::debug!(job = %send.webhook_id, outcome = "delivered", "delivery attempt")
+        }
+        other => tracing::info!(
+            job = %send.webhook_id,
+            outcome = attempt_name(other),
+            "delivery attempt"
+        ),
+    }
     app.metrics.delivery_attempt(attempt_name(&attempt));
     let schedule = send.endpoint.retry_schedule.clone();
-    let before = send.before.clone();
+    let before = send.before.attempts;
     // Only the attempt this state was read for moves it on: a redelivery or another
     // change in between wins.
     let step = move |d: &Delivery, now: u64| {
-        (d.status == DeliveryStatus::Pending && d.attempts == before.attempts)
+        (d.status == DeliveryStatus::Pending && d.attempts == before)
             .then(|| d.after(attempt, now, &schedule))
     };
-    let written = match send.key {
-        (0, seq) => app
-            .store
-            .update_delivery(seq, step, events_for(app))
-            .await
-            .map(|_| ()),
-        (1, seq) => app
-            .store
-            .update_debit(seq, step, reversal_events_for(app))
-            .await
-            .map(|_| ()),
-        (_, seq) => app.store.update_event(seq, step).await.map(|_| ()),
-    };
-    if let Err(e) = written {
-        // Not recorded: the job stays due and is sent again (the receiver dedupes).
-        tracing::warn!(job = %send.webhook_id, error = ?e, "a delivery outcome was not recorded");
-    }
+    Ok(Finished {
+        webhook_id: send.webhook_id,
+        outcome: JobOutcome {
+            job: send.key,
+            step: Box::new(step),
+            events,
+        },
+    })
+}
+
+/// Whether a change of status of a `what` (`transaction` or `reversal`) of `business` may
+/// cause merchant events: the business has a webhook that wants `{what}.completed` or
+/// `{what}.failed`.
+fn wants_events(app: &App, business: &str, what: &str) -> bool {
+    let (completed, failed) = (format!("{what}.completed"), format!("{what}.failed"));
+    app.config.business(business).is_some_and(|b| {
+        b.webhooks
+            .iter()
+            .any(|w| w.wants(&completed) || w.wants(&failed))
+    })
 }
 
 /// The merchant webhook events a credit's change of status causes: `transaction.completed`

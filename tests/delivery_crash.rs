@@ -166,26 +166,36 @@ async fn kill_9_with_reversals_in_flight_loses_none_and_debits_each_once() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reversals: Vec<_> = transactions
         .iter()
         .enumerate()
         .map(|(i, id)| {
             let (addr, token, id) = (server.addr, token.clone(), id.clone());
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let body = json!({"referenceNumber": format!("refund-{i}"), "value": 2500});
-                common::try_request(
+                let reply = common::try_request(
                     addr,
                     hyper::Method::POST,
                     &format!("/v1/transactions/{id}/reversals"),
                     Some(&token),
                     Some(body.to_string().into_bytes()),
                 )
-                .await
+                .await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                reply
             })
         })
         .collect();
     // Let some be answered and some debits start, then kill with the rest in flight.
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    for _ in 0..500 {
+        if answered.load(std::sync::atomic::Ordering::SeqCst) >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
     server.kill9();
     let mut acknowledged = BTreeSet::new();
     for task in reversals {

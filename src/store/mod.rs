@@ -31,9 +31,9 @@
 //!
 //! A transaction issued to a program with a partner gets its `deliveries` row and its
 //! `outbox` entry in the same write transaction as the record itself. The delivery worker
-//! reads the due entries (one range scan from the start of `outbox`), and each attempt's
-//! outcome is written back through the writer, which moves or removes the outbox entry
-//! in the same commit.
+//! reads the due entries (one range scan from the start of `outbox`), and the attempts'
+//! outcomes are written back through the writer, many in one write, which moves or
+//! removes each outbox entry in the same commit.
 //!
 //! A reversal is written with its two index entries, its transaction's record (whose
 //! reversal totals grow) and, when there is a debit to send, the debit's delivery and
@@ -82,6 +82,36 @@ use crate::ledger::{
     Connection, NewReversal, NewTransaction, Rejection, Reversal, ReversalId, Transaction,
     TransactionId,
 };
+
+/// How a state change of a delivery is computed: the current state and the commit's
+/// time → the next state, or `None` to leave it.
+pub type DeliveryStep = Box<dyn FnOnce(&Delivery, u64) -> Option<Delivery> + Send>;
+/// The merchant webhook events a transaction's change of status causes (see
+/// [`Store::update_delivery`]).
+pub type EventsFor = Box<dyn FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send>;
+
+/// The merchant webhook events a reversal's change of status causes (see
+/// [`Store::update_debit`]).
+pub type ReversalEventsFor = Box<dyn FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send>;
+
+/// The events a job's change of status may cause, by what the job is about.
+pub enum OutcomeEvents {
+    /// A credit's: the transaction as it now stands.
+    Transaction(EventsFor),
+    /// A debit's: the reversal as it now stands.
+    Reversal(ReversalEventsFor),
+}
+
+/// One delivery attempt's outcome, for [`Store::record_outcomes`].
+pub struct JobOutcome {
+    /// The job as [`Store::due`] names it: (job kind, id).
+    pub job: (u8, u64),
+    pub step: DeliveryStep,
+    /// For a credit or a debit: the events a change of its status causes. `None` when
+    /// the business wants none, which also spares reading the transaction or reversal
+    /// back.
+    pub events: Option<OutcomeEvents>,
+}
 
 /// Why the database could not be opened; each is a one-line message for the operator.
 #[derive(Debug)]
@@ -524,6 +554,28 @@ impl Store {
         }
     }
 
+    /// Records the outcomes of many delivery attempts in one write, durable before this
+    /// returns: each as [`Store::update_delivery`] or [`Store::update_event`] would, by its
+    /// job's kind. The delivery worker gathers the outcomes that come in while the
+    /// previous write is committing, so one write carries all of them.
+    pub async fn record_outcomes(&self, outcomes: Vec<JobOutcome>) -> Result<(), StoreError> {
+        let (due_now, events) = self
+            .write(move |tables| {
+                let (mut due_now, mut events) = (false, false);
+                for outcome in outcomes {
+                    let (d, e) = tables.record_outcome(outcome)?;
+                    due_now |= d;
+                    events |= e;
+                }
+                Ok((due_now, events))
+            })
+            .await?;
+        if due_now || events {
+            self.outbox_changed.notify_one();
+        }
+        Ok(())
+    }
+
     /// Completes when a delivery may have become due at once since the last call.
     pub async fn outbox_changed(&self) {
         self.outbox_changed.notified().await
@@ -541,7 +593,8 @@ impl Store {
         let outbox = reader.table(OUTBOX)?;
         let records = reader.table(TRANSACTIONS)?;
         let deliveries = reader.table(DELIVERIES)?;
-        let events = reader.table(EVENTS)?;
+        // Opened only when an event job is due: the worker looks often.
+        let mut events = None;
         let reversals = reader.table(REVERSALS)?;
         let mut due = Vec::new();
         for entry in outbox
@@ -559,7 +612,11 @@ impl Store {
             let job = match kind {
                 JOB_CREDIT => read_tx(reader.ids, &records, &deliveries, id)?.map(Due::Credit),
                 JOB_EVENT => {
-                    read_event(&self.handle.event_ids, &events, &deliveries, id)?.map(Due::Event)
+                    let events = match &mut events {
+                        Some(events) => events,
+                        None => events.insert(reader.table(EVENTS)?),
+                    };
+                    read_event(&self.handle.event_ids, events, &deliveries, id)?.map(Due::Event)
                 }
                 JOB_DEBIT => {
                     match read_reversal(

@@ -23,7 +23,8 @@ use super::schema::{
     JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
-    unavailable, Connect, Connected, Hold, Issue, Issued, Redelivery, Reverse, Reversed, StoreError,
+    unavailable, Connect, Connected, Hold, Issue, Issued, JobOutcome, OutcomeEvents, Redelivery,
+    Reverse, Reversed, StoreError,
 };
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
@@ -279,9 +280,9 @@ impl Tables<'_> {
             tracing::error!(seq, "a delivery names a missing transaction");
             StoreError::Corrupt
         })?;
-        if next.is_some() {
+        if let (Some(next), true) = (&next, tx.reversed_value > 0) {
             // Debits wait for their credit: they follow its every move.
-            self.retime_debits(&tx)?;
+            self.retime_debits(seq, next)?;
         }
         let tx = self.with_reversals(tx)?;
         if next.is_some() {
@@ -290,6 +291,107 @@ impl Tables<'_> {
             }
         }
         Ok(Some((tx, next.is_some())))
+    }
+
+    /// Records one delivery attempt's outcome (see [`super::Store::record_outcomes`]):
+    /// whether it left the job due at or before `now` (a change that needs the worker to
+    /// look again at once), and whether it recorded merchant events.
+    pub fn record_outcome(&mut self, outcome: JobOutcome) -> Result<(bool, bool), StoreError> {
+        let JobOutcome {
+            job: (kind, id),
+            step,
+            events,
+        } = outcome;
+        let now = self.now;
+        let due_now = |next: &Delivery| next.next_attempt_at.is_some_and(|at| at <= now);
+        match kind {
+            JOB_EVENT => {
+                let Some((_, Some(next))) = self.step_delivery(kind, id, step)? else {
+                    return Ok((false, false));
+                };
+                Ok((due_now(&next), false))
+            }
+            // A credit: its delivery moves on, its waiting debits follow it, and a change of
+            // status may cause merchant events. The transaction is read only when they are
+            // wanted.
+            JOB_CREDIT => {
+                let Some((before, Some(next))) = self.step_delivery(kind, id, step)? else {
+                    return Ok((false, false));
+                };
+                let debits_due = self.retime_debits(id, &next)?;
+                let mut recorded = false;
+                if let Some(OutcomeEvents::Transaction(events)) =
+                    events.filter(|_| next.status != before)
+                {
+                    let tx = self.with_reversals(self.transaction_of(id)?)?;
+                    for event in events(&tx, before) {
+                        self.record_event(tx.business.as_str(), event)?;
+                        recorded = true;
+                    }
+                }
+                Ok((due_now(&next) || debits_due, recorded))
+            }
+            // A debit: as a credit, with the reversal's events.
+            JOB_DEBIT => {
+                let Some((before, Some(next))) = self.step_delivery(kind, id, step)? else {
+                    return Ok((false, false));
+                };
+                let mut recorded = false;
+                if let Some(OutcomeEvents::Reversal(events)) =
+                    events.filter(|_| next.status != before)
+                {
+                    let found = read_reversal(
+                        self.ids,
+                        self.reversal_ids,
+                        &self.reversals,
+                        &self.deliveries,
+                        id,
+                    )?
+                    .ok_or_else(|| {
+                        tracing::error!(seq = id, "a debit names a missing reversal");
+                        StoreError::Corrupt
+                    })?;
+                    for event in events(&found, before) {
+                        self.record_event(found.business.as_str(), event)?;
+                        recorded = true;
+                    }
+                }
+                Ok((due_now(&next), recorded))
+            }
+            _ => {
+                tracing::error!(
+                    kind,
+                    id,
+                    "an outcome for a job kind this build does not know"
+                );
+                Ok((false, false))
+            }
+        }
+    }
+
+    /// Moves the delivery `(kind, id)` on with `step`: `None` if there is none, else its
+    /// status before and the new state if `step` changed it.
+    fn step_delivery(
+        &mut self,
+        kind: u8,
+        id: u64,
+        step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
+    ) -> Result<Option<(DeliveryStatus, Option<Delivery>)>, StoreError> {
+        let Some(current) = read_delivery(&self.deliveries, kind, id)? else {
+            return Ok(None);
+        };
+        let next = step(&current, self.now);
+        if let Some(next) = &next {
+            self.put_delivery(kind, id, Some(&current), next)?;
+        }
+        Ok(Some((current.status, next)))
+    }
+
+    fn transaction_of(&self, seq: u64) -> Result<Transaction, StoreError> {
+        read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
+            tracing::error!(seq, "a delivery names a missing transaction");
+            StoreError::Corrupt
+        })
     }
 
     fn with_reversals(&self, tx: Transaction) -> Result<Transaction, StoreError> {
@@ -303,20 +405,23 @@ impl Tables<'_> {
         )
     }
 
-    /// Re-times the pending debits of `tx` after its credit changed: due now once the
-    /// credit is done (completed: send them; failed: settle them), else due with the
-    /// credit's next attempt.
-    fn retime_debits(&mut self, tx: &Transaction) -> Result<(), StoreError> {
-        if tx.reversed_value == 0 {
-            return Ok(());
-        }
+    /// Re-times the pending debits of transaction `tx_seq` after its credit changed to
+    /// `credit`: due now once the credit is done (completed: send them; failed: settle
+    /// them), else due with the credit's next attempt. Whether any became due now. A
+    /// transaction without reversals costs one probe of `reversals_by_tx`.
+    fn retime_debits(&mut self, tx_seq: u64, credit: &Delivery) -> Result<bool, StoreError> {
         let seqs = self
             .reversals_by_tx
-            .range((tx.seq, 0)..=(tx.seq, u64::MAX))
+            .range((tx_seq, 0)..=(tx_seq, u64::MAX))
             .map_err(unavailable)?
             .map(|entry| entry.map(|(key, _)| key.value().1))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(unavailable)?;
+        let due = match (credit.status, credit.next_attempt_at) {
+            (DeliveryStatus::Pending, Some(credit_due)) => credit_due.max(self.now),
+            _ => self.now,
+        };
+        let mut due_now = false;
         for seq in seqs {
             let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
                 continue;
@@ -325,11 +430,7 @@ impl Tables<'_> {
             if debit.status != DeliveryStatus::Pending || debit.attempts > 0 {
                 continue;
             }
-            let due = match tx.delivery.as_ref().and_then(|c| c.next_attempt_at) {
-                Some(credit_due) if tx.status() == DeliveryStatus::Pending => credit_due,
-                _ => self.now,
-            }
-            .max(self.now);
+            due_now |= due <= self.now;
             if debit.next_attempt_at != Some(due) {
                 let next = Delivery {
                     next_attempt_at: Some(due),
@@ -338,7 +439,7 @@ impl Tables<'_> {
                 self.put_delivery(JOB_DEBIT, seq, Some(&debit), &next)?;
             }
         }
-        Ok(())
+        Ok(due_now)
     }
 
     /// Sends a `failed` credit again (see [`Delivery::redeliver`]), unless the transaction
