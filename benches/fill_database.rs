@@ -1,5 +1,5 @@
 //! Fills the database named in a config with N transactions through the store itself
-//! (`Store::issue`, thousands per group commit), much faster than over HTTP: the data set
+//! (`Store::issue_many`, 5,000 per commit), much faster than over HTTP: the data set
 //! for timing backups and restores (see BENCHMARKS.md).
 //!
 //! Usage: `cargo run --release --example fill_database -- CONFIG N`. The transactions
@@ -15,7 +15,7 @@ use cosmopoints::domain::{ReferenceNumber, UserId};
 use cosmopoints::ledger::{quote, NewTransaction, Recipient};
 use cosmopoints::store::{Issue, Limits, Store};
 
-/// Writes in flight at once: each group commit takes up to this many.
+/// Transactions per write (per commit).
 const IN_FLIGHT: usize = 5_000;
 
 fn main() {
@@ -53,7 +53,7 @@ fn main() {
         while next < count {
             let end = (next + IN_FLIGHT as u64).min(count);
             clock.set(1_795_774_500 + next / 10);
-            let mut batch = tokio::task::JoinSet::new();
+            let mut batch = Vec::with_capacity((end - next) as usize);
             for i in next..end {
                 let program = programs[i as usize % programs.len()].clone();
                 // Values whose points fall within every example program's limits.
@@ -78,10 +78,10 @@ fn main() {
                     user_id: UserId::parse(format!("member-{}", i % 5000)).expect("valid"),
                     deliver: false,
                 };
-                let store = store.clone();
-                batch.spawn(async move { store.issue(issue).await.expect("stored") });
+                batch.push(issue);
             }
-            while batch.join_next().await.is_some() {}
+            // One write (one commit) per chunk, as a bulk issuance makes.
+            store.issue_many(batch).await.expect("stored");
             next = end;
         }
         store.shutdown().await;

@@ -1,0 +1,96 @@
+//! Reads at scale: opens the database named in a config (filled by `fill_database`) and
+//! times what a client waits for, through the store as the server uses it:
+//! opening the file (start-up), lookups by id and by reference of transactions spread
+//! over the whole file, and a 10,000-row listing from the middle of the date range.
+//!
+//! Usage: `cargo run --release --example scale_bench -- CONFIG N` (N = how many
+//! `fill_database` wrote). `benches/scale.sh` runs it at 10,000 and at 10 million.
+
+use std::time::Instant;
+
+use cosmopoints::clock::Clock;
+use cosmopoints::config::Config;
+use cosmopoints::store::{Limits, Store, TxQuery};
+
+const LOOKUPS: u64 = 20_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [config, count] = args.as_slice() else {
+        eprintln!("usage: scale_bench CONFIG N");
+        std::process::exit(2);
+    };
+    let count: u64 = count.parse().expect("N is a whole number");
+    let config = Config::load(std::path::Path::new(config)).expect("the config loads");
+    let opened = Instant::now();
+    let store = Store::open(
+        &config.storage_path,
+        Clock::manual(1_795_774_500),
+        Limits {
+            max_batch: 1000,
+            queue: 1000,
+            cache_bytes: config.storage_cache_bytes,
+        },
+    )
+    .expect("the database opens");
+    let open_ms = opened.elapsed().as_secs_f64() * 1e3;
+    let business = config.businesses[0].id.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // References spread over the file (a multiplicative step visits them out of order).
+        let pick = |k: u64| (k.wrapping_mul(2_654_435_761) % count.max(1)).to_string();
+        let mut ids = Vec::with_capacity(LOOKUPS as usize);
+        let started = Instant::now();
+        for k in 0..LOOKUPS {
+            let reference = format!("fill-{}", pick(k));
+            let tx = store
+                .transaction(&business, &reference)
+                .await
+                .expect("read")
+                .expect("found");
+            ids.push(tx.id.to_string());
+        }
+        let by_reference_us = started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64;
+        let started = Instant::now();
+        for id in &ids {
+            let tx = store.transaction(&business, id).await.expect("read");
+            assert!(tx.is_some());
+        }
+        let by_id_us = started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64;
+        // fill_database writes ten transactions per second of its clock.
+        let middle = 1_795_774_500 + count.saturating_sub(10_000) / 20;
+        let started = Instant::now();
+        let mut listing = store
+            .list(
+                TxQuery {
+                    business: business.clone(),
+                    program: None,
+                    start: middle,
+                    end: u64::MAX / 2,
+                    after: None,
+                    limit: Some(10_000),
+                    status: None,
+                },
+                |rows| rows.len(),
+            )
+            .expect("listing");
+        let mut rows = 0;
+        while let Some(batch) = listing.next().await {
+            rows += batch.expect("rows");
+        }
+        let listing_ms = started.elapsed().as_secs_f64() * 1e3;
+        let bytes = std::fs::metadata(&config.storage_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        println!(
+            "transactions={count} open_ms={open_ms:.1} by_reference_us={by_reference_us:.1} \
+             by_id_us={by_id_us:.1} listing_{rows}_rows_ms={listing_ms:.1} \
+             file_bytes={bytes} bytes_per_transaction={:.0}",
+            bytes as f64 / count.max(1) as f64
+        );
+        store.shutdown().await;
+        store.close().await;
+    });
+}

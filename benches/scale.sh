@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Scale: the same reads on a small and a large database, in one run.
+#
+#   bash benches/scale.sh            # 10,000 and 10,000,000 transactions
+#   SIZES="10000 1000000" bash benches/scale.sh
+#
+# For each size, fill_database writes the transactions through the store (5,000 per
+# commit; not the HTTP API) into a fresh file, then scale_bench opens it and times the
+# start-up open, 20,000 lookups by reference and by id spread over the file, and a
+# 10,000-row listing; it prints the file size per transaction. The databases live in a
+# temp folder removed at the end (10M transactions take about 3.5 GB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=${SIZES:-"10000 10000000"}
+cargo build --release --locked --quiet --example fill_database --example scale_bench
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+for n in $SIZES; do
+  sed -e "s|^path = .*|path = \"$WORK/scale-$n.redb\"|" config.example.toml > "$WORK/c-$n.toml"
+  target/release/examples/fill_database "$WORK/c-$n.toml" "$n"
+  target/release/examples/scale_bench "$WORK/c-$n.toml" "$n"
+  rm -f "$WORK/scale-$n.redb"
+done
