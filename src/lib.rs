@@ -30,6 +30,10 @@
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs; `login`, the one credential
 //!   check behind `/v1/auth` and `/v1/oauth/token`.
+//! - [`dashboard`]: the staff dashboard (`GET /` and its script and style sheet): static
+//!   files compiled into the binary, served with a strict Content Security Policy. The
+//!   page is an API client like any other (token in memory, bearer requests), so it needs
+//!   no access to the store or the handlers.
 //! - [`oauth`]: `POST /v1/oauth/token` (RFC 6749 client credentials, its own error shape).
 //! - [`csv`]: transactions as RFC 4180 rows with formula cells neutralised (the listing
 //!   with `Accept: text/csv`, and exports).
@@ -56,8 +60,8 @@
 //! # Invariants
 //!
 //! - Only `store` knows redb and postcard; its public interface names neither.
-//! - Only `server`, `router`, `api`, `body`, `error` and `openapi` know hyper; `server`
-//!   does not know the routes or the store. `partner` knows hyper's client side only,
+//! - Only `server`, `router`, `api`, `body`, `error`, `openapi` and `dashboard` know
+//!   hyper; `server` does not know the routes or the store. `partner` knows hyper's client side only,
 //!   and neither the store nor the API.
 //! - `domain` and `ledger` know no HTTP, JSON or storage format: the ledger says why it
 //!   refuses in its own [`ledger::Rejection`], which `error` maps to HTTP.
@@ -76,6 +80,8 @@
 //!   in the same write transaction (`check` verifies the sums).
 //! - Shutdown order: mark not ready, stop accepting API requests and drain them, stop the
 //!   admin listener, stop background tasks, flush the writer, close the store.
+//! - The dashboard has no privileges of its own: its files are public, and everything it
+//!   shows or changes goes through the public API with the signed-in client's token.
 //! - Metric labels come from closed sets (route patterns, status codes, configured
 //!   program ids, outcome names), never from request text.
 //! - A backup is made from one read transaction into a new file; the live file is never
@@ -91,6 +97,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod csv;
+pub mod dashboard;
 pub mod decimal;
 pub mod delivery;
 pub mod domain;

@@ -2,6 +2,9 @@
 //!
 //! | method | path | auth |
 //! |---|---|---|
+//! | GET, HEAD | / | no |
+//! | GET, HEAD | /dashboard/app.js | no |
+//! | GET, HEAD | /dashboard/app.css | no |
 //! | GET, HEAD | /healthz | no |
 //! | GET, HEAD | /v1/openapi.json | no |
 //! | POST | /v1/auth | no |
@@ -28,6 +31,10 @@
 //! answer, whose body hyper leaves out. Authentication is an explicit call in each arm that needs it,
 //! made before the body is read. `GET /v1/transactions/preview` looks up a transaction
 //! whose referenceNumber is "preview": only POST is the preview (and the same for "batch").
+//!
+//! `/` and `/dashboard/…` are the staff dashboard ([`crate::dashboard`]): public static
+//! files, which use the API below with a token like any client; any other
+//! `/dashboard/…` path is a 404 like every unknown path.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -43,7 +50,7 @@ use crate::app::App;
 use crate::body::Body;
 use crate::error::Error;
 use crate::input::decode_component;
-use crate::{oauth, openapi};
+use crate::{dashboard, oauth, openapi};
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     // The request's log line carries these (fields of the span `server` opens).
@@ -66,6 +73,9 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) ->
 fn route_name(method: &Method, path: &str) -> &'static str {
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match segments.as_slice() {
+        [""] => "/",
+        ["dashboard", "app.js"] => "/dashboard/app.js",
+        ["dashboard", "app.css"] => "/dashboard/app.css",
         ["healthz"] => "/healthz",
         ["v1", "openapi.json"] => "/v1/openapi.json",
         ["v1", "auth"] => "/v1/auth",
@@ -98,6 +108,13 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
     let query = req.uri().query().map(str::to_owned);
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
+        (&Method::GET | &Method::HEAD, [""]) => dashboard::page(),
+        (_, [""]) => Err(Error::MethodNotAllowed("GET, HEAD")),
+        (&Method::GET | &Method::HEAD, ["dashboard", "app.js"]) => dashboard::script(),
+        (_, ["dashboard", "app.js"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
+        (&Method::GET | &Method::HEAD, ["dashboard", "app.css"]) => dashboard::style(),
+        (_, ["dashboard", "app.css"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
+
         (&Method::GET | &Method::HEAD, ["healthz"]) => api::health(&app).await,
         (_, ["healthz"]) => Err(Error::MethodNotAllowed("GET, HEAD")),
 

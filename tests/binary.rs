@@ -5,11 +5,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{issue_body, try_request, write_config, Binary};
+use common::{example_config, issue_body, try_request, write_config, Binary};
 use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -341,23 +341,6 @@ fn json_logs_carry_request_ids_and_never_secrets_or_tokens() {
         }
     }
     assert!(request_ids.len() >= 3, "{lines:?}");
-}
-
-/// The example config, made runnable in `dir`: a free port and a database inside `dir`.
-fn example_config(dir: &Path) -> PathBuf {
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
-            .expect("example config");
-    let text = example
-        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "path = \"data/cosmopoints.redb\"",
-            "path = \"db/example.redb\"",
-        );
-    assert_ne!(text, example, "the example config changed shape");
-    let path = dir.join("example.toml");
-    std::fs::write(&path, text).expect("write");
-    path
 }
 
 #[test]

@@ -373,8 +373,9 @@ async fn health_needs_no_token() {
 #[tokio::test]
 async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
     let s = TestServer::start().await;
+    // `/` is the dashboard page (tests/dashboard.rs).
     for path in [
-        "/",
+        "/index.html",
         "/v1",
         "/v2/profile",
         "/v1/profile/",
@@ -394,6 +395,7 @@ async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
             "GET, HEAD, POST, PUT",
         ),
         (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::POST, "/", "GET, HEAD"),
         (Method::POST, "/v1/currencies", "GET, HEAD"),
         (Method::POST, "/v1/programs", "GET, HEAD"),
     ] {

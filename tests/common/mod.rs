@@ -482,6 +482,23 @@ pub fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// The example config, made runnable in `dir`: a free port and a database inside `dir`.
+pub fn example_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .expect("example config");
+    let text = example
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "path = \"data/cosmopoints.redb\"",
+            "path = \"db/example.redb\"",
+        );
+    assert_ne!(text, example, "the example config changed shape");
+    let path = dir.join("example.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
 /// Issues points in a task of its own, so that many requests are in flight at once.
 pub fn spawn_issue(addr: SocketAddr, token: &str, body: Value) -> tokio::task::JoinHandle<Reply> {
     let token = token.to_owned();
