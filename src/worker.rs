@@ -526,40 +526,16 @@ fn wants_events(app: &App, business: &str, what: &str) -> bool {
 fn events_for(
     app: &App,
 ) -> impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send + 'static {
-    let config = app.config.clone();
-    let now = app.clock.now();
+    let (config, now) = (app.config.clone(), app.clock.now());
     move |tx, before| {
-        let kind = match tx.status() {
-            s if s == before => return Vec::new(),
-            DeliveryStatus::Completed => "transaction.completed",
-            DeliveryStatus::Failed => "transaction.failed",
-            DeliveryStatus::Pending => return Vec::new(),
+        let kind = match status_change(tx.status(), before) {
+            Some(DeliveryStatus::Completed) => "transaction.completed",
+            Some(_) => "transaction.failed",
+            None => return Vec::new(),
         };
-        let Some(business) = config.business(tx.business.as_str()) else {
-            return Vec::new();
-        };
-        let hooks: Vec<_> = business.webhooks.iter().filter(|w| w.wants(kind)).collect();
-        if hooks.is_empty() {
-            return Vec::new();
-        }
-        let mut payload = format!(
-            "{{\"type\":\"{kind}\",\"timestamp\":\"{}\",\"data\":",
-            rfc3339(now)
-        )
-        .into_bytes();
-        if let Err(e) = crate::api::write_transaction_json(tx, &mut payload) {
-            tracing::error!(error = %e, "cannot render a webhook event");
-            return Vec::new();
-        }
-        payload.push(b'}');
-        hooks
-            .into_iter()
-            .map(|w| NewEvent {
-                target: w.url.clone(),
-                kind,
-                payload: payload.clone(),
-            })
-            .collect()
+        events(&config, now, tx.business.as_str(), kind, |out| {
+            crate::api::write_transaction_json(tx, out)
+        })
     }
 }
 
@@ -568,41 +544,59 @@ fn events_for(
 fn reversal_events_for(
     app: &App,
 ) -> impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static {
-    let config = app.config.clone();
-    let now = app.clock.now();
+    let (config, now) = (app.config.clone(), app.clock.now());
     move |reversal, before| {
-        let kind = match reversal.status() {
-            s if s == before => return Vec::new(),
-            DeliveryStatus::Completed => "reversal.completed",
-            DeliveryStatus::Failed => "reversal.failed",
-            DeliveryStatus::Pending => return Vec::new(),
+        let kind = match status_change(reversal.status(), before) {
+            Some(DeliveryStatus::Completed) => "reversal.completed",
+            Some(_) => "reversal.failed",
+            None => return Vec::new(),
         };
-        let Some(business) = config.business(reversal.business.as_str()) else {
-            return Vec::new();
-        };
-        let hooks: Vec<_> = business.webhooks.iter().filter(|w| w.wants(kind)).collect();
-        if hooks.is_empty() {
-            return Vec::new();
-        }
-        let mut payload = format!(
-            "{{\"type\":\"{kind}\",\"timestamp\":\"{}\",\"data\":",
-            rfc3339(now)
-        )
-        .into_bytes();
-        if let Err(e) = crate::api::write_reversal_json(reversal, &mut payload) {
-            tracing::error!(error = %e, "cannot render a webhook event");
-            return Vec::new();
-        }
-        payload.push(b'}');
-        hooks
-            .into_iter()
-            .map(|w| NewEvent {
-                target: w.url.clone(),
-                kind,
-                payload: payload.clone(),
-            })
-            .collect()
+        events(&config, now, reversal.business.as_str(), kind, |out| {
+            crate::api::write_reversal_json(reversal, out)
+        })
     }
+}
+
+/// The status a delivery came to, if it changed to a final one (events are sent for
+/// those only).
+fn status_change(now: DeliveryStatus, before: DeliveryStatus) -> Option<DeliveryStatus> {
+    (now != before && now != DeliveryStatus::Pending).then_some(now)
+}
+
+/// One `kind` event for each of `business`'s webhooks that wants it: `{"type", "timestamp",
+/// "data": <what `data` writes>}`, rendered once.
+fn events(
+    config: &crate::config::Config,
+    now: u64,
+    business: &str,
+    kind: &'static str,
+    data: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+) -> Vec<NewEvent> {
+    let Some(business) = config.business(business) else {
+        return Vec::new();
+    };
+    let hooks: Vec<_> = business.webhooks.iter().filter(|w| w.wants(kind)).collect();
+    if hooks.is_empty() {
+        return Vec::new();
+    }
+    let mut payload = format!(
+        "{{\"type\":\"{kind}\",\"timestamp\":\"{}\",\"data\":",
+        rfc3339(now)
+    )
+    .into_bytes();
+    if let Err(e) = data(&mut payload) {
+        tracing::error!(error = %e, "cannot render a webhook event");
+        return Vec::new();
+    }
+    payload.push(b'}');
+    hooks
+        .into_iter()
+        .map(|w| NewEvent {
+            target: w.url.clone(),
+            kind,
+            payload: payload.clone(),
+        })
+        .collect()
 }
 
 fn attempt_name(attempt: &Attempt) -> &'static str {

@@ -4,46 +4,12 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::partner::{refused_port, Behaviour, PartnerSim, SECRET};
-use common::{TestServer, T0};
+use common::{eventually, server_with_partner as server, TestServer, T0};
 use serde_json::{json, Value};
-
-/// The test config with `partner` (lines of a `[programs.partner]` table) for `skywards`,
-/// and `extra` appended to acme's business entry (webhooks).
-async fn server(partner: &str, acme_extra: &str) -> TestServer {
-    let dir = Arc::new(tempfile::tempdir().expect("dir"));
-    let (partner, acme_extra) = (partner.to_owned(), acme_extra.to_owned());
-    TestServer::start_in(dir, move |text| {
-        let text = text.replace(
-            "max_points = 1000000\n",
-            &format!("max_points = 1000000\n[programs.partner]\n{partner}\n"),
-        );
-        text.replace(
-            "[[businesses]]\nid = \"globex\"",
-            &format!("{acme_extra}\n[[businesses]]\nid = \"globex\""),
-        )
-    })
-    .await
-}
-
-/// Polls `check` (every 20 ms, for at most 10 s of real time) until it holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 
 fn issue_to(member: &str, reference: &str) -> Value {
     json!({"programId": "skywards", "value": 3673, "userId": member, "referenceNumber": reference})

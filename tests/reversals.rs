@@ -5,50 +5,12 @@
 
 mod common;
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::partner::{Behaviour, PartnerSim, SECRET};
-use common::{request, Reply, TestServer};
+use common::{eventually, request, server_with_partner as server, Reply, TestServer};
 use hyper::Method;
 use serde_json::{json, Value};
-
-/// The test config; `partner` (lines of a `[programs.partner]` table) for `skywards` when
-/// not empty, and `acme_extra` appended to acme's entry (webhooks).
-async fn server(partner: &str, acme_extra: &str) -> TestServer {
-    let dir = Arc::new(tempfile::tempdir().expect("dir"));
-    let (partner, acme_extra) = (partner.to_owned(), acme_extra.to_owned());
-    TestServer::start_in(dir, move |text| {
-        let text = if partner.is_empty() {
-            text
-        } else {
-            text.replace(
-                "max_points = 1000000\n",
-                &format!("max_points = 1000000\n[programs.partner]\n{partner}\n"),
-            )
-        };
-        text.replace(
-            "[[businesses]]\nid = \"globex\"",
-            &format!("{acme_extra}\n[[businesses]]\nid = \"globex\""),
-        )
-    })
-    .await
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 
 /// Issues `value` AED minor units of skywards to `member`; returns the transaction.
 async fn issue(s: &TestServer, token: &str, member: &str, reference: &str, value: u64) -> Value {
@@ -81,6 +43,31 @@ async fn reverse(s: &TestServer, token: &str, tx: &str, body: Value) -> Reply {
         &body,
     )
     .await
+}
+
+/// A reversal request in a task of its own, on its own connection: many at once.
+fn spawn_reverse(
+    s: &TestServer,
+    token: &str,
+    tx: &str,
+    body: Value,
+) -> tokio::task::JoinHandle<Reply> {
+    let (addr, token, path) = (
+        s.addr,
+        token.to_owned(),
+        format!("/v1/transactions/{tx}/reversals"),
+    );
+    tokio::spawn(async move {
+        request(
+            addr,
+            Method::POST,
+            &path,
+            Some(&token),
+            Some(body.to_string().into_bytes()),
+            &[("content-type", "application/json")],
+        )
+        .await
+    })
 }
 
 /// floor(total × (value − reversed) / value), as the SPEC writes it.
@@ -383,22 +370,16 @@ async fn concurrent_reversals_never_take_more_than_the_transaction_had() {
     );
 
     // 60 reversals of 333 race for 10,007: at most 30 fit.
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let (addr, token, id) = (s.addr, token.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            let body = json!({"referenceNumber": format!("ret-{i}"), "value": 333});
-            request(
-                addr,
-                Method::POST,
-                &format!("/v1/transactions/{id}/reversals"),
-                Some(&token),
-                Some(body.to_string().into_bytes()),
-                &[("content-type", "application/json")],
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            spawn_reverse(
+                &s,
+                &token,
+                &id,
+                json!({"referenceNumber": format!("ret-{i}"), "value": 333}),
             )
-            .await
-        }));
-    }
+        })
+        .collect();
     let mut created = Vec::new();
     for task in tasks {
         let r = task.await.expect("task");
@@ -451,22 +432,16 @@ async fn concurrent_replays_make_one_reversal() {
     let token = s.acme().await;
     let tx = issue(&s, &token, "EK-1", "inv-1", 10_000).await;
     let id = tx["id"].as_str().expect("id").to_owned();
-    let mut tasks = Vec::new();
-    for _ in 0..40 {
-        let (addr, token, id) = (s.addr, token.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            let body = json!({"referenceNumber": "ret-1", "value": 2500});
-            request(
-                addr,
-                Method::POST,
-                &format!("/v1/transactions/{id}/reversals"),
-                Some(&token),
-                Some(body.to_string().into_bytes()),
-                &[("content-type", "application/json")],
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            spawn_reverse(
+                &s,
+                &token,
+                &id,
+                json!({"referenceNumber": "ret-1", "value": 2500}),
             )
-            .await
-        }));
-    }
+        })
+        .collect();
     let mut bodies = Vec::new();
     let mut statuses = Vec::new();
     for task in tasks {

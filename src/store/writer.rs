@@ -269,24 +269,17 @@ impl Tables<'_> {
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
         events: impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, JOB_CREDIT, seq)? else {
+        let Some((before, next)) = self.step_delivery(JOB_CREDIT, seq, step)? else {
             return Ok(None);
         };
-        let next = step(&current, self.now);
-        if let Some(next) = &next {
-            self.put_delivery(JOB_CREDIT, seq, Some(&current), next)?;
-        }
-        let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
-            tracing::error!(seq, "a delivery names a missing transaction");
-            StoreError::Corrupt
-        })?;
+        let tx = self.transaction_of(seq)?;
         if let (Some(next), true) = (&next, tx.reversed_value > 0) {
             // Debits wait for their credit: they follow its every move.
             self.retime_debits(seq, next)?;
         }
         let tx = self.with_reversals(tx)?;
         if next.is_some() {
-            for event in events(&tx, current.status) {
+            for event in events(&tx, before) {
                 self.record_event(tx.business.as_str(), event)?;
             }
         }
@@ -340,17 +333,7 @@ impl Tables<'_> {
                 if let Some(OutcomeEvents::Reversal(events)) =
                     events.filter(|_| next.status != before)
                 {
-                    let found = read_reversal(
-                        self.ids,
-                        self.reversal_ids,
-                        &self.reversals,
-                        &self.deliveries,
-                        id,
-                    )?
-                    .ok_or_else(|| {
-                        tracing::error!(seq = id, "a debit names a missing reversal");
-                        StoreError::Corrupt
-                    })?;
+                    let found = self.reversal_of(id)?;
                     for event in events(&found, before) {
                         self.record_event(found.business.as_str(), event)?;
                         recorded = true;
@@ -591,14 +574,20 @@ impl Tables<'_> {
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<Option<(Reversal, bool)>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+        let Some((before, next)) = self.step_delivery(JOB_DEBIT, seq, step)? else {
             return Ok(None);
         };
-        let next = step(&current, self.now);
-        if let Some(next) = &next {
-            self.put_delivery(JOB_DEBIT, seq, Some(&current), next)?;
+        let found = self.reversal_of(seq)?;
+        if next.is_some() {
+            for event in events(&found, before) {
+                self.record_event(found.business.as_str(), event)?;
+            }
         }
-        let found = read_reversal(
+        Ok(Some((found, next.is_some())))
+    }
+
+    fn reversal_of(&self, seq: u64) -> Result<Reversal, StoreError> {
+        read_reversal(
             self.ids,
             self.reversal_ids,
             &self.reversals,
@@ -608,13 +597,7 @@ impl Tables<'_> {
         .ok_or_else(|| {
             tracing::error!(seq, "a debit names a missing reversal");
             StoreError::Corrupt
-        })?;
-        if next.is_some() {
-            for event in events(&found, current.status) {
-                self.record_event(found.business.as_str(), event)?;
-            }
-        }
-        Ok(Some((found, next.is_some())))
+        })
     }
 
     /// A due debit whose credit is not `completed`: while the credit is pending, the debit
@@ -682,16 +665,9 @@ impl Tables<'_> {
         seq: u64,
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
     ) -> Result<Option<bool>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, JOB_EVENT, seq)? else {
-            return Ok(None);
-        };
-        match step(&current, self.now) {
-            Some(next) => {
-                self.put_delivery(JOB_EVENT, seq, Some(&current), &next)?;
-                Ok(Some(true))
-            }
-            None => Ok(Some(false)),
-        }
+        Ok(self
+            .step_delivery(JOB_EVENT, seq, step)?
+            .map(|(_, next)| next.is_some()))
     }
 
     fn record_event(&mut self, business: &str, event: NewEvent) -> Result<(), StoreError> {

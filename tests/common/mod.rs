@@ -78,6 +78,43 @@ secret = "globex-secret"
     )
 }
 
+/// The test config with `partner` (lines of a `[programs.partner]` table) for `skywards`
+/// when not empty, and `acme_extra` appended to acme's business entry (webhooks).
+pub async fn server_with_partner(partner: &str, acme_extra: &str) -> TestServer {
+    let dir = Arc::new(tempfile::tempdir().expect("dir"));
+    let (partner, acme_extra) = (partner.to_owned(), acme_extra.to_owned());
+    TestServer::start_in(dir, move |text| {
+        let text = if partner.is_empty() {
+            text
+        } else {
+            text.replace(
+                "max_points = 1000000\n",
+                &format!("max_points = 1000000\n[programs.partner]\n{partner}\n"),
+            )
+        };
+        text.replace(
+            "[[businesses]]\nid = \"globex\"",
+            &format!("{acme_extra}\n[[businesses]]\nid = \"globex\""),
+        )
+    })
+    .await
+}
+
+/// Polls `check` (every 20 ms, for at most 10 s of real time) until it holds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
 /// A running in-process server.
 pub struct TestServer {
     pub addr: SocketAddr,
