@@ -818,7 +818,7 @@ pub async fn get_transaction(app: &App, caller: Caller<'_>, key: &str) -> Reply 
 pub async fn redeliver(app: &App, caller: Caller<'_>, key: &str) -> Reply {
     let tx = app
         .store
-        .transaction(&caller.business.id, key)
+        .transaction_head(&caller.business.id, key)
         .await?
         .ok_or_else(|| not_found(key))?;
     match app.store.redeliver_credit(tx.seq).await? {
@@ -921,7 +921,7 @@ pub async fn reverse(app: &App, caller: Caller<'_>, key: &str, body: Bytes) -> R
     let business = &caller.business.id;
     let tx = app
         .store
-        .transaction(business, key)
+        .transaction_head(business, key)
         .await?
         .ok_or_else(|| not_found(key))?;
     let reference = request.reference_number.clone();

@@ -36,7 +36,7 @@ use crate::domain::Partner;
 use crate::ledger::{Reversal, Transaction};
 use crate::partner::Outcome;
 use crate::service::Stopping;
-use crate::store::{Due, EventsFor, Hold, JobOutcome, OutcomeEvents, ReversalEventsFor};
+use crate::store::{Due, EventsFor, JobOutcome, OutcomeEvents, ReversalEventsFor};
 
 /// How often the worker looks for jobs that came due by time.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -264,19 +264,10 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 return None;
             }
             let before = tx.delivery.clone()?;
-            let partner = app
-                .config
-                .programs
-                .get(tx.program_id.as_str())
-                .and_then(|p| p.partner.clone());
-            let Some(endpoint) = partner else {
-                let detail = "the program's partner was removed from the configuration";
-                let step = move |d: &Delivery, now| {
-                    (d.status == DeliveryStatus::Pending).then(|| d.removed(now, detail))
-                };
+            let Some(endpoint) = partner_of(app, &tx) else {
                 if let Err(e) = app
                     .store
-                    .update_delivery(tx.seq, step, events_for(app))
+                    .update_delivery(tx.seq, partner_removed, events_for(app))
                     .await
                 {
                     tracing::warn!(transaction = %tx.id, error = ?e, "a delivery change was not recorded");
@@ -302,37 +293,26 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
                 return None;
             }
             let before = reversal.delivery.clone()?;
-            let partner = app
-                .config
-                .programs
-                .get(transaction.program_id.as_str())
-                .and_then(|p| p.partner.clone());
+            let partner = partner_of(app, &transaction);
             if transaction.status() != DeliveryStatus::Completed {
                 // Sent only after the credit completed; settled here if it failed. While
                 // its credit is in flight, it waits about as long as one attempt takes.
                 let patience = partner.as_ref().map_or(1, |p| p.timeout.as_secs() + 1);
-                match app
+                // Not sent from this read either way: a credit that completed since leaves
+                // the debit due, and the next look reads it with the credit's partner id.
+                if let Err(e) = app
                     .store
                     .hold_debit(reversal.seq, patience, reversal_events_for(app))
                     .await
                 {
-                    // Ready: the credit completed since this was read; the debit stays
-                    // due, and the next look reads it with the credit's partner id.
-                    Ok(Hold::Ready | Hold::Held | Hold::Unchanged) => return None,
-                    Err(e) => {
-                        tracing::warn!(reversal = %reversal.id, error = ?e, "a debit could not be held");
-                        return None;
-                    }
+                    tracing::warn!(reversal = %reversal.id, error = ?e, "a debit could not be held");
                 }
+                return None;
             }
             let Some(endpoint) = partner else {
-                let detail = "the program's partner was removed from the configuration";
-                let step = move |d: &Delivery, now| {
-                    (d.status == DeliveryStatus::Pending).then(|| d.removed(now, detail))
-                };
                 if let Err(e) = app
                     .store
-                    .update_debit(reversal.seq, step, reversal_events_for(app))
+                    .update_debit(reversal.seq, partner_removed, reversal_events_for(app))
                     .await
                 {
                     tracing::warn!(reversal = %reversal.id, error = ?e, "a delivery change was not recorded");
@@ -381,6 +361,24 @@ async fn prepare(app: &App, job: Due, in_flight: &HashSet<(u8, u64)>) -> Option<
             })
         }
     }
+}
+
+/// The partner of `tx`'s program, as configured now.
+fn partner_of(app: &App, tx: &Transaction) -> Option<Partner> {
+    app.config
+        .programs
+        .get(tx.program_id.as_str())
+        .and_then(|p| p.partner.clone())
+}
+
+/// A pending credit or debit whose program has no partner any more: failed, saying so.
+fn partner_removed(d: &Delivery, now: u64) -> Option<Delivery> {
+    (d.status == DeliveryStatus::Pending).then(|| {
+        d.removed(
+            now,
+            "the program's partner was removed from the configuration",
+        )
+    })
 }
 
 fn credit_body(tx: &Transaction) -> Option<Vec<u8>> {

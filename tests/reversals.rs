@@ -45,6 +45,14 @@ async fn reverse(s: &TestServer, token: &str, tx: &str, body: Value) -> Reply {
     .await
 }
 
+/// Polls `path` (a transaction or a reversal) until its `status` is `status`.
+async fn wait_status(s: &TestServer, token: &str, path: &str, status: &str) {
+    eventually(&format!("{path} to be {status}"), || async {
+        get(s, token, path).await["status"] == status
+    })
+    .await;
+}
+
 /// A reversal request in a task of its own, on its own connection: many at once.
 fn spawn_reverse(
     s: &TestServer,
@@ -543,10 +551,7 @@ async fn a_debit_goes_to_the_partner_only_after_its_credit_completed() {
     assert_eq!(debit.body["referenceNumber"], "ret-1");
     assert_eq!(debit.answered, 1, "sent once");
 
-    eventually("the reversal completes", || async {
-        get(&s, &token, &format!("/v1/reversals/{rv_id}")).await["status"] == "completed"
-    })
-    .await;
+    wait_status(&s, &token, &format!("/v1/reversals/{rv_id}"), "completed").await;
     let shown = get(&s, &token, &format!("/v1/reversals/{rv_id}")).await;
     assert_eq!(
         shown["delivery"]["partnerTransactionId"],
@@ -589,9 +594,12 @@ async fn a_reversal_of_a_failed_credit_completes_without_a_partner_call() {
 
     let failed = issue(&s, &token, "gone-1", "inv-1", 10_000).await;
     let failed_id = failed["id"].as_str().expect("id").to_owned();
-    eventually("the credit fails", || async {
-        get(&s, &token, &format!("/v1/transactions/{failed_id}")).await["status"] == "failed"
-    })
+    wait_status(
+        &s,
+        &token,
+        &format!("/v1/transactions/{failed_id}"),
+        "failed",
+    )
     .await;
     let r = reverse(&s, &token, &failed_id, json!({"referenceNumber": "ret-1"})).await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -628,10 +636,7 @@ async fn a_reversal_of_a_failed_credit_completes_without_a_partner_call() {
     let rv_id = r.json()["id"].as_str().expect("id").to_owned();
     assert_eq!(r.json()["status"], "pending");
     s.clock.set(s.clock.now() + 5);
-    eventually("the waiting reversal settles", || async {
-        get(&s, &token, &format!("/v1/reversals/{rv_id}")).await["status"] == "completed"
-    })
-    .await;
+    wait_status(&s, &token, &format!("/v1/reversals/{rv_id}"), "completed").await;
     assert_eq!(
         get(&s, &token, &format!("/v1/transactions/{later_id}")).await["status"],
         "failed"
@@ -660,10 +665,7 @@ async fn a_debit_the_partner_rejects_fails_with_its_reason_and_can_be_redelivere
     let tx = issue(&s, &token, "EK-7", "inv-1", 10_000).await;
     let id = tx["id"].as_str().expect("id").to_owned();
     eventually("the credit", || async { sim.credits().contains_key(&id) }).await;
-    eventually("the credit completes", || async {
-        get(&s, &token, &format!("/v1/transactions/{id}")).await["status"] == "completed"
-    })
-    .await;
+    wait_status(&s, &token, &format!("/v1/transactions/{id}"), "completed").await;
     sim.set_member(
         "EK-7",
         Behaviour::Reject {
@@ -674,10 +676,7 @@ async fn a_debit_the_partner_rejects_fails_with_its_reason_and_can_be_redelivere
     let r = reverse(&s, &token, &id, json!({"referenceNumber": "ret-1"})).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let rv_id = r.json()["id"].as_str().expect("id").to_owned();
-    eventually("the debit fails", || async {
-        get(&s, &token, &format!("/v1/reversals/{rv_id}")).await["status"] == "failed"
-    })
-    .await;
+    wait_status(&s, &token, &format!("/v1/reversals/{rv_id}"), "failed").await;
     let shown = get(&s, &token, &format!("/v1/reversals/{rv_id}")).await;
     assert_eq!(shown["delivery"]["error"]["type"], "partner-rejected");
     assert_eq!(shown["delivery"]["error"]["httpStatus"], 409);
@@ -699,10 +698,7 @@ async fn a_debit_the_partner_rejects_fails_with_its_reason_and_can_be_redelivere
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json()["status"], "pending");
-    eventually("the redelivered debit completes", || async {
-        get(&s, &token, &format!("/v1/reversals/{rv_id}")).await["status"] == "completed"
-    })
-    .await;
+    wait_status(&s, &token, &format!("/v1/reversals/{rv_id}"), "completed").await;
     let again = s
         .post(
             &format!("/v1/reversals/{rv_id}/redeliver"),

@@ -218,18 +218,6 @@ pub enum Redelivery {
     Reversed(Box<Transaction>),
 }
 
-/// What the store did with a due debit whose credit may not be done (see
-/// [`Store::hold_debit`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hold {
-    /// Its credit completed: send it.
-    Ready,
-    /// Put off until its credit is done, or completed without a call (the credit failed).
-    Held,
-    /// Nothing to do (it is not pending any more).
-    Unchanged,
-}
-
 /// A job due in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Due {
@@ -502,20 +490,21 @@ impl Store {
     /// (`patience` seconds when the credit is due already: its next move re-times it),
     /// and completes without a partner call once the credit failed (the partner never had
     /// the points). `events` makes the merchant events of a change, as for
-    /// [`Store::update_debit`].
+    /// [`Store::update_debit`]. Whether it moved the debit; one whose credit completed
+    /// meanwhile stays due, to be read again (with the credit's partner id) and sent.
     pub async fn hold_debit(
         &self,
         seq: u64,
         patience: u64,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static,
-    ) -> Result<Hold, StoreError> {
-        let hold = self
+    ) -> Result<bool, StoreError> {
+        let moved = self
             .write(move |tables| tables.hold_debit(seq, patience, events))
             .await?;
-        if hold == Hold::Held {
+        if moved {
             self.outbox_changed.notify_one();
         }
-        Ok(hold)
+        Ok(moved)
     }
 
     /// The business's reversal whose id, else whose referenceNumber, is `key`.
@@ -759,41 +748,35 @@ impl Store {
         Reader::begin(&self.handle)?.table(META).map(drop)
     }
 
-    /// The business's transaction whose id, else whose referenceNumber, is `key`.
+    /// The business's transaction whose id, else whose referenceNumber, is `key`, with its
+    /// reversals.
     pub async fn transaction(
         &self,
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
         let reader = Reader::begin(&self.handle)?;
-        let records = reader.table(TRANSACTIONS)?;
-        let deliveries = reader.table(DELIVERIES)?;
-        let seq = TransactionId::parse(key).and_then(|id| reader.ids.decode(id));
-        let mut found = None;
-        if let Some(seq) = seq {
-            found = read_tx(reader.ids, &records, &deliveries, seq)?
-                .filter(|tx| tx.business == *business);
-        }
-        if found.is_none() {
-            if let Some(seq) = reader
-                .table(BY_REFERENCE)?
-                .get((business.as_str(), key))
-                .map_err(unavailable)?
-            {
-                found = read_tx(reader.ids, &records, &deliveries, seq.value())?;
-            }
-        }
-        match found {
+        match find_tx(&reader, business, key)? {
             Some(tx) => Ok(Some(with_reversals(
                 tx,
                 reader.ids,
                 reader.reversal_ids,
                 &reader.table(REVERSALS)?,
                 &reader.table(REVERSALS_BY_TX)?,
-                &deliveries,
+                &reader.table(DELIVERIES)?,
             )?)),
             None => Ok(None),
         }
+    }
+
+    /// As [`Store::transaction`], without reading its reversals (their totals are on the
+    /// record): for a write that only needs to know the transaction.
+    pub async fn transaction_head(
+        &self,
+        business: &BusinessId,
+        key: &str,
+    ) -> Result<Option<Transaction>, StoreError> {
+        find_tx(&Reader::begin(&self.handle)?, business, key)
     }
 
     /// The business's transaction with this referenceNumber.
@@ -875,6 +858,31 @@ impl Store {
     pub fn check(&self) -> Result<CheckReport, StoreError> {
         let reader = Reader::begin(&self.handle)?;
         check::verify(&reader.txn, SCHEMA_VERSION).map_err(unavailable)
+    }
+}
+
+/// The business's transaction whose id, else whose referenceNumber, is `key` (reversals
+/// not read in).
+fn find_tx(
+    reader: &Reader<'_>,
+    business: &BusinessId,
+    key: &str,
+) -> Result<Option<Transaction>, StoreError> {
+    let records = reader.table(TRANSACTIONS)?;
+    let deliveries = reader.table(DELIVERIES)?;
+    if let Some(seq) = TransactionId::parse(key).and_then(|id| reader.ids.decode(id)) {
+        let found = read_tx(reader.ids, &records, &deliveries, seq)?;
+        if let Some(tx) = found.filter(|tx| tx.business == *business) {
+            return Ok(Some(tx));
+        }
+    }
+    match reader
+        .table(BY_REFERENCE)?
+        .get((business.as_str(), key))
+        .map_err(unavailable)?
+    {
+        Some(seq) => read_tx(reader.ids, &records, &deliveries, seq.value()),
+        None => Ok(None),
     }
 }
 

@@ -23,8 +23,8 @@ use super::schema::{
     JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
-    unavailable, Connect, Connected, Hold, Issue, Issued, JobOutcome, OutcomeEvents, Redelivery,
-    Reverse, Reversed, StoreError,
+    unavailable, Connect, Connected, Issue, Issued, JobOutcome, OutcomeEvents, Redelivery, Reverse,
+    Reversed, StoreError,
 };
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
@@ -603,7 +603,8 @@ impl Tables<'_> {
     /// A due debit whose credit is not `completed`: while the credit is pending, the debit
     /// waits until the credit's next attempt (a completed or failed credit wakes it
     /// sooner); once the credit failed, the debit completes without a partner call, since
-    /// the partner never had the points. `Ready` when the credit completed: send it.
+    /// the partner never had the points. Whether it moved the debit (a debit whose credit
+    /// completed meanwhile stays due, to be read again and sent).
     ///
     /// A credit that is due already (in flight, or waiting for a free slot) will move
     /// soon, and its move re-times the debit ([`Tables::update_delivery`]): the debit waits
@@ -613,49 +614,35 @@ impl Tables<'_> {
         seq: u64,
         patience: u64,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
-    ) -> Result<Hold, StoreError> {
+    ) -> Result<bool, StoreError> {
         let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
-            return Ok(Hold::Unchanged);
+            return Ok(false);
         };
         if debit.status != DeliveryStatus::Pending {
-            return Ok(Hold::Unchanged);
+            return Ok(false);
         }
-        let Some(bytes) = self.reversals.get(seq).map_err(unavailable)? else {
-            tracing::error!(seq, "a debit names a missing reversal");
-            return Err(StoreError::Corrupt);
-        };
-        let tx_seq = decode::<ReversalRecord>(bytes.value())?.latest().tx_seq;
-        drop(bytes);
+        let tx_seq = self.reversal_of(seq)?.transaction_seq;
         let credit = read_delivery(&self.deliveries, JOB_CREDIT, tx_seq)?;
         let now = self.now;
-        type Step = Box<dyn FnOnce(&Delivery, u64) -> Option<Delivery>>;
-        let step: Step = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
-            Some((DeliveryStatus::Completed, _)) => return Ok(Hold::Ready),
-            Some((DeliveryStatus::Pending, due)) => {
-                let due = match due {
+        let next = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
+            Some((DeliveryStatus::Completed, _)) => return Ok(false),
+            Some((DeliveryStatus::Pending, due)) => Delivery {
+                next_attempt_at: Some(match due {
                     Some(due) if due > now => due,
                     _ => now.saturating_add(patience.max(1)),
-                };
-                Box::new(move |d: &Delivery, _| {
-                    Some(Delivery {
-                        next_attempt_at: Some(due),
-                        ..d.clone()
-                    })
-                })
-            }
+                }),
+                ..debit
+            },
             // Failed (or gone): the partner never had the points.
-            _ => Box::new(|d: &Delivery, _| {
-                Some(Delivery {
-                    status: DeliveryStatus::Completed,
-                    next_attempt_at: None,
-                    ..d.clone()
-                })
-            }),
+            _ => Delivery {
+                status: DeliveryStatus::Completed,
+                next_attempt_at: None,
+                ..debit
+            },
         };
-        match self.update_debit(seq, step, events)? {
-            Some((_, true)) => Ok(Hold::Held),
-            _ => Ok(Hold::Unchanged),
-        }
+        Ok(self
+            .update_debit(seq, move |_, _| Some(next), events)?
+            .is_some_and(|(_, moved)| moved))
     }
 
     /// Moves the delivery of merchant webhook event `seq` on with `step`; `None` if there
