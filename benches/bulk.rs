@@ -1,8 +1,9 @@
 //! Bulk issuance benchmark client: `POST /v1/transactions/batch` from ONE client (one
-//! keep-alive connection, one request at a time) against a running server.
+//! process; IN_FLIGHT keep-alive connections, one request at a time on each) against a
+//! running server.
 //!
-//! Usage: `bulk_bench URL CLIENT_ID SECRET [BATCHES] [ITEMS]` (defaults 200 batches of
-//! 1000). Every body is built before the clock starts; each answer is checked (200, one
+//! Usage: `bulk_bench URL CLIENT_ID SECRET [BATCHES] [ITEMS] [IN_FLIGHT]` (defaults 200
+//! batches of 1000, 1 in flight). Every body is built before the clock starts; each answer is checked (200, one
 //! 201 per item). Prints `transactions=… seconds=… per_second=…`. `benches/bulk.sh` runs
 //! it against the release binary and adds the server's CPU time per transaction.
 
@@ -24,8 +25,12 @@ async fn main() {
     let (url, client_id, secret) = (&args[1], &args[2], &args[3]);
     let batches: usize = args.get(4).map_or(200, |a| a.parse().expect("BATCHES"));
     let items: usize = args.get(5).map_or(1000, |a| a.parse().expect("ITEMS"));
+    let in_flight: usize = args
+        .get(6)
+        .map_or(1, |a| a.parse().expect("IN_FLIGHT"))
+        .max(1);
     let http = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1)
+        .pool_max_idle_per_host(in_flight)
         .build_http::<Full<Bytes>>();
     let login = serde_json::json!({"clientId": client_id, "clientSecret": secret}).to_string();
     let (status, body) = post(&http, &format!("{url}/v1/auth"), None, login.into()).await;
@@ -59,19 +64,31 @@ async fn main() {
         .collect();
     let target = format!("{url}/v1/transactions/batch");
     let started = Instant::now();
+    // IN_FLIGHT requests at a time (each on a connection of its own), the next sent as
+    // soon as one is answered.
+    let mut running = tokio::task::JoinSet::new();
     for body in bodies {
-        let (status, answer) = post(&http, &target, Some(&token), body).await;
-        assert_eq!(
-            status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer[..answer.len().min(500)])
-        );
-        let created = answer
-            .windows(12)
-            .filter(|w| w == b"\"status\":201")
-            .count();
-        assert_eq!(created, items, "every item created");
+        if running.len() == in_flight {
+            running.join_next().await.expect("a request").expect("task");
+        }
+        let (http, target, token) = (http.clone(), target.clone(), token.clone());
+        running.spawn(async move {
+            let (status, answer) = post(&http, &target, Some(&token), body).await;
+            assert_eq!(
+                status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&answer[..answer.len().min(500)])
+            );
+            let created = answer
+                .windows(12)
+                .filter(|w| w == b"\"status\":201")
+                .count();
+            assert_eq!(created, items, "every item created");
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        done.expect("task");
     }
     let seconds = started.elapsed().as_secs_f64();
     let total = batches * items;

@@ -9,12 +9,14 @@
 # batches of ITEMS items, one request at a time on one connection), and reports
 # transactions/s and the server's CPU time per transaction (from /proc: steadier than
 # throughput on a shared machine). Then the same server takes single issues from wrk for
-# DURATION s, for the ratio. Knobs (defaults): BATCHES=200 ITEMS=1000 DURATION=8.
+# DURATION s, for the ratio. Knobs (defaults): BATCHES=200 ITEMS=1000 DURATION=8
+# IN_FLIGHT="1 4" (the client's requests at a time: one run each, on one server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCHES=${BATCHES:-200}
 ITEMS=${ITEMS:-1000}
 DURATION=${DURATION:-8}
+IN_FLIGHT=${IN_FLIGHT:-"1 4"}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release --locked --quiet --bin cosmopoints --example bulk_bench
 WORK=$(mktemp -d)
@@ -36,13 +38,18 @@ done
 [ -n "$ADDR" ] || { cat "$WORK/server.log" >&2; exit 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
 HZ=$(getconf CLK_TCK)
-before=$(ticks)
-out=$(target/release/examples/bulk_bench "http://$ADDR" demo-pos cosmo-demo-secret "$BATCHES" "$ITEMS")
-after=$(ticks)
 total=$((BATCHES * ITEMS))
-bulk_rate=$(sed -n 's/.*per_second=\([0-9]*\).*/\1/p' <<<"$out")
-bulk_cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$total" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-echo "bulk: $out; server CPU $bulk_cpu us per transaction"
+for k in $IN_FLIGHT; do
+  before=$(ticks)
+  out=$(target/release/examples/bulk_bench "http://$ADDR" demo-pos cosmo-demo-secret "$BATCHES" "$ITEMS" "$k")
+  after=$(ticks)
+  rate=$(sed -n 's/.*per_second=\([0-9]*\).*/\1/p' <<<"$out")
+  cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$total" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  echo "bulk, $k request(s) in flight: $out; server CPU $cpu us per transaction"
+  # The first run's figures are the ones compared with single issues below.
+  bulk_rate=${bulk_rate:-$rate}
+  bulk_cpu=${bulk_cpu:-$cpu}
+done
 
 TOKEN=$(curl -sS "http://$ADDR/v1/auth" -H 'content-type: application/json' \
   -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' |
