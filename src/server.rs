@@ -24,7 +24,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -48,7 +47,7 @@ pub async fn serve<R, F>(
 {
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
-    let random = SystemRandom::new();
+    let ids = Arc::new(RequestIds::new());
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
@@ -79,10 +78,10 @@ pub async fn serve<R, F>(
         };
         let _ = stream.set_nodelay(true);
         let route = route.clone();
-        let random = random.clone();
+        let ids = ids.clone();
         let service = service_fn(move |req| {
             let route = route.clone();
-            let id = request_id(&random);
+            let id = ids.next();
             async move { Ok::<_, Infallible>(handle(route, req, remote, id).await) }
         });
         let stream = WriteDeadline::new(stream, config.send_timeout);
@@ -105,15 +104,42 @@ pub async fn serve<R, F>(
     }
 }
 
-/// A request id: 128 random bits in hex. Random rather than counted, so that the ids a
-/// client sees tell it nothing about how many requests others make.
-fn request_id(random: &SystemRandom) -> String {
-    let mut bytes = [0u8; 16];
-    if random.fill(&mut bytes).is_err() {
-        // Never seen on a working OS; the request is still served, its id is zeros.
-        tracing::warn!("the system random source failed; the request id is all zeros");
+/// Request ids: 128 bits in hex that tell a client nothing about how many requests
+/// others make. Each is a keyed pseudo-random function (SipHash, as std's `RandomState`
+/// computes it, with keys the OS drew for this process) of a per-process counter, so ids
+/// never repeat within a process and cost no system call (a `getrandom` per request was
+/// a visible share of a GET's CPU).
+struct RequestIds {
+    keys: std::collections::hash_map::RandomState,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        RequestIds {
+            keys: std::collections::hash_map::RandomState::new(),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+
+    fn next(&self) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut out = String::with_capacity(32);
+        for half in 0..2u8 {
+            let mut h = self.keys.build_hasher();
+            h.write_u64(n);
+            h.write_u8(half);
+            let bits = h.finish();
+            for shift in (0..16).rev() {
+                let digit = ((bits >> (shift * 4)) & 0xf) as u32;
+                out.push(char::from_digit(digit, 16).unwrap_or('0'));
+            }
+        }
+        out
+    }
 }
 
 /// A client's own `x-request-id` is kept if it is short, visible ASCII.
@@ -253,5 +279,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.check(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_128_bit_hex_and_never_repeat() {
+        let ids = RequestIds::new();
+        let seen: std::collections::HashSet<String> = (0..100_000).map(|_| ids.next()).collect();
+        assert_eq!(seen.len(), 100_000);
+        for id in seen.iter().take(100) {
+            assert_eq!(id.len(), 32);
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        // Another process (another key) makes other ids from the same counter values.
+        let other = RequestIds::new();
+        assert_ne!(RequestIds::new().next(), other.next());
     }
 }
