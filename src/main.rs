@@ -738,12 +738,19 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// formats its line into a buffer and queues it, and never waits on stderr or its lock
 /// (a slow journal or a full pipe held every worker thread up before). Not lossy: when
 /// 128k lines are queued, loggers wait rather than drop access-log lines. The guard
-/// returned writes out what is queued when it is dropped, at the end of `serve`.
+/// returned writes out what is queued when it is dropped, at the end of `serve`. The
+/// thread writes every line it finds queued and then flushes: one `write` for many lines
+/// under load.
 fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("cosmopoints-log")
-        .finish(std::io::stderr());
+        // Buffered: the writer thread drains every queued line, then flushes, so that a
+        // busy server writes many lines per system call and an idle one holds none back.
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
     let filter = tracing_subscriber::EnvFilter::new(level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
