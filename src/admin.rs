@@ -58,13 +58,11 @@ pub async fn route(
     req: Request<Incoming>,
     remote: SocketAddr,
 ) -> Response<Body> {
-    let span = tracing::Span::current();
-    span.record("remote", tracing::field::display(remote));
     let path = req.uri().path();
-    span.record(
-        "route",
-        tracing::field::display(format_args!("admin {path:?}")),
-    );
+    crate::access::record(|line| {
+        line.remote = Some(remote);
+        line.route = Some(format!("admin {path:?}").into());
+    });
     dispatch(&admin, req.method(), path)
         .await
         .unwrap_or_else(Error::into_response)

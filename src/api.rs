@@ -71,9 +71,10 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<Caller<'a>,
         })?;
     match app.config.client(&claims.client) {
         Some((business, _)) if business.id == *claims.business => {
-            let span = tracing::Span::current();
-            span.record("business", business.id.as_str());
-            span.record("client", claims.client.as_str());
+            crate::access::record(|line| {
+                line.business = Some(business.id.to_string());
+                line.client = Some(claims.client.to_string());
+            });
             Ok(Caller { business })
         }
         _ => Err(Error::Unauthenticated(
@@ -218,9 +219,10 @@ pub async fn login(
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
-    let span = tracing::Span::current();
-    span.record("business", business.as_str());
-    span.record("client", client_id.as_str());
+    crate::access::record(|line| {
+        line.business = Some(business.to_string());
+        line.client = Some(client_id.to_string());
+    });
     let now = app.clock.now();
     let ttl = app.config.auth.token_ttl_seconds;
     let claims = Claims {
@@ -375,7 +377,7 @@ struct IssuedView<'a> {
 }
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
-    tracing::Span::current().record("transaction", tracing::field::display(tx.id));
+    crate::access::record(|line| line.transaction = Some(tx.id.to_string()));
     json(status, &issued_view(tx, rfc3339(tx.created_at)))
 }
 
@@ -965,7 +967,7 @@ pub async fn reverse(app: &App, caller: Caller<'_>, key: &str, body: Bytes) -> R
 }
 
 fn reversed(status: StatusCode, r: &Reversal) -> Reply {
-    tracing::Span::current().record("transaction", tracing::field::display(r.transaction_id));
+    crate::access::record(|line| line.transaction = Some(r.transaction_id.to_string()));
     json(status, &reversal_view(r))
 }
 

@@ -186,8 +186,8 @@ impl Error {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let (kind, _) = self.kind();
-        // The request's log line names the problem (a field of the request span).
-        tracing::Span::current().record("problem", tracing::field::display(kind));
+        // The request's access-log line names the problem.
+        crate::access::record(|line| line.problem = Some(kind));
         let problem = self.problem();
         let mut response = Response::new(full(Bytes::from(problem.to_string())));
         *response.status_mut() = status;

@@ -89,6 +89,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod app;

@@ -228,7 +228,7 @@ fn json_response(status: StatusCode, value: &impl Serialize) -> Response<body::B
 }
 
 fn error_response(e: OAuthError) -> Response<body::Body> {
-    tracing::Span::current().record("problem", tracing::field::display(e.code));
+    crate::access::record(|line| line.problem = Some(e.code));
     let status = if e.code == "invalid_client" {
         StatusCode::UNAUTHORIZED
     } else {

@@ -53,11 +53,12 @@ use crate::input::decode_component;
 use crate::{dashboard, oauth, openapi};
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-    // The request's log line carries these (fields of the span `server` opens).
-    let span = tracing::Span::current();
-    span.record("remote", tracing::field::display(remote));
+    // The request's access-log line carries these.
     let route = route_name(req.method(), req.uri().path());
-    span.record("route", tracing::field::display(route));
+    crate::access::record(|line| {
+        line.remote = Some(remote);
+        line.route = Some(route.into());
+    });
     let started = std::time::Instant::now();
     let metrics = app.metrics.clone();
     let response = dispatch(app, req, remote)

@@ -160,30 +160,32 @@ where
     F: Future<Output = Response<Body>>,
 {
     let id = client_request_id(&req).unwrap_or(id);
-    // Every value from the request reaches the log escaped: the method is a token, the id
-    // visible ASCII (both checked by now), and the path is Debug-formatted.
-    let span = tracing::info_span!(
-        "request",
-        id = %id,
-        method = %req.method(),
-        path = ?req.uri().path(),
-        // Recorded by the router, authentication, the handlers and the error mapper.
-        remote = tracing::field::Empty,
-        route = tracing::field::Empty,
-        business = tracing::field::Empty,
-        client = tracing::field::Empty,
-        transaction = tracing::field::Empty,
-        problem = tracing::field::Empty,
-    );
+    // Any other line the request logs names its id.
+    let span = tracing::info_span!("request", id = %id);
     let started = Instant::now();
-    let mut response = route(req, remote).instrument(span.clone()).await;
-    span.in_scope(|| {
+    // The access log: gathered only when its line would be written (see `access`).
+    let logging = tracing::enabled!(tracing::Level::INFO);
+    let asked = logging.then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let (mut response, line) =
+        crate::access::gather(logging, route(req, remote).instrument(span)).await;
+    if let Some((method, path)) = asked {
+        // Every value from the request reaches the log escaped: the method is a token,
+        // the id visible ASCII (both checked by now), and the path is Debug-formatted.
         tracing::info!(
+            id = %id,
+            method = %method,
+            path = ?path,
+            remote = line.remote.map(tracing::field::display),
+            route = line.route.as_deref().map(tracing::field::display),
+            business = line.business.as_deref(),
+            client = line.client.as_deref(),
+            transaction = line.transaction.as_deref().map(tracing::field::display),
+            problem = line.problem.map(tracing::field::display),
             status = response.status().as_u16(),
             latency_us = started.elapsed().as_micros() as u64,
             "done"
-        )
-    });
+        );
+    }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
