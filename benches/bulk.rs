@@ -3,9 +3,10 @@
 //! running server.
 //!
 //! Usage: `bulk_bench URL CLIENT_ID SECRET [BATCHES] [ITEMS] [IN_FLIGHT]` (defaults 200
-//! batches of 1000, 1 in flight). Every body is built before the clock starts; each answer is checked (200, one
-//! 201 per item). Prints `transactions=… seconds=… per_second=…`. `benches/bulk.sh` runs
-//! it against the release binary and adds the server's CPU time per transaction.
+//! batches of 1000, 1 in flight). Every body is built before the clock starts; each
+//! answer is checked (200, one 201 per item). Prints `transactions=… seconds=…
+//! per_second=…`. `benches/bulk.sh` runs it against the release binary and adds the
+//! server's CPU time per transaction.
 
 use std::time::Instant;
 

@@ -165,16 +165,17 @@ where
     let started = Instant::now();
     // The access log: gathered only when its line would be written (see `access`).
     let logging = tracing::enabled!(tracing::Level::INFO);
-    let asked = logging.then(|| (req.method().clone(), req.uri().path().to_owned()));
+    // Kept for the line: the method and the URI are cheap clones (no copy of the path).
+    let asked = logging.then(|| (req.method().clone(), req.uri().clone()));
     let (mut response, line) =
         crate::access::gather(logging, route(req, remote).instrument(span)).await;
-    if let Some((method, path)) = asked {
+    if let Some((method, uri)) = asked {
         // Every value from the request reaches the log escaped: the method is a token,
         // the id visible ASCII (both checked by now), and the path is Debug-formatted.
         tracing::info!(
             id = %id,
             method = %method,
-            path = ?path,
+            path = ?uri.path(),
             remote = line.remote.map(tracing::field::display),
             route = line.route.as_deref().map(tracing::field::display),
             business = line.business.as_deref(),

@@ -819,6 +819,12 @@ fn request_log_lines_name_business_client_route_status_and_problem() {
             );
             assert!(field("id").is_some_and(|r| !r.is_empty()), "{line}");
             assert!(field("latency_us").is_some(), "{line}");
+            let method = if status == 404 { "GET" } else { "POST" };
+            assert_eq!(field("method").as_deref(), Some(method), "{line}");
+            assert!(
+                field("path").is_some_and(|p| p.contains("/v1/transactions")),
+                "{line}"
+            );
             assert_eq!(field("transaction").as_deref(), transaction, "{line}");
             assert_eq!(field("problem").as_deref(), problem, "{line}");
         }
