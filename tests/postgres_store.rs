@@ -245,7 +245,12 @@ async fn due_jobs_are_claimed_by_one_process_until_their_outcome_is_recorded() {
     // A claim that outlives its lease (a process that died mid-attempt) lapses.
     let later = 1_000 + cosmopoints::store::LEASE_SECONDS;
     assert_eq!(b.due(later, 10, &none).await.expect("due").len(), 3);
-    for store in [a, b] {
+    // A process that stops gives its claims back at once.
+    let c = Store::open_postgres(&config(&url), clock.clone(), Limits::new(8, 8)).expect("c");
+    assert!(c.due(later, 10, &none).await.expect("due").is_empty());
+    b.shutdown().await;
+    assert_eq!(c.due(later, 10, &none).await.expect("due").len(), 3);
+    for store in [a, b, c] {
         store.shutdown().await;
         store.close().await;
     }

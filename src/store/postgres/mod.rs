@@ -143,6 +143,10 @@ fn connection_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, 
         ))
     })?;
     pg.connect_timeout(CONNECT_TIMEOUT);
+    // A connection whose server went away without a word (a failed host, a dropped
+    // route) is found out by TCP keepalives, and its requests fail instead of hanging.
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
     pg.application_name("cosmopoints");
     Ok(pg)
 }
@@ -572,6 +576,21 @@ impl Postgres {
             .take();
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        // The delivery worker has stopped (it stops before the store): the jobs this
+        // process claimed and did not finish go back to the others now rather than when
+        // their lease ends.
+        if let Ok(client) = self.pool.get().await {
+            if let Err(e) = client
+                .execute(
+                    "UPDATE deliveries SET claimed_until = NULL, claimed_by = NULL \
+                     WHERE claimed_by = $1",
+                    &[&self.claimant],
+                )
+                .await
+            {
+                tracing::warn!(error = %describe(&e), "the outbox claims were not released; they lapse with their lease");
+            }
         }
     }
 
