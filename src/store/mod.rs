@@ -1,11 +1,17 @@
-//! The database: what callers may ask of it, and its one implementation on an embedded
-//! redb file with a single group-commit writer thread.
+//! The database: what callers may ask of it ([`Store`], an enum over a closed set of
+//! backends that dispatches each method), and its two implementations: an embedded redb
+//! file with a single group-commit writer thread ([`Embedded`], the default), and a
+//! PostgreSQL database shared by several processes ([`Postgres`], `postgres/`; see
+//! docs/API.md, "PostgreSQL backend").
 //!
-//! Invariant: this is the only module that knows redb and postcard, and its interface
-//! (this file's public items) names neither: callers pass domain values and query types
-//! and get domain values back, from `async` methods, and listings as a [`Listing`] of
-//! batches. That is the seam a second backend fills (see docs/API.md, "Storage").
+//! Invariant: this is the only module that knows redb, postcard and tokio-postgres, and
+//! its interface (this file's public items) names none of them: callers pass domain
+//! values and query types and get domain values back, from `async` methods, and listings
+//! as a [`Listing`] of batches.
 //!
+//! The redb implementation:
+//!
+//! - `embedded`: opening, reads, the writer's queue: what [`Store`] dispatches to.
 //! - [`schema`]: tables, versioned records, migrations.
 //! - `handle`: opening, sharing and reopening the file.
 //! - `writer`: the group-commit writer; every write is a closure over its tables.
