@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cosmopoints::app::App;
 use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
-use cosmopoints::config::{Config, LogFormat};
+use cosmopoints::config::{Config, LogFormat, StorageBackend};
 use cosmopoints::export::ExportFormat;
 use cosmopoints::store::{Limits, RestoreError, Store};
 
@@ -307,6 +307,14 @@ fn restore(from: &Path, config: &Path) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if !matches!(config.storage_backend, StorageBackend::Redb) {
+        eprintln!(
+            "cosmopoints: restore is for a redb database file; this config's database is \
+             PostgreSQL: restore it with PostgreSQL's own tools (pg_restore or psql from a \
+             pg_dump)"
+        );
+        return ExitCode::from(2);
+    }
     let to = &config.storage_path;
     let started = std::time::Instant::now();
     match cosmopoints::store::restore_file(from, to) {
@@ -377,22 +385,30 @@ fn export(options: ExportOptions) -> ExitCode {
         Err(code) => return code,
     };
     let path = config.storage_path.clone();
-    // Opening would create a missing database: say so instead.
-    if !path.exists() {
-        eprintln!(
-            "cosmopoints: cannot export: {} does not exist",
-            path.display()
-        );
-        return ExitCode::from(2);
-    }
     let limits = Limits {
         cache_bytes: config.storage_cache_bytes,
         ..Limits::new(1, 1)
     };
-    let store = match Store::open(&path, Clock::system(), limits) {
+    let opened = match &config.storage_backend {
+        StorageBackend::Redb => {
+            // Opening would create a missing database: say so instead.
+            if !path.exists() {
+                eprintln!(
+                    "cosmopoints: cannot export: {} does not exist",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            Store::open(&path, Clock::system(), limits)
+                .map_err(|e| format!("cannot export from {}: {e}", path.display()))
+        }
+        StorageBackend::Postgres(pg) => Store::open_postgres(pg, Clock::system(), limits)
+            .map_err(|e| format!("cannot export from the PostgreSQL database: {e}")),
+    };
+    let store = match opened {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("cosmopoints: cannot export from {}: {e}", path.display());
+            eprintln!("cosmopoints: {e}");
             return ExitCode::from(2);
         }
     };
@@ -553,10 +569,21 @@ fn check(path: Option<&Path>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let path = &config.storage_path;
-    match cosmopoints::store::check_file(path) {
+    // The database as it is named in messages: the file, or (never the url, which may
+    // hold a password) "the PostgreSQL database".
+    let (checked, name) = match &config.storage_backend {
+        StorageBackend::Redb => (
+            cosmopoints::store::check_file(&config.storage_path),
+            config.storage_path.display().to_string(),
+        ),
+        StorageBackend::Postgres(pg) => (
+            cosmopoints::store::check_postgres(pg),
+            "the PostgreSQL database".to_owned(),
+        ),
+    };
+    match checked {
         Err(e) => {
-            eprintln!("cosmopoints: cannot check {}: {e}", path.display());
+            eprintln!("cosmopoints: cannot check {name}: {e}");
             ExitCode::from(2)
         }
         Ok(report) => {
@@ -565,7 +592,7 @@ fn check(path: Option<&Path>) -> ExitCode {
             }
             println!(
                 "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} reversals, {} problems",
-                path.display(),
+                name,
                 report.schema,
                 report.transactions,
                 report.references,
@@ -592,6 +619,13 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     let storage = config.storage_path.clone();
+    let postgres = matches!(config.storage_backend, StorageBackend::Postgres(_));
+    // Never the url: it may hold a password.
+    let database = if postgres {
+        "the PostgreSQL database".to_owned()
+    } else {
+        storage.display().to_string()
+    };
     let businesses = config
         .businesses
         .iter()
@@ -607,7 +641,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
     let app = match App::open(config, Clock::system()) {
         Ok(app) => Arc::new(app),
         Err(e) => {
-            eprintln!("cosmopoints: cannot open {}: {e}", storage.display());
+            eprintln!("cosmopoints: cannot open {database}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -652,7 +686,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %config_file.display(),
-            database = %storage.display(),
+            database = %database,
             businesses = %businesses,
             "listening on {addr}"
         );
@@ -672,7 +706,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
             );
         }
         // Files made by earlier versions were created 0644; new ones are 0600.
-        if let Ok(Some(mode)) = cosmopoints::files::open_to_others(&storage) {
+        if let (false, Ok(Some(mode))) = (postgres, cosmopoints::files::open_to_others(&storage)) {
             tracing::warn!(
                 "{} has mode {mode:o}: other users of this machine can read the signing key \
                  in it; make it owner-only with `chmod 600`",
