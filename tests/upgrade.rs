@@ -189,3 +189,80 @@ async fn a_schema_2_database_opens_and_reads_back_unchanged() {
     );
     assert!(out.contains("1 reversals"), "{out}");
 }
+
+/// `cosmopoints migrate` copies a file of every released schema into PostgreSQL: the
+/// source is left as it was, and the copy shows what the release showed, under the same
+/// ids (the id key moves with the data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_each_released_schema_migrates_into_postgres() {
+    if !common::pg::available_or_skip("a_database_of_each_released_schema_migrates_into_postgres") {
+        return;
+    }
+    for (schema, count) in [("schema1", 24), ("schema2", 18)] {
+        let dir = copy_pinned(schema);
+        let source = dir.path().join("cosmopoints.redb");
+        let before = std::fs::read(&source).expect("pinned file");
+        let url = common::pg::cluster().create_database();
+        let text = std::fs::read_to_string(dir.path().join("config.toml")).expect("config");
+        let pg_text = text.replace(
+            "[storage]\npath = \"cosmopoints.redb\"\n",
+            &common::pg::storage_section(&url),
+        );
+        assert_ne!(pg_text, text, "the pinned config changed shape");
+        let pg_config = dir.path().join("postgres.toml");
+        std::fs::write(&pg_config, pg_text).expect("write");
+
+        let migrate = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+                .args(["migrate", "--from"])
+                .arg(&source)
+                .arg("--config")
+                .arg(&pg_config)
+                .output()
+                .expect("migrate runs")
+        };
+        let out = migrate();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{schema}: {said}");
+        assert!(said.contains(&format!("{count} transactions")), "{said}");
+        assert_eq!(
+            std::fs::read(&source).expect("source"),
+            before,
+            "{schema}: migrate changed its source"
+        );
+        // Into a database that has data already: refused, nothing changed.
+        let again = migrate();
+        assert!(!again.status.success(), "{schema}: a second migrate ran");
+
+        let (code, out) = common::run_check(&pg_config);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains(&format!("{count} transactions")), "{out}");
+
+        let expected: Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
+        )
+        .expect("JSON");
+        let config = Config::load(&pg_config).expect("config");
+        let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+        assert_reads_back(&s, &expected).await;
+        // The old idempotency holds in the copy.
+        let acme = s.acme().await;
+        let replay = s
+            .issue(
+                &acme,
+                serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
+                                   "referenceNumber": "inv-1"}),
+            )
+            .await;
+        assert_eq!(replay.status, 200, "{}", replay.text());
+        assert_eq!(
+            replay.json()["id"],
+            expected["transactions"]["acme"][0]["id"]
+        );
+        s.stop().await;
+    }
+}
