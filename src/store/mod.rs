@@ -50,6 +50,7 @@
 
 mod backup;
 mod check;
+mod export;
 mod handle;
 mod read;
 pub mod schema;
