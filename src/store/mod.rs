@@ -57,6 +57,7 @@
 mod backup;
 mod check;
 mod embedded;
+mod export;
 mod handle;
 mod postgres;
 mod read;
