@@ -12,11 +12,11 @@ use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
 use cosmopoints::config::{Config, LogFormat, StorageBackend};
 use cosmopoints::export::ExportFormat;
-use cosmopoints::store::{Limits, RestoreError, Store};
+use cosmopoints::store::{Limits, MigrateError, RestoreError, Store};
 
 const USAGE: &str = "usage: cosmopoints <serve [--config PATH] | check [--config PATH] | \
                      hash-secret [--generate] [--iterations N] | backup --admin ADDR --out FILE | \
-                     restore --from FILE --config PATH | export --config PATH --from S --to E \
+                     restore --from FILE --config PATH | migrate --from FILE --config PATH | export --config PATH --from S --to E \
                      [--format csv|jsonl] [--out FILE]> (--help for more)";
 
 const HELP: &str = "cosmopoints: a self-contained loyalty-points server
@@ -40,6 +40,9 @@ usage:
   cosmopoints restore --from FILE --config PATH
       With the server stopped: check the backup FILE, then put it in place of the
       database named in the config, in one atomic step.
+  cosmopoints migrate --from FILE --config PATH
+      Copy the redb database FILE (any schema this build reads; never changed) into
+      the empty PostgreSQL database named in the config, keeping ids and keys.
   cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
       With the server stopped: every business's transactions created from S to E
       (epoch seconds, 10 digits) as CSV (default) or JSON Lines, to stdout or FILE.
@@ -91,6 +94,20 @@ one step, so that the database is either the old one or the whole backup. Exit 0
 1 the backup is damaged or a copy failed, 2 bad usage, config, unreadable backup or a
 running server (nothing changed in any of these).";
 
+const MIGRATE_HELP: &str = "usage: cosmopoints migrate --from FILE --config PATH
+
+Copies the redb database FILE into the PostgreSQL database named in the config
+([storage] backend = \"postgres\"): every transaction, connection, reversal, merchant
+event and delivery state, under the same ids and references, with the same times, and
+the file's id key and token signing key, so that ids and unexpired tokens read the same.
+FILE may be of any schema this build reads: it is copied to a private temp file and
+migrated there; FILE itself is never changed (a server may even be running on it: the
+copy is of the moment it was read). The PostgreSQL database must hold no rows (a fresh
+database, or one a server has only started on) and no server may use it meanwhile: the
+tables are locked and everything is written in one transaction, so the database ends up
+with the whole file or as it was. Exit 0 done, 1 failed (nothing written), 2 bad usage,
+config, an unreadable FILE, or a database that is not empty or cannot be reached.";
+
 const EXPORT_HELP: &str =
     "usage: cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
 
@@ -123,6 +140,11 @@ fn main() -> ExitCode {
         ["restore", "--help" | "-h"] => print_ok(RESTORE_HELP),
         ["restore", options @ ..] => match named(options, &["--from", "--config"], &[]) {
             Ok(o) => restore(Path::new(o["--from"]), Path::new(o["--config"])),
+            Err(message) => usage_error(&message),
+        },
+        ["migrate", "--help" | "-h"] => print_ok(MIGRATE_HELP),
+        ["migrate", options @ ..] => match named(options, &["--from", "--config"], &[]) {
+            Ok(o) => migrate(Path::new(o["--from"]), Path::new(o["--config"])),
             Err(message) => usage_error(&message),
         },
         ["export", "--help" | "-h"] => print_ok(EXPORT_HELP),
@@ -338,6 +360,50 @@ fn restore(from: &Path, config: &Path) -> ExitCode {
             match e {
                 RestoreError::Damaged(_) | RestoreError::Io(_) => ExitCode::FAILURE,
                 RestoreError::Source(_) | RestoreError::InUse => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+/// `cosmopoints migrate`: see MIGRATE_HELP.
+fn migrate(from: &Path, config: &Path) -> ExitCode {
+    let (_, config) = match load_config(Some(config)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let StorageBackend::Postgres(pg) = &config.storage_backend else {
+        eprintln!(
+            "cosmopoints: migrate copies into PostgreSQL; this config's storage is a redb \
+             file (set [storage] backend = \"postgres\" and url)"
+        );
+        return ExitCode::from(2);
+    };
+    let started = std::time::Instant::now();
+    match cosmopoints::store::migrate_file(from, pg) {
+        Ok(counts) => {
+            println!(
+                "{} copied into the PostgreSQL database: {} transactions, {} connections, {} reversals, {} events, {} deliveries{}; {:.1} s",
+                from.display(),
+                counts.transactions,
+                counts.connections,
+                counts.reversals,
+                counts.events,
+                counts.deliveries,
+                counts
+                    .migrated_from
+                    .map(|v| format!(" (read from schema {v})"))
+                    .unwrap_or_default(),
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cosmopoints: migrate refused, the PostgreSQL database unchanged: {e}");
+            match e {
+                MigrateError::Failed(_) => ExitCode::FAILURE,
+                MigrateError::Source(_) | MigrateError::Database(_) | MigrateError::NotEmpty => {
+                    ExitCode::from(2)
+                }
             }
         }
     }

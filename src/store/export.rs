@@ -269,9 +269,8 @@ mod tests {
 
     #[test]
     fn a_missing_source_is_an_open_error() {
-        let e = export_file(Path::new("/nonexistent/x.redb"), 10, |_| Ok(()))
-            .err()
-            .expect("an error");
+        let e =
+            export_file(Path::new("/nonexistent/x.redb"), 10, |_| Ok(())).expect_err("an error");
         assert!(matches!(e, ExportError::Open(_)), "{e}");
     }
 }

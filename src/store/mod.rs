@@ -72,7 +72,10 @@ pub(crate) use backup::random_suffix;
 pub use backup::{restore_file, BackupReport, RestoreError};
 pub use check::{check_file, CheckReport};
 pub use embedded::Embedded;
-pub use postgres::{check_postgres, Postgres, LEASE_SECONDS, PG_SCHEMA_VERSION};
+pub use export::Counts;
+pub use postgres::{
+    check_postgres, migrate_file, MigrateError, Postgres, LEASE_SECONDS, PG_SCHEMA_VERSION,
+};
 pub use schema::SCHEMA_VERSION;
 
 use crate::clock::Clock;

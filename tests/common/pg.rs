@@ -99,7 +99,7 @@ impl Cluster {
         let cluster = Cluster {
             port,
             bin,
-            root: root,
+            root,
             as_postgres,
             options,
         };
@@ -264,13 +264,16 @@ fn watch(as_postgres: bool, bin: &Path, root: &Path) {
         pid = std::process::id(),
         root = root.display()
     );
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
+    // The shell starts the watcher in the background and exits at once (waited for
+    // here); the watcher, in a session of its own, outlives this process.
+    let started = Command::new("setsid")
+        .args(["sh", "-c", &format!("({script}) &")])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
+        .status()
         .expect("the cluster's watcher starts");
+    assert!(started.success(), "the cluster's watcher did not start");
 }
 
 fn free_port() -> u16 {

@@ -6,6 +6,7 @@
 //! - `rows`: rows ↔ domain values, checked `u64` ↔ `bigint`.
 //! - `write`: this process's group-commit writer (one transaction per batch of writes,
 //!   re-run after a deadlock or a serialization failure).
+//! - `import`: `cosmopoints migrate`, a redb file copied into an empty database.
 //! - here: opening, reads (from a connection pool), listings (one snapshot, a server-side
 //!   portal), the shared outbox's claims, and the consistency check.
 //!
@@ -14,6 +15,7 @@
 //! tokio runtime. The pool's connections belong to the runtime that uses them (the
 //! server's); the writer has its own thread, runtime and connection.
 
+mod import;
 mod rows;
 mod schema;
 mod write;
@@ -29,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
+pub use import::{migrate_file, MigrateError};
 pub use schema::PG_SCHEMA_VERSION;
 
 use rows::{

@@ -1019,19 +1019,19 @@ impl Batch<'_> {
 }
 
 /// A delivery's columns as parameters.
-struct DeliveryParams {
-    status: i16,
-    attempts: i64,
-    step: i64,
-    last_attempt_at: Option<i64>,
-    next_attempt_at: Option<i64>,
-    error_kind: Option<i16>,
-    error_http_status: Option<i32>,
-    error_detail: Option<String>,
+pub(super) struct DeliveryParams {
+    pub status: i16,
+    pub attempts: i64,
+    pub step: i64,
+    pub last_attempt_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub error_kind: Option<i16>,
+    pub error_http_status: Option<i32>,
+    pub error_detail: Option<String>,
 }
 
 impl DeliveryParams {
-    fn of(d: &Delivery) -> Result<DeliveryParams, StoreError> {
+    pub fn of(d: &Delivery) -> Result<DeliveryParams, StoreError> {
         Ok(DeliveryParams {
             status: status_code(d.status),
             attempts: i64::from(d.attempts),
