@@ -464,7 +464,7 @@ impl Postgres {
     /// (perhaps retryable), `Err(Ok(_))` a store error.
     async fn claim(
         &self,
-        t: &tokio_postgres::Transaction<'_>,
+        t: &deadpool_postgres::Transaction<'_>,
         now: i64,
         until: i64,
         limit: i64,
@@ -630,13 +630,19 @@ impl Postgres {
     }
 
     /// The business's transaction whose id, else whose referenceNumber, is `key`, with its
-    /// reversals: read in one snapshot.
+    /// reversals: one statement when it has none (most), else read again with them in one
+    /// snapshot.
     pub async fn transaction(
         &self,
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_unavailable)?;
+        match find_tx(&client, &self.ciphers, business, key).await? {
+            Some(tx) if tx.reversed_value == 0 => return Ok(Some(tx)),
+            None => return Ok(None),
+            Some(_) => {}
+        }
         let t = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
@@ -644,11 +650,11 @@ impl Postgres {
             .start()
             .await
             .map_err(|e| unavailable(&e))?;
-        let Some(mut tx) = find_tx(&*t, &self.ciphers, business, key).await? else {
+        let Some(mut tx) = find_tx(&t, &self.ciphers, business, key).await? else {
             return Ok(None);
         };
         if tx.reversed_value > 0 {
-            tx.reversals = reversals_of(&*t, &self.ciphers, &[tx.seq])
+            tx.reversals = reversals_of(&t, &self.ciphers, &[tx.seq])
                 .await?
                 .into_iter()
                 .map(|(_, r)| r)
@@ -664,7 +670,7 @@ impl Postgres {
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
         let client = self.pool.get().await.map_err(pool_unavailable)?;
-        find_tx(&**client, &self.ciphers, business, key).await
+        find_tx(&client, &self.ciphers, business, key).await
     }
 
     pub async fn by_reference(
@@ -673,14 +679,15 @@ impl Postgres {
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
         let client = self.pool.get().await.map_err(pool_unavailable)?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = $2",
+                tx_columns()
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?;
         let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = $2",
-                    tx_columns()
-                ),
-                &[&business.as_str(), &reference.as_str()],
-            )
+            .query_opt(&statement, &[&business.as_str(), &reference.as_str()])
             .await
             .map_err(|e| unavailable(&e))?;
         row.map(|row| rows::transaction(&self.ciphers.ids, &row))
@@ -696,7 +703,7 @@ impl Postgres {
         let client = self.pool.get().await.map_err(pool_unavailable)?;
         let seq = ReversalId::parse(key).and_then(|id| self.ciphers.reversal_ids.decipher(id.0));
         if let Some(seq) = seq {
-            if let Some(found) = read_reversal(&**client, &self.ciphers, seq)
+            if let Some(found) = read_reversal(&client, &self.ciphers, seq)
                 .await
                 .map_err(|e| unavailable(&e))?
                 .transpose()?
@@ -808,7 +815,7 @@ fn mismatch() -> StoreError {
 
 /// The transaction `seq` with its delivery, read with `c`. The outer `Result` is the
 /// database's, the inner one the row's.
-async fn read_tx<C: tokio_postgres::GenericClient>(
+async fn read_tx<C: deadpool_postgres::GenericClient>(
     c: &C,
     ciphers: &Ciphers,
     seq: u64,
@@ -818,14 +825,18 @@ async fn read_tx<C: tokio_postgres::GenericClient>(
     };
     let row = c
         .query_opt(
-            &format!("SELECT {} FROM {TX_FROM} WHERE t.seq = $1", tx_columns()),
+            &c.prepare_cached(&format!(
+                "SELECT {} FROM {TX_FROM} WHERE t.seq = $1",
+                tx_columns()
+            ))
+            .await?,
             &[&seq],
         )
         .await?;
     Ok(row.map(|row| rows::transaction(&ciphers.ids, &row)))
 }
 
-async fn read_reversal<C: tokio_postgres::GenericClient>(
+async fn read_reversal<C: deadpool_postgres::GenericClient>(
     c: &C,
     ciphers: &Ciphers,
     seq: u64,
@@ -835,10 +846,11 @@ async fn read_reversal<C: tokio_postgres::GenericClient>(
     };
     let row = c
         .query_opt(
-            &format!(
+            &c.prepare_cached(&format!(
                 "SELECT {} FROM {REVERSAL_FROM} WHERE r.seq = $1",
                 reversal_columns()
-            ),
+            ))
+            .await?,
             &[&seq],
         )
         .await?;
@@ -847,7 +859,7 @@ async fn read_reversal<C: tokio_postgres::GenericClient>(
 
 /// The business's transaction whose id, else whose referenceNumber, is `key` (reversals
 /// not read in).
-async fn find_tx<C: tokio_postgres::GenericClient>(
+async fn find_tx<C: deadpool_postgres::GenericClient>(
     c: &C,
     ciphers: &Ciphers,
     business: &BusinessId,
@@ -864,10 +876,12 @@ async fn find_tx<C: tokio_postgres::GenericClient>(
     }
     let row = c
         .query_opt(
-            &format!(
+            &c.prepare_cached(&format!(
                 "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = $2",
                 tx_columns()
-            ),
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?,
             &[&business.as_str(), &key],
         )
         .await
@@ -878,7 +892,7 @@ async fn find_tx<C: tokio_postgres::GenericClient>(
 
 /// The reversals of the transactions `seqs`, each with its transaction's seq, in order
 /// of (transaction, reversal).
-async fn reversals_of<C: tokio_postgres::GenericClient>(
+async fn reversals_of<C: deadpool_postgres::GenericClient>(
     c: &C,
     ciphers: &Ciphers,
     seqs: &[u64],
@@ -886,10 +900,12 @@ async fn reversals_of<C: tokio_postgres::GenericClient>(
     let seqs: Vec<i64> = seqs.iter().map(|&s| big(s)).collect::<Result<_, _>>()?;
     let found = c
         .query(
-            &format!(
+            &c.prepare_cached(&format!(
                 "SELECT {} FROM {REVERSAL_FROM} WHERE r.tx_seq = ANY($1) ORDER BY r.tx_seq, r.seq",
                 reversal_columns()
-            ),
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?,
             &[&seqs],
         )
         .await
@@ -969,7 +985,7 @@ async fn scan<T>(
             .map(|tx| tx.seq)
             .collect();
         if !reversed.is_empty() {
-            for (tx_seq, reversal) in reversals_of(&*t, ciphers, &reversed).await? {
+            for (tx_seq, reversal) in reversals_of(&t, ciphers, &reversed).await? {
                 if let Some(tx) = batch.iter_mut().find(|tx| tx.seq == tx_seq) {
                     tx.reversals.push(reversal);
                 }

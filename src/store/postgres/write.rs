@@ -18,12 +18,13 @@
 //! READ COMMITTED it sees the row of the transaction the insert waited for) and the
 //! request is its replay or a conflict.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, IsolationLevel, NoTls};
+use tokio_postgres::{Client, IsolationLevel, NoTls, Statement};
 
 use super::rows::{
     self, big, big_opt, delivery_at, delivery_columns, get_u64, reversal_columns, status_code,
@@ -148,7 +149,7 @@ impl Writer {
     }
 
     async fn serve(self, mut rx: mpsc::Receiver<Job>) {
-        let mut client: Option<Client> = None;
+        let mut client: Option<Session> = None;
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut stopping = false;
         while !stopping {
@@ -193,7 +194,7 @@ impl Writer {
         rx.close();
     }
 
-    async fn connect(&self) -> Result<Client, StoreError> {
+    async fn connect(&self) -> Result<Session, StoreError> {
         let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
             tracing::error!(error = %describe(&e), "the writer cannot connect to PostgreSQL");
             StoreError::Unavailable
@@ -211,20 +212,23 @@ impl Writer {
                 tracing::error!(error = %describe(&e), "cannot set synchronous_commit");
                 StoreError::Unavailable
             })?;
-        Ok(client)
+        Ok(Session {
+            client,
+            statements: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Applies `ops` in one transaction and commits, again after a deadlock or a
     /// serialization failure. Every op's outcome, in order.
     async fn write(
         &self,
-        client: &mut Option<Client>,
+        client: &mut Option<Session>,
         ops: &[Op],
     ) -> Result<Vec<Done>, StoreError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if client.as_ref().is_none_or(Client::is_closed) {
+            if client.as_ref().is_none_or(|s| s.client.is_closed()) {
                 *client = None;
                 *client = Some(self.connect().await?);
             }
@@ -257,7 +261,7 @@ impl Writer {
                     return Err(StoreError::Unavailable);
                 }
                 Err(Fail::Store(e)) => {
-                    if c.is_closed() {
+                    if c.client.is_closed() {
                         *client = None;
                     }
                     return Err(e);
@@ -281,12 +285,13 @@ fn backoff(attempt: u32) -> Duration {
 /// One application of a batch: begin, every op in order, commit. Its outcomes and how long
 /// the COMMIT took.
 async fn apply(
-    client: &mut Client,
+    session: &mut Session,
     ciphers: &Ciphers,
     now: u64,
     ops: &[Op],
 ) -> Result<(Vec<Done>, Duration), Fail> {
-    let t = client
+    let t = session
+        .client
         .build_transaction()
         .isolation_level(IsolationLevel::ReadCommitted)
         .start()
@@ -295,6 +300,7 @@ async fn apply(
     {
         let batch = Batch {
             t: &t,
+            statements: &session.statements,
             c: ciphers,
             now,
         };
@@ -315,15 +321,40 @@ fn no_tx_events(_: &Transaction, _: DeliveryStatus) -> Vec<NewEvent> {
     Vec::new()
 }
 
+/// The writer's connection and the statements prepared on it (each SQL text is parsed
+/// and planned once per connection, then only bound and executed: one round trip).
+pub(crate) struct Session {
+    client: Client,
+    statements: Mutex<HashMap<String, Statement>>,
+}
+
 /// The transaction a batch runs in, and what its writes share.
 pub(crate) struct Batch<'a> {
     pub t: &'a tokio_postgres::Transaction<'a>,
+    pub statements: &'a Mutex<HashMap<String, Statement>>,
     pub c: &'a Ciphers,
     /// The batch's time: every record it writes is dated with it.
     pub now: u64,
 }
 
 impl Batch<'_> {
+    /// `sql` prepared on this connection, once.
+    async fn prepared(&self, sql: &str) -> Result<Statement, Fail> {
+        let cached = self
+            .statements
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(sql).cloned());
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.t.prepare(sql).await?;
+        if let Ok(mut cache) = self.statements.lock() {
+            cache.insert(sql.to_owned(), statement.clone());
+        }
+        Ok(statement)
+    }
+
     async fn apply(&self, op: &Op) -> Result<Done, Fail> {
         Ok(match op {
             Op::Issue(issue) => Done::Issued(self.issue(issue).await?),
@@ -379,12 +410,16 @@ impl Batch<'_> {
         let inserted = self
             .t
             .query_opt(
-                "INSERT INTO transactions (seq, business, reference_number, program_id, \
+                &self
+                    .prepared(
+                        "INSERT INTO transactions (seq, business, reference_number, program_id, \
                  program_name, user_id, description, currency, value, total_points, bonus, \
                  created_at, end_user_id) \
                  VALUES (nextval('transactions_seq'), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
                  $11, $12) \
                  ON CONFLICT (business, reference_number) DO NOTHING RETURNING seq",
+                    )
+                    .await?,
                 &[
                     &issue.business.as_str(),
                     &r.reference_number.as_str(),
@@ -405,10 +440,10 @@ impl Batch<'_> {
             let existing = self
                 .t
                 .query_opt(
-                    &format!(
+                    &self.prepared(&format!(
                         "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = $2",
                         tx_columns()
-                    ),
+                    )).await?,
                     &[&issue.business.as_str(), &r.reference_number.as_str()],
                 )
                 .await?;
@@ -459,12 +494,16 @@ impl Batch<'_> {
         let row = self
             .t
             .query_one(
-                "INSERT INTO connections (business, end_user_id, program_id, \
+                &self
+                    .prepared(
+                        "INSERT INTO connections (business, end_user_id, program_id, \
                  destination_user_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5) \
                  ON CONFLICT (business, end_user_id, program_id) DO UPDATE \
                  SET destination_user_id = EXCLUDED.destination_user_id, \
                  updated_at = EXCLUDED.updated_at \
                  RETURNING created_at, (xmax = 0) AS inserted",
+                    )
+                    .await?,
                 &[
                     &c.business.as_str(),
                     &c.end_user_id.as_str(),
@@ -498,7 +537,12 @@ impl Batch<'_> {
         let row = self
             .t
             .query_opt(
-                &format!("SELECT {} FROM {TX_FROM} WHERE t.seq = $1", tx_columns()),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM {TX_FROM} WHERE t.seq = $1",
+                        tx_columns()
+                    ))
+                    .await?,
                 &[&big(seq)?],
             )
             .await?;
@@ -521,10 +565,12 @@ impl Batch<'_> {
         let found = self
             .t
             .query(
-                &format!(
-                    "SELECT {} FROM {REVERSAL_FROM} WHERE r.tx_seq = $1 ORDER BY r.seq",
-                    reversal_columns()
-                ),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM {REVERSAL_FROM} WHERE r.tx_seq = $1 ORDER BY r.seq",
+                        reversal_columns()
+                    ))
+                    .await?,
                 &[&big(tx.seq)?],
             )
             .await?;
@@ -538,10 +584,12 @@ impl Batch<'_> {
         let row = self
             .t
             .query_opt(
-                &format!(
-                    "SELECT {} FROM {REVERSAL_FROM} WHERE r.seq = $1",
-                    reversal_columns()
-                ),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM {REVERSAL_FROM} WHERE r.seq = $1",
+                        reversal_columns()
+                    ))
+                    .await?,
                 &[&big(seq)?],
             )
             .await?;
@@ -563,10 +611,10 @@ impl Batch<'_> {
         let row = self
             .t
             .query_opt(
-                &format!(
+                &self.prepared(&format!(
                     "SELECT {} FROM {REVERSAL_FROM} WHERE r.business = $1 AND r.reference_number = $2",
                     reversal_columns()
-                ),
+                )).await?,
                 &[&business, &reference],
             )
             .await?;
@@ -578,10 +626,12 @@ impl Batch<'_> {
         let row = self
             .t
             .query_opt(
-                &format!(
-                    "SELECT {} FROM deliveries d WHERE d.kind = $1 AND d.id = $2 FOR UPDATE",
-                    delivery_columns()
-                ),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM deliveries d WHERE d.kind = $1 AND d.id = $2 FOR UPDATE",
+                        delivery_columns()
+                    ))
+                    .await?,
                 &[&kind, &big(id)?],
             )
             .await?;
@@ -595,9 +645,9 @@ impl Batch<'_> {
         let p = DeliveryParams::of(d)?;
         self.t
             .execute(
-                "INSERT INTO deliveries (kind, id, status, attempts, step, last_attempt_at, \
+                &self.prepared("INSERT INTO deliveries (kind, id, status, attempts, step, last_attempt_at, \
                  next_attempt_at, partner_transaction_id, error_kind, error_http_status, \
-                 error_detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 error_detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)").await?,
                 &[
                     &kind,
                     &big(id)?,
@@ -621,11 +671,15 @@ impl Batch<'_> {
         let p = DeliveryParams::of(d)?;
         self.t
             .execute(
-                "UPDATE deliveries SET status = $3, attempts = $4, step = $5, \
+                &self
+                    .prepared(
+                        "UPDATE deliveries SET status = $3, attempts = $4, step = $5, \
                  last_attempt_at = $6, next_attempt_at = $7, partner_transaction_id = $8, \
                  error_kind = $9, error_http_status = $10, error_detail = $11, \
                  claimed_until = NULL, claimed_by = NULL \
                  WHERE kind = $1 AND id = $2",
+                    )
+                    .await?,
                 &[
                     &kind,
                     &big(id)?,
@@ -758,9 +812,13 @@ impl Batch<'_> {
         let moved = self
             .t
             .execute(
-                "UPDATE deliveries d SET next_attempt_at = $2 FROM reversals r \
+                &self
+                    .prepared(
+                        "UPDATE deliveries d SET next_attempt_at = $2 FROM reversals r \
                  WHERE r.tx_seq = $1 AND d.kind = 1 AND d.id = r.seq \
                  AND d.status = 0 AND d.attempts = 0",
+                    )
+                    .await?,
                 &[&big(tx_seq)?, &big(due)?],
             )
             .await?;
@@ -773,10 +831,12 @@ impl Batch<'_> {
         let row = self
             .t
             .query_opt(
-                &format!(
-                    "SELECT {} FROM {TX_FROM} WHERE t.seq = $1 FOR UPDATE OF t",
-                    tx_columns()
-                ),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM {TX_FROM} WHERE t.seq = $1 FOR UPDATE OF t",
+                        tx_columns()
+                    ))
+                    .await?,
                 &[&big(seq)?],
             )
             .await?;
@@ -808,8 +868,12 @@ impl Batch<'_> {
         let locked = self
             .t
             .query_opt(
-                "SELECT business, value, total_points, reversed_value, reversals \
+                &self
+                    .prepared(
+                        "SELECT business, value, total_points, reversed_value, reversals \
                  FROM transactions WHERE seq = $1 FOR UPDATE",
+                    )
+                    .await?,
                 &[&tx_seq],
             )
             .await?;
@@ -862,10 +926,10 @@ impl Batch<'_> {
         let inserted = self
             .t
             .query_opt(
-                "INSERT INTO reversals (seq, business, reference_number, tx_seq, value, points, \
+                &self.prepared("INSERT INTO reversals (seq, business, reference_number, tx_seq, value, points, \
                  is_full, reason, created_at) \
                  VALUES (nextval('reversals_seq'), $1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (business, reference_number) DO NOTHING RETURNING seq",
+                 ON CONFLICT (business, reference_number) DO NOTHING RETURNING seq").await?,
                 &[
                     &b,
                     &reference,
@@ -888,9 +952,13 @@ impl Batch<'_> {
         let seq = get_u64(&row, 0)?;
         self.t
             .execute(
-                "UPDATE transactions SET reversed_value = reversed_value + $2, \
+                &self
+                    .prepared(
+                        "UPDATE transactions SET reversed_value = reversed_value + $2, \
                  reversed_points = reversed_points + $3, reversals = reversals + 1 \
                  WHERE seq = $1",
+                    )
+                    .await?,
                 &[&tx_seq, &big(value)?, &big(points)?],
             )
             .await?;
@@ -961,10 +1029,12 @@ impl Batch<'_> {
         let credit = self
             .t
             .query_opt(
-                &format!(
-                    "SELECT {} FROM deliveries d WHERE d.kind = 0 AND d.id = $1",
-                    delivery_columns()
-                ),
+                &self
+                    .prepared(&format!(
+                        "SELECT {} FROM deliveries d WHERE d.kind = 0 AND d.id = $1",
+                        delivery_columns()
+                    ))
+                    .await?,
                 &[&big(tx_seq)?],
             )
             .await?;
@@ -1001,8 +1071,12 @@ impl Batch<'_> {
         let row = self
             .t
             .query_one(
-                "INSERT INTO events (seq, business, target, kind, created_at, payload) \
+                &self
+                    .prepared(
+                        "INSERT INTO events (seq, business, target, kind, created_at, payload) \
                  VALUES (nextval('events_seq'), $1, $2, $3, $4, $5) RETURNING seq",
+                    )
+                    .await?,
                 &[
                     &business,
                     &event.target,
