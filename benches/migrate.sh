@@ -48,9 +48,10 @@ echo "== filling $N transactions into redb"
 "$TARGET_DIR/release/examples/fill_database" "$WORK/redb.toml" "$N"
 SOURCE_BYTES=$(stat -c %s "$WORK/source.redb")
 
-pg_ticks() {
-  local t=0 pid
-  for pid in $POSTMASTER $(awk -v p="$POSTMASTER" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
+pg_ticks() { # the postmaster's own and its exited children's CPU, and its live children's
+  local t pid
+  t=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$POSTMASTER/stat")
+  for pid in $(awk -v p="$POSTMASTER" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
     t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
   done
   echo "$t"

@@ -103,9 +103,9 @@ the file's id key and token signing key, so that ids and unexpired tokens read t
 FILE may be of any schema this build reads: it is copied to a private temp file and
 migrated there; FILE itself is never changed (a server may even be running on it: the
 copy is of the moment it was read). The PostgreSQL database must hold no rows (a fresh
-database, or one a server has only started on) and no server may use it meanwhile: the
-tables are locked and everything is written in one transaction, so the database ends up
-with the whole file or as it was. Exit 0 done, 1 failed (nothing written), 2 bad usage,
+database, or one a server has only started on) and no server may be connected to it
+(refused otherwise); servers starting meanwhile wait until the copy is done. Everything
+is written in one transaction: the database gets the whole file or no rows at all. Exit 0 done, 1 failed (nothing written), 2 bad usage,
 config, an unreadable FILE, or a database that is not empty or cannot be reached.";
 
 const EXPORT_HELP: &str =
@@ -398,12 +398,13 @@ fn migrate(from: &Path, config: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cosmopoints: migrate refused, the PostgreSQL database unchanged: {e}");
+            eprintln!("cosmopoints: migrate stopped, nothing copied: {e}");
             match e {
                 MigrateError::Failed(_) => ExitCode::FAILURE,
-                MigrateError::Source(_) | MigrateError::Database(_) | MigrateError::NotEmpty => {
-                    ExitCode::from(2)
-                }
+                MigrateError::Source(_)
+                | MigrateError::Database(_)
+                | MigrateError::NotEmpty
+                | MigrateError::InUse(_) => ExitCode::from(2),
             }
         }
     }

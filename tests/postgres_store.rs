@@ -502,3 +502,211 @@ mod pg {
         }
     }
 }
+
+/// A write PostgreSQL refuses for its own data (here a delivery detail with a NUL byte,
+/// which no `text` holds) fails alone: the batch it shared runs again without it, and
+/// every other write in it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_postgres_refuses_fails_alone_and_the_rest_of_its_batch_commits() {
+    if !pg::available_or_skip("a_write_postgres_refuses_fails_alone…") {
+        return;
+    }
+    let url = pg::cluster().create_database();
+    let store = std::sync::Arc::new(
+        Store::open_postgres(&config(&url), Clock::manual(1_000), Limits::new(1024, 256))
+            .expect("opens"),
+    );
+    let Issued::Created(target) = store.issue(issue("target", 100, true)).await.expect("i") else {
+        panic!("not created")
+    };
+    let (before_commits, before_writes) = store.commit_stats();
+    let mut issues = Vec::new();
+    let mut bad = None;
+    for i in 0..200 {
+        if i == 100 {
+            let store = store.clone();
+            bad = Some(tokio::spawn(async move {
+                let retry = Attempt::Retry {
+                    http_status: Some(400),
+                    detail: "binary\0body".into(),
+                    retry_after: None,
+                };
+                store
+                    .update_delivery(
+                        target.seq,
+                        move |d, now| Some(d.after(retry.clone(), now, &[5])),
+                        |_, _| Vec::new(),
+                    )
+                    .await
+            }));
+        }
+        let store = store.clone();
+        issues.push(tokio::spawn(async move {
+            store.issue(issue(&format!("ok-{i}"), 100, false)).await
+        }));
+    }
+    let bad = bad.expect("spawned").await.expect("task");
+    assert!(bad.is_err(), "a NUL byte was stored: {bad:?}");
+    for (i, issued) in issues.into_iter().enumerate() {
+        let issued = issued.await.expect("task");
+        assert!(
+            matches!(issued, Ok(Issued::Created(_))),
+            "ok-{i}: {issued:?}"
+        );
+    }
+    let (commits, writes) = store.commit_stats();
+    assert_eq!(
+        writes - before_writes,
+        200,
+        "the refused write is not counted"
+    );
+    assert!(
+        commits - before_commits < 200,
+        "no batch was shared, nothing was shown: {} commits",
+        commits - before_commits
+    );
+    // The delivery is as it was.
+    let business = BusinessId::parse("acme").expect("valid");
+    let tx = store
+        .transaction(&business, "target")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(tx.delivery.expect("delivery").attempts, 0);
+    let report = check_postgres(&config(&url)).expect("checks");
+    assert_eq!(report.transactions, 201);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Listings hold a connection each while their reader is slow; they get slots of their
+/// own (half of `pool_size`), so lookups never wait for them, and one more listing is
+/// Busy (503 with Retry-After) instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_listings_never_take_the_connections_lookups_need() {
+    if !pg::available_or_skip("slow_listings_never_take_the_connections…") {
+        return;
+    }
+    let url = pg::cluster().create_database();
+    let config = PostgresConfig {
+        url: url.clone(),
+        pool_size: 4,
+    };
+    let store =
+        Store::open_postgres(&config, Clock::manual(1_000), Limits::new(64, 64)).expect("opens");
+    let business = BusinessId::parse("acme").expect("valid");
+    let many: Vec<Issue> = (0..1_000)
+        .map(|i| issue(&format!("l-{i}"), 100, false))
+        .collect();
+    store.issue_many(many).await.expect("issued");
+    let query = || cosmopoints::store::TxQuery {
+        business: business.clone(),
+        program: None,
+        start: 0,
+        end: u64::MAX,
+        after: None,
+        limit: None,
+        status: None,
+    };
+    // Two listings (pool_size 4 / 2) whose readers never read: each scan stops with its
+    // connection held, as behind a slow client.
+    let held: Vec<_> = (0..2)
+        .map(|_| store.list(query(), |rows| rows.len()).expect("a slot"))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(store.running_listings(), 2);
+    assert!(matches!(
+        store.list(query(), |rows| rows.len()),
+        Err(cosmopoints::store::StoreError::Busy)
+    ));
+    // Lookups find connections at once (the pool's wait is 5 s, then 503).
+    let started = std::time::Instant::now();
+    for i in 0..16 {
+        let found = store
+            .transaction(&business, &format!("l-{i}"))
+            .await
+            .expect("read")
+            .expect("found");
+        assert_eq!(found.reference_number.as_str(), format!("l-{i}"));
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "lookups waited for the listings' connections"
+    );
+    drop(held);
+    store.shutdown().await;
+    store.close().await;
+}
+
+/// An attempt's outcome that comes after its lease ran out, while another process has
+/// claimed the job and is sending it, is not recorded: it neither ends that claim nor
+/// makes the job due again beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_outcome_does_not_end_another_process_claim() {
+    if !pg::available_or_skip("a_late_outcome_does_not_end_another_process_claim") {
+        return;
+    }
+    let url = pg::cluster().create_database();
+    let clock = Clock::manual(1_000);
+    let a = Store::open_postgres(&config(&url), clock.clone(), Limits::new(8, 8)).expect("a");
+    let b = Store::open_postgres(&config(&url), clock.clone(), Limits::new(8, 8)).expect("b");
+    let Issued::Created(tx) = a.issue(issue("late", 100, true)).await.expect("i") else {
+        panic!("not created")
+    };
+    let none = HashSet::new();
+    assert_eq!(a.due(1_000, 10, &none).await.expect("due").len(), 1);
+    // a stalls past its lease; b takes the job.
+    let later = 1_000 + cosmopoints::store::LEASE_SECONDS + 1;
+    clock.set(later);
+    assert_eq!(b.due(later, 10, &none).await.expect("due").len(), 1);
+    // a's late outcome: a transient failure that would make the job due at once.
+    let retry = Attempt::Retry {
+        http_status: Some(503),
+        detail: "busy".into(),
+        retry_after: None,
+    };
+    a.record_outcomes(vec![cosmopoints::store::JobOutcome {
+        job: (0, tx.seq),
+        step: Box::new(move |d, now| Some(d.after(retry.clone(), now, &[0]))),
+        events: None,
+    }])
+    .await
+    .expect("written");
+    // Not recorded: the delivery is untouched and still b's alone.
+    let business = BusinessId::parse("acme").expect("valid");
+    let read = a
+        .transaction(&business, "late")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(read.delivery.expect("delivery").attempts, 0);
+    assert!(a.due(later, 10, &none).await.expect("due").is_empty());
+    // b's own outcome is recorded.
+    b.record_outcomes(vec![cosmopoints::store::JobOutcome {
+        job: (0, tx.seq),
+        step: Box::new(|d, now| {
+            Some(d.after(
+                Attempt::Delivered {
+                    partner_transaction_id: Some("p-1".into()),
+                },
+                now,
+                &[5],
+            ))
+        }),
+        events: None,
+    }])
+    .await
+    .expect("written");
+    let read = a
+        .transaction(&business, "late")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(
+        read.delivery.expect("delivery").status,
+        DeliveryStatus::Completed
+    );
+    for store in [a, b] {
+        store.shutdown().await;
+        store.close().await;
+    }
+}

@@ -24,7 +24,8 @@ use crate::config::PostgresConfig;
 /// Rows per batch read from the file and per INSERT.
 const BATCH: usize = 5_000;
 
-/// Why a migration did not happen. In every case the database is left as it was.
+/// Why a migration did not happen. In every case nothing was copied (the schema and the
+/// id key may have been made, as a server's start would make them).
 #[derive(Debug)]
 pub enum MigrateError {
     /// The source file cannot be opened (missing, in use, newer, damaged).
@@ -33,6 +34,8 @@ pub enum MigrateError {
     Database(OpenError),
     /// The database holds data already.
     NotEmpty,
+    /// Servers (this many connections) are connected to the database.
+    InUse(i64),
     /// Reading or writing failed part-way (rolled back).
     Failed(String),
 }
@@ -45,6 +48,11 @@ impl std::fmt::Display for MigrateError {
             MigrateError::NotEmpty => f.write_str(
                 "the PostgreSQL database holds data already; migrate copies into an empty \
                  database only",
+            ),
+            MigrateError::InUse(n) => write!(
+                f,
+                "{n} connections of cosmopoints servers are open on the PostgreSQL database; \
+                 stop the servers first"
             ),
             MigrateError::Failed(e) => write!(f, "{e}"),
         }
@@ -111,6 +119,12 @@ async fn write_all(
     schema::prepare(&mut client, &id_key)
         .await
         .map_err(MigrateError::Database)?;
+    // Held until this session ends: a server starting meanwhile waits in its own
+    // migration step, then reads the keys copied here.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&schema::MIGRATION_LOCK])
+        .await
+        .map_err(failed("cannot take the migration lock"))?;
     let txn = client.transaction().await.map_err(failed("cannot begin"))?;
     // No server may write while the copy is made, and the copy goes only into an empty
     // database.
@@ -128,9 +142,25 @@ async fn write_all(
         )
         .await
         .map_err(failed("cannot look for rows"))?
-        .get(0);
+        .try_get(0)
+        .map_err(failed("cannot look for rows"))?;
     if any {
         return Err(MigrateError::NotEmpty);
+    }
+    // A server already running on the database keeps the keys it read in memory, and
+    // takes seqs that may be the copied ones: none may be connected.
+    let servers: i64 = txn
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'cosmopoints' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(failed("cannot look for servers"))?
+        .try_get(0)
+        .map_err(failed("cannot look for servers"))?;
+    if servers > 0 {
+        return Err(MigrateError::InUse(servers));
     }
     // The file's keys replace any a server made on the empty database.
     let keys: Vec<(&str, &[u8])> = std::iter::once(("id_key", id_key.as_slice()))

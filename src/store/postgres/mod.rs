@@ -73,6 +73,8 @@ pub struct Postgres {
     writer: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Stats>,
     listings: Arc<Semaphore>,
+    /// How many listings may run at once (see [`listing_slots`]).
+    listing_slots: usize,
     migrated_from: Option<u64>,
     outbox_changed: Arc<tokio::sync::Notify>,
     /// This process's claims in `deliveries.claimed_by`: random, made at open.
@@ -137,6 +139,15 @@ fn blocking<T: Send>(work: impl std::future::Future<Output = T> + Send) -> Resul
     })
 }
 
+/// How many listings may stream at once: each holds a pooled connection for its whole
+/// life, so they get slots of their own beside `pool_size` (half as many, at least one,
+/// at most [`MAX_LISTINGS`]), and slow listings never take the connections that lookups,
+/// the delivery worker and `/readyz` need. One more is 503 with Retry-After, as on redb
+/// past `MAX_LISTINGS`.
+fn listing_slots(pool_size: usize) -> usize {
+    (pool_size / 2).clamp(1, MAX_LISTINGS)
+}
+
 /// The connection settings of `config.url`; an error names the key, never the value.
 fn connection_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, OpenError> {
     let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
@@ -148,8 +159,13 @@ fn connection_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, 
     pg.connect_timeout(CONNECT_TIMEOUT);
     // A connection whose server went away without a word (a failed host, a dropped
     // route) is found out by TCP keepalives, and its requests fail instead of hanging.
+    // Idle: probed after 30 s, every 10 s, given up after 3 unanswered probes; busy:
+    // data unacknowledged for 30 s ends the connection (instead of Linux's ~15 minutes).
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
+    pg.keepalives_interval(Duration::from_secs(10));
+    pg.keepalives_retries(3);
+    pg.tcp_user_timeout(Duration::from_secs(30));
     pg.application_name("cosmopoints");
     Ok(pg)
 }
@@ -190,12 +206,16 @@ impl Postgres {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(config.pool_size.max(1))
+            .max_size(config.pool_size.max(1) + listing_slots(config.pool_size))
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| OpenError::Unusable(format!("cannot make the connection pool: {e}")))?;
+        let claimant = crate::auth::random_secret()
+            .iter()
+            .take(8)
+            .fold(0i64, |acc, b| (acc << 8) | i64::from(*b));
         let stats = Arc::new(Stats::default());
         let (jobs, rx) = mpsc::channel(limits.queue.max(1));
         let writer = Writer {
@@ -204,15 +224,12 @@ impl Postgres {
             clock,
             max_batch: limits.max_batch.max(1),
             stats: stats.clone(),
+            claimant,
         };
         let thread = std::thread::Builder::new()
             .name("cosmopoints-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Unusable(format!("cannot start the writer thread: {e}")))?;
-        let claimant = crate::auth::random_secret()
-            .iter()
-            .take(8)
-            .fold(0i64, |acc, b| (acc << 8) | i64::from(*b));
         Ok(Postgres {
             pool,
             config: pg,
@@ -220,7 +237,8 @@ impl Postgres {
             jobs,
             writer: Mutex::new(Some(thread)),
             stats,
-            listings: Arc::new(Semaphore::new(MAX_LISTINGS)),
+            listings: Arc::new(Semaphore::new(listing_slots(config.pool_size))),
+            listing_slots: listing_slots(config.pool_size),
             migrated_from: prepared.migrated_from,
             outbox_changed: Arc::new(tokio::sync::Notify::new()),
             claimant,
@@ -617,7 +635,7 @@ impl Postgres {
     }
 
     pub fn running_listings(&self) -> usize {
-        MAX_LISTINGS - self.listings.available_permits()
+        self.listing_slots - self.listings.available_permits()
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -700,6 +718,9 @@ impl Postgres {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Reversal>, StoreError> {
+        if key.contains('\0') {
+            return Ok(None);
+        }
         let client = self.pool.get().await.map_err(pool_unavailable)?;
         let seq = ReversalId::parse(key).and_then(|id| self.ciphers.reversal_ids.decipher(id.0));
         if let Some(seq) = seq {
@@ -739,7 +760,7 @@ impl Postgres {
             .query(
                 "SELECT end_user_id, program_id, destination_user_id, created_at, updated_at \
                  FROM connections WHERE business = $1 AND end_user_id = $2 \
-                 AND ($3::text IS NULL OR program_id = $3) ORDER BY program_id",
+                 AND ($3::text IS NULL OR program_id = $3) ORDER BY program_id COLLATE \"C\"",
                 &[
                     &business.as_str(),
                     &end_user_id.as_str(),
@@ -865,6 +886,10 @@ async fn find_tx<C: deadpool_postgres::GenericClient>(
     business: &BusinessId,
     key: &str,
 ) -> Result<Option<Transaction>, StoreError> {
+    // No stored reference holds NUL (and PostgreSQL text cannot): nothing is found.
+    if key.contains('\0') {
+        return Ok(None);
+    }
     if let Some(seq) = TransactionId::parse(key).and_then(|id| ciphers.ids.decode(id)) {
         let found = read_tx(c, ciphers, seq)
             .await

@@ -14,7 +14,7 @@ use super::super::OpenError;
 pub const PG_SCHEMA_VERSION: u64 = 1;
 
 /// Held while migrating: any constant, the same in every build.
-const MIGRATION_LOCK: i64 = 0x636f_736d_6f70_7473; // "cosmopts"
+pub(super) const MIGRATION_LOCK: i64 = 0x636f_736d_6f70_7473; // "cosmopts"
 
 /// Created before anything else, so that the version can be read.
 const META: &str = "CREATE TABLE IF NOT EXISTS meta (

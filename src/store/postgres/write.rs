@@ -109,6 +109,8 @@ pub(crate) struct Writer {
     pub clock: Clock,
     pub max_batch: usize,
     pub stats: Arc<Stats>,
+    /// This process's `claimed_by` (see `Postgres::due`).
+    pub claimant: i64,
 }
 
 /// Why a batch did not commit.
@@ -116,22 +118,35 @@ pub(crate) enum Fail {
     /// A deadlock or serialization failure, or a row that a conflicting insert promised
     /// and that is not there: apply the batch again.
     Retry,
+    /// The batch cannot be written now (a lost connection, a failed COMMIT): every caller
+    /// in it gets this.
     Store(StoreError),
+    /// This op's own data cannot be written (a value PostgreSQL refuses, a stored row
+    /// that does not decode): it alone fails, and the batch runs again without it.
+    Op(StoreError),
+    /// [`Fail::Op`] of the op at this position of the batch.
+    OpAt(usize, StoreError),
 }
 
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Fail {
-        Fail::Store(e)
+        Fail::Op(e)
     }
 }
 
 impl From<tokio_postgres::Error> for Fail {
     fn from(e: tokio_postgres::Error) -> Fail {
         if retryable(&e) {
-            Fail::Retry
-        } else {
-            tracing::error!(error = %describe(&e), "PostgreSQL write failed");
-            Fail::Store(StoreError::Unavailable)
+            return Fail::Retry;
+        }
+        tracing::error!(error = %describe(&e), "PostgreSQL write failed");
+        // Class 22 (data exception) and 23 (integrity constraint violation): what this
+        // op wrote, not the connection or the server.
+        match e.code().map(|c| c.code()) {
+            Some(code) if code.starts_with("22") || code.starts_with("23") => {
+                Fail::Op(StoreError::Corrupt)
+            }
+            _ => Fail::Store(StoreError::Unavailable),
         }
     }
 }
@@ -181,7 +196,7 @@ impl Writer {
             match self.write(&mut client, &ops).await {
                 Ok(done) => {
                     for (reply, done) in replies.into_iter().zip(done) {
-                        let _ = reply.send(Ok(done));
+                        let _ = reply.send(done);
                     }
                 }
                 Err(e) => {
@@ -205,8 +220,14 @@ impl Writer {
             }
         });
         // Acknowledged only once durable, whatever the database's default says.
+        // A batch that hangs (a lock held by a process that went silent) or a process that
+        // goes silent holding this session's locks is ended by the server, so no other
+        // process's writes wait on it for long: the batch fails (503) and runs no more.
         client
-            .batch_execute("SET synchronous_commit = on")
+            .batch_execute(
+                "SET synchronous_commit = on; SET statement_timeout = '60s'; \
+                 SET idle_in_transaction_session_timeout = '60s'",
+            )
             .await
             .map_err(|e| {
                 tracing::error!(error = %describe(&e), "cannot set synchronous_commit");
@@ -224,10 +245,11 @@ impl Writer {
         &self,
         client: &mut Option<Session>,
         ops: &[Op],
-    ) -> Result<Vec<Done>, StoreError> {
+    ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+        // The ops that failed on their own data: left out of the next application.
+        let mut failed: Vec<Option<StoreError>> = vec![None; ops.len()];
         let mut attempt = 0;
         loop {
-            attempt += 1;
             if client.as_ref().is_none_or(|s| s.client.is_closed()) {
                 *client = None;
                 *client = Some(self.connect().await?);
@@ -235,7 +257,12 @@ impl Writer {
             let Some(c) = client.as_mut() else {
                 return Err(StoreError::Unavailable);
             };
-            match apply(c, &self.ciphers, self.clock.now(), ops).await {
+            let (positions, running): (Vec<usize>, Vec<&Op>) = ops
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| failed[*i].is_none())
+                .unzip();
+            match apply(c, &self.ciphers, self.claimant, self.clock.now(), &running).await {
                 Ok((done, took)) => {
                     if let Some(hook) = self.stats.on_commit.get() {
                         hook(done.len(), took);
@@ -244,9 +271,25 @@ impl Writer {
                     self.stats
                         .writes
                         .fetch_add(done.len() as u64, Ordering::Relaxed);
-                    return Ok(done);
+                    let mut done = done.into_iter();
+                    return Ok(failed
+                        .into_iter()
+                        .map(|f| match f {
+                            Some(e) => Err(e),
+                            None => done.next().ok_or(StoreError::Corrupt),
+                        })
+                        .collect());
                 }
-                Err(Fail::Retry) if attempt < ATTEMPTS => {
+                Err(Fail::OpAt(at, e)) => {
+                    // Rolled back; the others run again without it (at most once per op).
+                    if let Some(&position) = positions.get(at) {
+                        failed[position] = Some(e);
+                    } else {
+                        return Err(StoreError::Corrupt);
+                    }
+                }
+                Err(Fail::Retry) if attempt + 1 < ATTEMPTS => {
+                    attempt += 1;
                     tracing::debug!(
                         attempt,
                         "a batch met a deadlock or a serialization failure; applying it again"
@@ -255,12 +298,12 @@ impl Writer {
                 }
                 Err(Fail::Retry) => {
                     tracing::error!(
-                        attempts = attempt,
+                        attempts = attempt + 1,
                         "a batch kept meeting deadlocks; given up"
                     );
                     return Err(StoreError::Unavailable);
                 }
-                Err(Fail::Store(e)) => {
+                Err(Fail::Store(e) | Fail::Op(e)) => {
                     if c.client.is_closed() {
                         *client = None;
                     }
@@ -287,8 +330,9 @@ fn backoff(attempt: u32) -> Duration {
 async fn apply(
     session: &mut Session,
     ciphers: &Ciphers,
+    claimant: i64,
     now: u64,
-    ops: &[Op],
+    ops: &[&Op],
 ) -> Result<(Vec<Done>, Duration), Fail> {
     let t = session
         .client
@@ -302,10 +346,15 @@ async fn apply(
             t: &t,
             statements: &session.statements,
             c: ciphers,
+            claimant,
             now,
         };
-        for op in ops {
-            done.push(batch.apply(op).await?);
+        for (at, op) in ops.iter().enumerate() {
+            match batch.apply(op).await {
+                Ok(outcome) => done.push(outcome),
+                Err(Fail::Op(e)) => return Err(Fail::OpAt(at, e)),
+                Err(e) => return Err(e),
+            }
         }
     }
     let committing = Instant::now();
@@ -333,6 +382,8 @@ pub(crate) struct Batch<'a> {
     pub t: &'a tokio_postgres::Transaction<'a>,
     pub statements: &'a Mutex<HashMap<String, Statement>>,
     pub c: &'a Ciphers,
+    /// This process's `claimed_by`.
+    pub claimant: i64,
     /// The batch's time: every record it writes is dated with it.
     pub now: u64,
 }
@@ -747,6 +798,34 @@ impl Batch<'_> {
         let now = self.now;
         let due_now = |next: &Delivery| next.next_attempt_at.is_some_and(|at| at <= now);
         let kind = i16::from(kind);
+        // An attempt that outlived its lease (this process stalled) while another process
+        // claimed the job and is sending it now: that process's outcome decides, and this
+        // late one must not end its claim or make the job due again beside it.
+        let claim = self
+            .t
+            .query_opt(
+                &self
+                    .prepared(
+                        "SELECT claimed_by, claimed_until FROM deliveries \
+                         WHERE kind = $1 AND id = $2 FOR UPDATE",
+                    )
+                    .await?,
+                &[&kind, &big(id)?],
+            )
+            .await?;
+        if let Some(row) = claim {
+            let by: Option<i64> = row.try_get(0)?;
+            let until: Option<i64> = row.try_get(1)?;
+            let now_big = big(now)?;
+            if by.is_some_and(|by| by != self.claimant) && until.is_some_and(|u| u > now_big) {
+                tracing::warn!(
+                    kind,
+                    id,
+                    "an attempt's outcome came after its lease and another process's claim; not recorded"
+                );
+                return Ok((false, false));
+            }
+        }
         let step = outcome.step.as_ref();
         match kind {
             JOB_EVENT => {
