@@ -429,6 +429,18 @@ async fn a_database_of_this_release_migrates_whole_with_its_deliveries() {
 
     let config = Config::parse(&pg_text, dir.path()).expect("config");
     let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    // With a server connected, another copy is refused before anything is looked at.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(["migrate", "--from"])
+        .arg(dir.path().join("db/cosmopoints.redb"))
+        .arg("--config")
+        .arg(&pg_config)
+        .output()
+        .expect("migrate runs");
+    assert_eq!(again.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("stop the servers first"), "{said}");
+    assert!(!said.contains(&url), "the url was shown: {said}");
     // The tokens signed before still work: the signing key moved too.
     let after = snapshot(&s, &acme, &globex, &ids, [&done, &held]).await;
     for ((path, status, body), (_, status_after, body_after)) in before.iter().zip(&after) {

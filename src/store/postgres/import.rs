@@ -126,6 +126,21 @@ async fn write_all(
         .await
         .map_err(failed("cannot take the migration lock"))?;
     let txn = client.transaction().await.map_err(failed("cannot begin"))?;
+    // A server already running on the database keeps the keys it read in memory, and
+    // takes seqs that may be the copied ones: none may be connected.
+    let servers: i64 = txn
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'cosmopoints' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(failed("cannot look for servers"))?
+        .try_get(0)
+        .map_err(failed("cannot look for servers"))?;
+    if servers > 0 {
+        return Err(MigrateError::InUse(servers));
+    }
     // No server may write while the copy is made, and the copy goes only into an empty
     // database.
     txn.batch_execute(
@@ -146,21 +161,6 @@ async fn write_all(
         .map_err(failed("cannot look for rows"))?;
     if any {
         return Err(MigrateError::NotEmpty);
-    }
-    // A server already running on the database keeps the keys it read in memory, and
-    // takes seqs that may be the copied ones: none may be connected.
-    let servers: i64 = txn
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'cosmopoints' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map_err(failed("cannot look for servers"))?
-        .try_get(0)
-        .map_err(failed("cannot look for servers"))?;
-    if servers > 0 {
-        return Err(MigrateError::InUse(servers));
     }
     // The file's keys replace any a server made on the empty database.
     let keys: Vec<(&str, &[u8])> = std::iter::once(("id_key", id_key.as_slice()))
