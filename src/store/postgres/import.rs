@@ -192,7 +192,13 @@ async fn write_all(
         .await
         .map_err(failed("cannot move a sequence"))?;
     }
-    txn.commit().await.map_err(failed("cannot commit"))
+    txn.commit().await.map_err(failed("cannot commit"))?;
+    // Statistics for the planner at once, as after any bulk load (autovacuum would get to
+    // it within a minute or so): the servers' plans are made from them.
+    client
+        .batch_execute("ANALYZE transactions, connections, reversals, events, deliveries")
+        .await
+        .map_err(failed("copied, but ANALYZE failed"))
 }
 
 /// One batch as one INSERT of arrays.

@@ -167,18 +167,6 @@ fn connection_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, 
     pg.keepalives_retries(3);
     pg.tcp_user_timeout(Duration::from_secs(30));
     pg.application_name("cosmopoints");
-    // Statements are prepared once per connection (`prepare_cached`, the writer's cache),
-    // and a connection often prepares them while the tables are still empty: a generic
-    // plan made then (a sequential scan, when every table looks tiny) would be kept until
-    // the next ANALYZE, milliseconds per lookup once the table has grown. Custom plans
-    // follow the tables' current size; the statements still skip the parse round trip.
-    let options = match pg.get_options() {
-        Some(theirs) if !theirs.trim().is_empty() => {
-            format!("{theirs} -c plan_cache_mode=force_custom_plan")
-        }
-        _ => "-c plan_cache_mode=force_custom_plan".to_owned(),
-    };
-    pg.options(&options);
     Ok(pg)
 }
 
