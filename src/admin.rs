@@ -127,6 +127,13 @@ async fn ready(admin: &Admin) -> Reply {
 }
 
 async fn backup(admin: &Admin) -> Reply {
+    if !admin.app.store.is_embedded() {
+        return Err(Error::StateConflict(
+            "backups here are of a redb database file; this server's database is PostgreSQL: \
+             back it up with pg_dump"
+                .into(),
+        ));
+    }
     let Ok(permit) = admin.backups.try_acquire() else {
         return Err(Error::Overloaded { retry_after: 10 });
     };

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::auth::{random_secret, CursorKey, SecretHash, TokenKey, DEFAULT_ITERATIONS};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::domain::ClientSecret;
 use crate::metrics::Metrics;
 use crate::store::{Limits, OpenError, Store};
@@ -34,15 +34,15 @@ pub struct App {
 impl App {
     /// Opens the database named by `config` and loads (or makes) the token signing key.
     pub fn open(config: Config, clock: Clock) -> Result<App, OpenError> {
-        let store = Store::open(
-            &config.storage_path,
-            clock.clone(),
-            Limits {
-                max_batch: config.server.max_batch,
-                queue: config.server.write_queue,
-                cache_bytes: config.storage_cache_bytes,
-            },
-        )?;
+        let limits = Limits {
+            max_batch: config.server.max_batch,
+            queue: config.server.write_queue,
+            cache_bytes: config.storage_cache_bytes,
+        };
+        let store = match &config.storage_backend {
+            StorageBackend::Redb => Store::open(&config.storage_path, clock.clone(), limits)?,
+            StorageBackend::Postgres(pg) => Store::open_postgres(pg, clock.clone(), limits)?,
+        };
         let key = match &config.auth.signing_key {
             Some(key) => key.clone(),
             None => store

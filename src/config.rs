@@ -170,6 +170,8 @@ pub struct Config {
     pub storage_path: PathBuf,
     /// The database's page cache, in bytes.
     pub storage_cache_bytes: usize,
+    /// `[storage] backend`: redb (the file above) unless the config says postgres.
+    pub storage_backend: StorageBackend,
     pub auth: AuthConfig,
     pub currencies: BTreeMap<String, Currency>,
     pub programs: BTreeMap<ProgramId, Program>,
@@ -222,6 +224,12 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let start = span.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
     let written = text.lines().nth(line - 1).unwrap_or("").trim();
+    // A url may hold a password: name its key, never its value.
+    let written = if written.starts_with("url") {
+        "url = …"
+    } else {
+        written
+    };
     let written: String = written.chars().take(60).collect();
     err(format!("line {line} (`{written}`)"), message)
 }
@@ -327,21 +335,108 @@ struct RawAdmin {
     listen: String,
 }
 
+/// Which database holds the ledger: `[storage] backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// The embedded redb file at `Config::storage_path` (the default).
+    Redb,
+    /// A PostgreSQL database, shared by every process configured with it.
+    Postgres(PostgresConfig),
+}
+
+/// `[storage] url` and `pool_size` for `backend = "postgres"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// `postgres://user[:password]@host:port/db`: may hold a password, so it is never
+    /// printed (`Debug` leaves it out) and never echoed in an error.
+    pub url: String,
+    /// Connections in the pool of each process.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &"<not shown>")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStorage {
+    #[serde(default = "default_backend")]
+    backend: String,
     #[serde(default = "default_storage_path")]
     path: String,
     #[serde(default = "default_cache_mib")]
     cache_mib: u64,
+    url: Option<String>,
+    pool_size: Option<u64>,
 }
 
 impl Default for RawStorage {
     fn default() -> Self {
         RawStorage {
+            backend: default_backend(),
             path: default_storage_path(),
             cache_mib: default_cache_mib(),
+            url: None,
+            pool_size: None,
         }
+    }
+}
+
+fn default_backend() -> String {
+    "redb".to_owned()
+}
+
+/// Connections per process when `pool_size` is absent.
+const DEFAULT_POOL_SIZE: u64 = 8;
+
+/// `[storage] backend`, `url`, `pool_size`. Errors name the key and never repeat the url.
+fn storage_backend(raw: &RawStorage) -> Result<StorageBackend, ConfigError> {
+    match raw.backend.as_str() {
+        "redb" => {
+            if raw.url.is_some() {
+                return Err(err("storage.url", "only for backend = \"postgres\""));
+            }
+            if raw.pool_size.is_some() {
+                return Err(err("storage.pool_size", "only for backend = \"postgres\""));
+            }
+            Ok(StorageBackend::Redb)
+        }
+        "postgres" => {
+            let Some(url) = &raw.url else {
+                return Err(err(
+                    "storage.url",
+                    "required for backend = \"postgres\" (postgres://user@host:port/db)",
+                ));
+            };
+            let rest = url
+                .strip_prefix("postgres://")
+                .or_else(|| url.strip_prefix("postgresql://"));
+            match rest {
+                Some(rest) if !rest.is_empty() && !rest.chars().any(char::is_whitespace) => {}
+                _ => {
+                    return Err(err(
+                        "storage.url",
+                        "must be a postgres://user@host:port/db url (not shown: it may hold a password)",
+                    ))
+                }
+            }
+            let pool_size = positive(
+                "storage.pool_size",
+                raw.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+                1024,
+            )? as usize;
+            Ok(StorageBackend::Postgres(PostgresConfig {
+                url: url.clone(),
+                pool_size,
+            }))
+        }
+        _ => Err(err("storage.backend", "must be \"redb\" or \"postgres\"")),
     }
 }
 
@@ -971,6 +1066,7 @@ impl RawConfig {
         let storage_path = base.join(&self.storage.path);
         let storage_cache_bytes =
             positive("storage.cache_mib", self.storage.cache_mib, 1 << 20)? as usize * (1 << 20);
+        let storage_backend = storage_backend(&self.storage)?;
 
         let a = &self.auth;
         let signing_key = match &a.signing_key {
@@ -1199,6 +1295,7 @@ impl RawConfig {
             admin,
             storage_path,
             storage_cache_bytes,
+            storage_backend,
             auth,
             currencies,
             programs,
@@ -1333,6 +1430,70 @@ secret = "acme-secret"
         )
         .expect("valid");
         assert!(config.programs["skywards"].partner.is_none());
+    }
+
+    #[test]
+    fn the_storage_backend_is_redb_unless_postgres_is_configured() {
+        let parse = |storage: &str| {
+            Config::parse(
+                &format!("[storage]\n{storage}\n{}", with_partner("sandbox = true")),
+                Path::new("/"),
+            )
+        };
+        let c = parse("").expect("valid");
+        assert_eq!(c.storage_backend, StorageBackend::Redb);
+        let c = parse("backend = \"redb\"\npath = \"x.redb\"").expect("valid");
+        assert_eq!(c.storage_backend, StorageBackend::Redb);
+
+        let url = "postgres://app:hunter2@127.0.0.1:5432/points";
+        let c = parse(&format!("backend = \"postgres\"\nurl = \"{url}\"")).expect("valid");
+        let StorageBackend::Postgres(pg) = &c.storage_backend else {
+            panic!("postgres expected");
+        };
+        assert_eq!((pg.url.as_str(), pg.pool_size), (url, 8));
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug shows no password"
+        );
+        let c = parse(&format!(
+            "backend = \"postgres\"\nurl = \"{url}\"\npool_size = 3"
+        ))
+        .expect("valid");
+        assert!(matches!(
+            c.storage_backend,
+            StorageBackend::Postgres(PostgresConfig { pool_size: 3, .. })
+        ));
+
+        for (storage, key) in [
+            ("backend = \"sqlite\"", "storage.backend"),
+            ("backend = \"postgres\"", "storage.url"),
+            (
+                "backend = \"postgres\"\nurl = \"mysql://hunter2@h/db\"",
+                "storage.url",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://\"",
+                "storage.url",
+            ),
+            (
+                &format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 0"),
+                "storage.pool_size",
+            ),
+            (
+                &format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 5000"),
+                "storage.pool_size",
+            ),
+            (&format!("url = \"{url}\""), "storage.url"),
+            ("pool_size = 4", "storage.pool_size"),
+        ] {
+            let e = parse(storage).expect_err(storage);
+            assert_eq!(e.key, key, "{storage}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        // A syntax error on the url's line names the line, not the password.
+        let e =
+            parse(&format!("backend = \"postgres\"\nurl = \"{url}\" oops")).expect_err("syntax");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     #[test]

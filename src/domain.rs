@@ -153,7 +153,7 @@ text_id!(
     "destinationUserId"
 );
 
-/// A free-text description: at most [`MAX_DESCRIPTION_CHARS`] characters.
+/// A free-text description: at most [`MAX_DESCRIPTION_CHARS`] characters, no NUL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Description(String);
 
@@ -175,6 +175,14 @@ impl Description {
                 reason: format!(
                     "must be at most {MAX_DESCRIPTION_CHARS} characters long, not {chars}"
                 ),
+            });
+        }
+        // Line breaks and tabs are free text's own; NUL is no text at all (and no
+        // PostgreSQL `text` can hold it).
+        if value.contains('\0') {
+            return Err(Invalid {
+                field,
+                reason: "must not contain the NUL character (U+0000)".into(),
             });
         }
         Ok(Description(value))
@@ -356,6 +364,14 @@ impl Business {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_text_takes_line_breaks_but_not_nul() {
+        assert!(Description::parse("two\nlines\tand a tab").is_ok());
+        let e = Description::parse_field("reason", "a\0b").expect_err("NUL");
+        assert_eq!(e.field, "reason");
+        assert!(e.reason.contains("NUL"), "{}", e.reason);
+    }
 
     #[test]
     fn text_fields_are_checked_in_characters() {

@@ -51,15 +51,18 @@
 //! - [`decimal`]: exact decimals and the points formula.
 //! - [`partner`]: the outbound partner client: one signed (Standard Webhooks) HTTP(S)
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.
-//! - [`store`]: the storage interface and its redb implementation (`store/`: schema and
-//!   versioned records, the group-commit writer, reads, `check`).
+//! - [`store`]: the storage interface and its two backends: redb (`store/embedded.rs`
+//!   and beside it the schema and versioned records, the group-commit writer, reads,
+//!   `check`) and PostgreSQL (`store/postgres/`: migrations, a per-process group-commit
+//!   writer, pooled reads, the shared outbox's claims, `check`).
 //! - [`files`]: owner-only files and folders (the database, backups, exports), written
 //!   atomically.
 //! - [`error`], [`body`], [`clock`], [`openapi`]: the error type, body type, time, API document.
 //!
 //! # Invariants
 //!
-//! - Only `store` knows redb and postcard; its public interface names neither.
+//! - Only `store` knows redb, postcard and tokio-postgres; its public interface names
+//!   none of them. `Store` is an enum over the backends (static dispatch).
 //! - Only `server`, `router`, `api`, `body`, `error`, `openapi` and `dashboard` know
 //!   hyper; `server` does not know the routes or the store. `partner` knows hyper's client side only,
 //!   and neither the store nor the API.
@@ -72,12 +75,17 @@
 //!   transaction; a newer one is refused.
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
-//! - A write is acknowledged only after its commit is durable.
+//! - A write is acknowledged only after its commit is durable (on PostgreSQL: after
+//!   COMMIT returned with `synchronous_commit = on`).
 //! - A job for the outbox (a credit, a debit, a merchant event) is written in the same
 //!   commit as the change that causes it; a debit is sent only after its credit completed.
 //! - The reversals of a transaction never add up to more than its value or its points:
 //!   the writer decides each one against the totals the transaction's record keeps, read
-//!   in the same write transaction (`check` verifies the sums).
+//!   in the same write transaction (on PostgreSQL with the row locked `FOR UPDATE`;
+//!   `check` verifies the sums).
+//! - On PostgreSQL, idempotency rests on UNIQUE constraints (never a check-then-insert),
+//!   and an outbox job is sent by one process at a time (claimed with `FOR UPDATE SKIP
+//!   LOCKED` for a lease).
 //! - Shutdown order: mark not ready, stop accepting API requests and drain them, stop the
 //!   admin listener, stop background tasks, flush the writer, close the store.
 //! - The dashboard has no privileges of its own: its files are public, and everything it

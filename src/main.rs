@@ -10,13 +10,13 @@ use std::sync::Arc;
 use cosmopoints::app::App;
 use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
-use cosmopoints::config::{Config, LogFormat};
+use cosmopoints::config::{Config, LogFormat, StorageBackend};
 use cosmopoints::export::ExportFormat;
-use cosmopoints::store::{Limits, RestoreError, Store};
+use cosmopoints::store::{Limits, MigrateError, RestoreError, Store};
 
 const USAGE: &str = "usage: cosmopoints <serve [--config PATH] | check [--config PATH] | \
                      hash-secret [--generate] [--iterations N] | backup --admin ADDR --out FILE | \
-                     restore --from FILE --config PATH | export --config PATH --from S --to E \
+                     restore --from FILE --config PATH | migrate --from FILE --config PATH | export --config PATH --from S --to E \
                      [--format csv|jsonl] [--out FILE]> (--help for more)";
 
 const HELP: &str = "cosmopoints: a self-contained loyalty-points server
@@ -40,6 +40,9 @@ usage:
   cosmopoints restore --from FILE --config PATH
       With the server stopped: check the backup FILE, then put it in place of the
       database named in the config, in one atomic step.
+  cosmopoints migrate --from FILE --config PATH
+      Copy the redb database FILE (any schema this build reads; never changed) into
+      the empty PostgreSQL database named in the config, keeping ids and keys.
   cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
       With the server stopped: every business's transactions created from S to E
       (epoch seconds, 10 digits) as CSV (default) or JSON Lines, to stdout or FILE.
@@ -91,6 +94,20 @@ one step, so that the database is either the old one or the whole backup. Exit 0
 1 the backup is damaged or a copy failed, 2 bad usage, config, unreadable backup or a
 running server (nothing changed in any of these).";
 
+const MIGRATE_HELP: &str = "usage: cosmopoints migrate --from FILE --config PATH
+
+Copies the redb database FILE into the PostgreSQL database named in the config
+([storage] backend = \"postgres\"): every transaction, connection, reversal, merchant
+event and delivery state, under the same ids and references, with the same times, and
+the file's id key and token signing key, so that ids and unexpired tokens read the same.
+FILE may be of any schema this build reads: it is copied to a private temp file and
+migrated there; FILE itself is never changed (a server may even be running on it: the
+copy is of the moment it was read). The PostgreSQL database must hold no rows (a fresh
+database, or one a server has only started on) and no server may be connected to it
+(refused otherwise); servers starting meanwhile wait until the copy is done. Everything
+is written in one transaction: the database gets the whole file or no rows at all. Exit 0 done, 1 failed (nothing written), 2 bad usage,
+config, an unreadable FILE, or a database that is not empty or cannot be reached.";
+
 const EXPORT_HELP: &str =
     "usage: cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]
 
@@ -123,6 +140,11 @@ fn main() -> ExitCode {
         ["restore", "--help" | "-h"] => print_ok(RESTORE_HELP),
         ["restore", options @ ..] => match named(options, &["--from", "--config"], &[]) {
             Ok(o) => restore(Path::new(o["--from"]), Path::new(o["--config"])),
+            Err(message) => usage_error(&message),
+        },
+        ["migrate", "--help" | "-h"] => print_ok(MIGRATE_HELP),
+        ["migrate", options @ ..] => match named(options, &["--from", "--config"], &[]) {
+            Ok(o) => migrate(Path::new(o["--from"]), Path::new(o["--config"])),
             Err(message) => usage_error(&message),
         },
         ["export", "--help" | "-h"] => print_ok(EXPORT_HELP),
@@ -307,6 +329,14 @@ fn restore(from: &Path, config: &Path) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if !matches!(config.storage_backend, StorageBackend::Redb) {
+        eprintln!(
+            "cosmopoints: restore is for a redb database file; this config's database is \
+             PostgreSQL: restore it with PostgreSQL's own tools (pg_restore or psql from a \
+             pg_dump)"
+        );
+        return ExitCode::from(2);
+    }
     let to = &config.storage_path;
     let started = std::time::Instant::now();
     match cosmopoints::store::restore_file(from, to) {
@@ -330,6 +360,51 @@ fn restore(from: &Path, config: &Path) -> ExitCode {
             match e {
                 RestoreError::Damaged(_) | RestoreError::Io(_) => ExitCode::FAILURE,
                 RestoreError::Source(_) | RestoreError::InUse => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+/// `cosmopoints migrate`: see MIGRATE_HELP.
+fn migrate(from: &Path, config: &Path) -> ExitCode {
+    let (_, config) = match load_config(Some(config)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let StorageBackend::Postgres(pg) = &config.storage_backend else {
+        eprintln!(
+            "cosmopoints: migrate copies into PostgreSQL; this config's storage is a redb \
+             file (set [storage] backend = \"postgres\" and url)"
+        );
+        return ExitCode::from(2);
+    };
+    let started = std::time::Instant::now();
+    match cosmopoints::store::migrate_file(from, pg) {
+        Ok(counts) => {
+            println!(
+                "{} copied into the PostgreSQL database: {} transactions, {} connections, {} reversals, {} events, {} deliveries{}; {:.1} s",
+                from.display(),
+                counts.transactions,
+                counts.connections,
+                counts.reversals,
+                counts.events,
+                counts.deliveries,
+                counts
+                    .migrated_from
+                    .map(|v| format!(" (read from schema {v})"))
+                    .unwrap_or_default(),
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cosmopoints: migrate stopped, nothing copied: {e}");
+            match e {
+                MigrateError::Failed(_) => ExitCode::FAILURE,
+                MigrateError::Source(_)
+                | MigrateError::Database(_)
+                | MigrateError::NotEmpty
+                | MigrateError::InUse(_) => ExitCode::from(2),
             }
         }
     }
@@ -377,22 +452,30 @@ fn export(options: ExportOptions) -> ExitCode {
         Err(code) => return code,
     };
     let path = config.storage_path.clone();
-    // Opening would create a missing database: say so instead.
-    if !path.exists() {
-        eprintln!(
-            "cosmopoints: cannot export: {} does not exist",
-            path.display()
-        );
-        return ExitCode::from(2);
-    }
     let limits = Limits {
         cache_bytes: config.storage_cache_bytes,
         ..Limits::new(1, 1)
     };
-    let store = match Store::open(&path, Clock::system(), limits) {
+    let opened = match &config.storage_backend {
+        StorageBackend::Redb => {
+            // Opening would create a missing database: say so instead.
+            if !path.exists() {
+                eprintln!(
+                    "cosmopoints: cannot export: {} does not exist",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            Store::open(&path, Clock::system(), limits)
+                .map_err(|e| format!("cannot export from {}: {e}", path.display()))
+        }
+        StorageBackend::Postgres(pg) => Store::open_postgres(pg, Clock::system(), limits)
+            .map_err(|e| format!("cannot export from the PostgreSQL database: {e}")),
+    };
+    let store = match opened {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("cosmopoints: cannot export from {}: {e}", path.display());
+            eprintln!("cosmopoints: {e}");
             return ExitCode::from(2);
         }
     };
@@ -553,10 +636,21 @@ fn check(path: Option<&Path>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let path = &config.storage_path;
-    match cosmopoints::store::check_file(path) {
+    // The database as it is named in messages: the file, or (never the url, which may
+    // hold a password) "the PostgreSQL database".
+    let (checked, name) = match &config.storage_backend {
+        StorageBackend::Redb => (
+            cosmopoints::store::check_file(&config.storage_path),
+            config.storage_path.display().to_string(),
+        ),
+        StorageBackend::Postgres(pg) => (
+            cosmopoints::store::check_postgres(pg),
+            "the PostgreSQL database".to_owned(),
+        ),
+    };
+    match checked {
         Err(e) => {
-            eprintln!("cosmopoints: cannot check {}: {e}", path.display());
+            eprintln!("cosmopoints: cannot check {name}: {e}");
             ExitCode::from(2)
         }
         Ok(report) => {
@@ -565,7 +659,7 @@ fn check(path: Option<&Path>) -> ExitCode {
             }
             println!(
                 "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} reversals, {} problems",
-                path.display(),
+                name,
                 report.schema,
                 report.transactions,
                 report.references,
@@ -592,6 +686,13 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     let storage = config.storage_path.clone();
+    let postgres = matches!(config.storage_backend, StorageBackend::Postgres(_));
+    // Never the url: it may hold a password.
+    let database = if postgres {
+        "the PostgreSQL database".to_owned()
+    } else {
+        storage.display().to_string()
+    };
     let businesses = config
         .businesses
         .iter()
@@ -607,7 +708,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
     let app = match App::open(config, Clock::system()) {
         Ok(app) => Arc::new(app),
         Err(e) => {
-            eprintln!("cosmopoints: cannot open {}: {e}", storage.display());
+            eprintln!("cosmopoints: cannot open {database}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -652,7 +753,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %config_file.display(),
-            database = %storage.display(),
+            database = %database,
             businesses = %businesses,
             "listening on {addr}"
         );
@@ -672,7 +773,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
             );
         }
         // Files made by earlier versions were created 0644; new ones are 0600.
-        if let Ok(Some(mode)) = cosmopoints::files::open_to_others(&storage) {
+        if let (false, Ok(Some(mode))) = (postgres, cosmopoints::files::open_to_others(&storage)) {
             tracing::warn!(
                 "{} has mode {mode:o}: other users of this machine can read the signing key \
                  in it; make it owner-only with `chmod 600`",

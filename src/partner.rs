@@ -440,12 +440,22 @@ fn retry_after_seconds(value: &str, timestamp: u64) -> Option<u64> {
 
 /// The first [`MAX_DETAIL_CHARS`] characters of a partner's body, as text. A partner
 /// that echoes the shared secret back gets it blanked out: the detail is shown to the
-/// merchant, who must never see the secret.
+/// merchant, who must never see the secret. A NUL byte (a binary body) becomes U+FFFD,
+/// as invalid UTF-8 does: the detail is text, on every backend.
 fn detail(body: &[u8], secret: &WebhookSecret) -> String {
     let text = String::from_utf8_lossy(body);
     let encoded = base64::engine::general_purpose::STANDARD.encode(secret.bytes());
     let text = text.replace(&encoded, "[redacted]");
-    text.chars().take(MAX_DETAIL_CHARS).collect()
+    text.chars()
+        .take(MAX_DETAIL_CHARS)
+        .map(|c| {
+            if c == '\0' {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// The Standard Webhooks signature header value of one request:
@@ -634,6 +644,12 @@ mod tests {
         assert_eq!(detail.chars().count(), 512);
         assert!(!detail.contains(&encoded), "{detail}");
         assert!(detail.starts_with("your secret is whsec_[redacted]; é"));
+    }
+
+    #[test]
+    fn a_binary_body_is_kept_as_text_without_nul() {
+        let detail = detail(b"\x1f\x8b\x00\x00gz\xff", &secret());
+        assert_eq!(detail, "\u{1f}\u{fffd}\u{fffd}\u{fffd}gz\u{fffd}");
     }
 
     #[test]

@@ -491,10 +491,10 @@ async fn attempt(app: &App, send: Job, permit: tokio::sync::OwnedSemaphorePermit
     let schedule = send.endpoint.retry_schedule.clone();
     let before = send.before.attempts;
     // Only the attempt this state was read for moves it on: a redelivery or another
-    // change in between wins.
+    // change in between wins. `Fn`: a write may be applied more than once.
     let step = move |d: &Delivery, now: u64| {
         (d.status == DeliveryStatus::Pending && d.attempts == before)
-            .then(|| d.after(attempt, now, &schedule))
+            .then(|| d.after(attempt.clone(), now, &schedule))
     };
     Ok(Finished {
         webhook_id: send.webhook_id,
@@ -523,7 +523,7 @@ fn wants_events(app: &App, business: &str, what: &str) -> bool {
 /// transaction as GET shows it now.
 fn events_for(
     app: &App,
-) -> impl FnOnce(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send + 'static {
+) -> impl Fn(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send + Sync + 'static {
     let (config, now) = (app.config.clone(), app.clock.now());
     move |tx, before| {
         let kind = match status_change(tx.status(), before) {
@@ -541,7 +541,7 @@ fn events_for(
 /// `reversal.failed`, with the reversal as GET shows it now.
 fn reversal_events_for(
     app: &App,
-) -> impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + 'static {
+) -> impl Fn(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + Sync + 'static {
     let (config, now) = (app.config.clone(), app.clock.now());
     move |reversal, before| {
         let kind = match status_change(reversal.status(), before) {

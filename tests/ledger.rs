@@ -195,6 +195,10 @@ async fn each_invalid_field_is_a_400_naming_it_and_stores_nothing() {
             "description",
         ),
         (
+            json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "description": "a\0b"}),
+            "description",
+        ),
+        (
             json!({"programId": "skywards", "value": 100, "userId": "u", "referenceNumber": "r", "bonus": "yes"}),
             "bonus",
         ),
@@ -370,6 +374,13 @@ async fn get_by_reference_percent_decodes_and_unknown_is_404() {
     s.get("/v1/transactions/bad%zz", Some(&token))
         .await
         .problem(400);
+    // A NUL in the key finds nothing (no stored reference holds one), on every backend.
+    s.get("/v1/transactions/inv%00", Some(&token))
+        .await
+        .problem(404);
+    s.get("/v1/reversals/ret%00", Some(&token))
+        .await
+        .problem(404);
     s.get("/v1/transactions/inv-1", None).await.problem(401);
     // "preview" is a referenceNumber like any other for GET.
     assert_eq!(s.issue(&token, issue_body("preview")).await.status, 201);

@@ -268,6 +268,7 @@ async fn bad_reversal_requests_are_400_and_change_nothing() {
             json!({"referenceNumber": "r", "reason": "x".repeat(513)}),
             "reason",
         ),
+        (json!({"referenceNumber": "r", "reason": "a\0b"}), "NUL"),
         (
             json!({"referenceNumber": "rv_AAAAAAAAAAAAAAAAAAAAAA"}),
             "reversal id",

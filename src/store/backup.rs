@@ -312,6 +312,9 @@ mod tests {
     }
 
     fn created_tables(store: &Store) -> Vec<String> {
+        let Store::Redb(store) = store else {
+            panic!("a redb store")
+        };
         let db = store.handle.db().expect("open");
         let txn = db.begin_read().expect("read");
         txn.list_tables()

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod partner;
+pub mod pg;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,6 +79,19 @@ secret = "globex-secret"
     )
 }
 
+/// The config `text` on the backend the suites run against (see [`pg::enabled`]): as it
+/// is for redb; for Postgres its redb `[storage]` section becomes the database of `dir`.
+pub fn on_backend(text: String, dir: &std::path::Path) -> String {
+    if !pg::enabled() {
+        return text;
+    }
+    let redb = "[storage]\npath = \"db/cosmopoints.redb\"\n";
+    if !text.contains(redb) {
+        return text;
+    }
+    text.replace(redb, &pg::storage_section(&pg::database_for(dir)))
+}
+
 /// The test config with `partner` (lines of a `[programs.partner]` table) for `skywards`
 /// when not empty, and `acme_extra` appended to acme's business entry (webhooks).
 pub async fn server_with_partner(partner: &str, acme_extra: &str) -> TestServer {
@@ -136,7 +150,7 @@ impl TestServer {
         dir: Arc<tempfile::TempDir>,
         edit: impl FnOnce(String) -> String,
     ) -> TestServer {
-        let text = edit(config_text("db/cosmopoints.redb"));
+        let text = on_backend(edit(config_text("db/cosmopoints.redb")), dir.path());
         let config = Config::parse(&text, dir.path()).expect("test config is valid");
         TestServer::start_with(dir, config, |_| {}).await
     }
@@ -515,7 +529,8 @@ impl Drop for Binary {
 /// Writes the test config (port 0) into `dir` and returns its path.
 pub fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("cosmopoints.toml");
-    std::fs::write(&path, config_text("db/cosmopoints.redb")).expect("write config");
+    std::fs::write(&path, on_backend(config_text("db/cosmopoints.redb"), dir))
+        .expect("write config");
     path
 }
 
