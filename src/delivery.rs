@@ -144,6 +144,35 @@ pub enum Attempt {
 }
 
 impl Delivery {
+    /// A due debit (`self`) held behind its transaction's credit: `None` while the credit
+    /// has completed (the debit is sent now). While the credit is pending, the debit waits
+    /// for the credit's next attempt, or `patience` seconds when that is due already (its
+    /// move re-times the debit sooner). A failed or missing credit completes the debit
+    /// without a partner call: the partner never had the points. Both backends' writers
+    /// decide with this.
+    pub fn held_behind(
+        &self,
+        credit: Option<&Delivery>,
+        now: u64,
+        patience: u64,
+    ) -> Option<Delivery> {
+        match credit.map(|c| (c.status, c.next_attempt_at)) {
+            Some((DeliveryStatus::Completed, _)) => None,
+            Some((DeliveryStatus::Pending, due)) => Some(Delivery {
+                next_attempt_at: Some(match due {
+                    Some(due) if due > now => due,
+                    _ => now.saturating_add(patience.max(1)),
+                }),
+                ..self.clone()
+            }),
+            _ => Some(Delivery {
+                status: DeliveryStatus::Completed,
+                next_attempt_at: None,
+                ..self.clone()
+            }),
+        }
+    }
+
     /// A new delivery, due at once.
     pub fn new(now: u64) -> Delivery {
         Delivery {
@@ -245,6 +274,36 @@ mod tests {
             detail: "busy".into(),
             retry_after: after,
         }
+    }
+
+    #[test]
+    fn a_debit_waits_for_a_pending_credit_and_settles_behind_a_failed_one() {
+        let debit = Delivery::new(100);
+        let mut credit = Delivery::new(100);
+        credit.next_attempt_at = Some(160);
+        let held = debit.held_behind(Some(&credit), 120, 30).expect("held");
+        assert_eq!(
+            (held.status, held.next_attempt_at),
+            (DeliveryStatus::Pending, Some(160))
+        );
+        // A credit due already (in flight): the debit waits `patience`.
+        credit.next_attempt_at = Some(110);
+        let held = debit.held_behind(Some(&credit), 120, 30).expect("held");
+        assert_eq!(held.next_attempt_at, Some(150));
+        credit.status = DeliveryStatus::Completed;
+        credit.next_attempt_at = None;
+        assert_eq!(debit.held_behind(Some(&credit), 120, 30), None);
+        credit.status = DeliveryStatus::Failed;
+        let settled = debit.held_behind(Some(&credit), 120, 30).expect("settled");
+        assert_eq!(
+            (settled.status, settled.next_attempt_at),
+            (DeliveryStatus::Completed, None)
+        );
+        assert_eq!(settled.attempts, 0, "no partner call");
+        assert_eq!(
+            debit.held_behind(None, 120, 30).expect("settled").status,
+            DeliveryStatus::Completed
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The PostgreSQL backend through the store's own interface, and what only it does: the
 //! schema version, `check` on a damaged database, claims on the shared outbox, the url
 //! kept out of every message, backups refused. A throwaway cluster per test process
-//! (`pg` below: initdb into a temp dir, a free port, as the `postgres` system user when
+//! (`common::pg`: initdb into a temp dir, a free port, as the `postgres` system user when
 //! run as root); without PostgreSQL's binaries these print "skipped" (under CI: fail).
 
 mod common;
@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use common::{config_text, Binary};
+use common::{config_text, pg, Binary};
 use cosmopoints::clock::Clock;
 use cosmopoints::config::PostgresConfig;
 use cosmopoints::delivery::{Attempt, DeliveryStatus};
@@ -324,183 +324,6 @@ fn admin_address(server: &Binary) -> SocketAddr {
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
     panic!("no admin line: {:?}", server.stderr.lock().expect("lines"));
-}
-
-/// A throwaway PostgreSQL cluster for this test process (Debian's `postgresql` package).
-mod pg {
-    use std::path::PathBuf;
-    use std::process::Command;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-
-    pub struct Cluster {
-        port: u16,
-        bin: PathBuf,
-    }
-
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    static DATABASES: AtomicU64 = AtomicU64::new(0);
-
-    /// Whether the binaries are here; a test without them prints "skipped", except under
-    /// CI, where it fails.
-    pub fn available_or_skip(test: &str) -> bool {
-        if binaries().is_some() {
-            return true;
-        }
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-        assert!(!ci, "{test} needs PostgreSQL's binaries under CI");
-        eprintln!("skipped {test}: PostgreSQL's binaries are not installed");
-        false
-    }
-
-    pub fn cluster() -> &'static Cluster {
-        CLUSTER.get_or_init(start)
-    }
-
-    pub fn storage_section(url: &str) -> String {
-        format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n")
-    }
-
-    fn binaries() -> Option<PathBuf> {
-        let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-                let bin = e.path().join("bin");
-                bin.join("initdb").exists().then_some((version, bin))
-            })
-            .collect();
-        found.sort();
-        found.pop().map(|(_, bin)| bin)
-    }
-
-    fn as_root() -> bool {
-        Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-    }
-
-    fn run(program: &std::path::Path, args: &[&str], root: bool) {
-        let mut command = if root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        let out = command.args(args).output().expect("runs");
-        assert!(
-            out.status.success(),
-            "{program:?} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn start() -> Cluster {
-        let bin = binaries().expect("PostgreSQL's binaries");
-        let root = as_root();
-        let dir = tempfile::Builder::new()
-            .prefix("cosmopoints-pg-store-")
-            .tempdir_in("/tmp")
-            .expect("dir")
-            .keep();
-        if root {
-            let _ = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&dir)
-                .output();
-        }
-        let data = dir.join("data");
-        let data = data.to_str().expect("utf8 path");
-        run(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-            root,
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1",
-            dir.display()
-        );
-        let log = dir.join("log");
-        run(
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                data,
-                "-o",
-                &options,
-                "-l",
-                log.to_str().expect("utf8"),
-                "-w",
-                "start",
-            ],
-            root,
-        );
-        // Stopped, and its files removed, once this process is gone.
-        let stop = format!(
-            "{}'{}' -D '{data}' -m immediate stop",
-            if root { "runuser -u postgres -- " } else { "" },
-            bin.join("pg_ctl").display()
-        );
-        let script = format!(
-            "while kill -0 {} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
-            std::process::id(),
-            dir.display()
-        );
-        let mut watcher = Command::new("setsid")
-            .args(["sh", "-c", &script])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("the watcher starts");
-        std::thread::spawn(move || watcher.wait());
-        Cluster { port, bin }
-    }
-
-    impl Cluster {
-        /// A new empty database; its url.
-        pub fn create_database(&self) -> String {
-            let name = format!(
-                "s_{}_{}",
-                std::process::id(),
-                DATABASES.fetch_add(1, Ordering::Relaxed)
-            );
-            self.psql_in("postgres", &format!("CREATE DATABASE {name}"));
-            format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
-        }
-
-        /// Runs one SQL command as the superuser in database `db`.
-        pub fn psql_in(&self, db: &str, sql: &str) {
-            let out = Command::new(self.bin.join("psql"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", db, "-X", "-q"])
-                .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
-                .output()
-                .expect("psql runs");
-            assert!(
-                out.status.success(),
-                "psql {sql:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
 }
 
 /// A write PostgreSQL refuses for its own data (here a delivery detail with a NUL byte,

@@ -623,22 +623,8 @@ impl Tables<'_> {
         }
         let tx_seq = self.reversal_of(seq)?.transaction_seq;
         let credit = read_delivery(&self.deliveries, JOB_CREDIT, tx_seq)?;
-        let now = self.now;
-        let next = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
-            Some((DeliveryStatus::Completed, _)) => return Ok(false),
-            Some((DeliveryStatus::Pending, due)) => Delivery {
-                next_attempt_at: Some(match due {
-                    Some(due) if due > now => due,
-                    _ => now.saturating_add(patience.max(1)),
-                }),
-                ..debit
-            },
-            // Failed (or gone): the partner never had the points.
-            _ => Delivery {
-                status: DeliveryStatus::Completed,
-                next_attempt_at: None,
-                ..debit
-            },
+        let Some(next) = debit.held_behind(credit.as_ref(), self.now, patience) else {
+            return Ok(false);
         };
         Ok(self
             .update_debit(seq, move |_, _| Some(next), events)?

@@ -1121,22 +1121,8 @@ impl Batch<'_> {
             Some(row) => delivery_at(&row, 0)?,
             None => None,
         };
-        let now = self.now;
-        let next = match credit.as_ref().map(|c| (c.status, c.next_attempt_at)) {
-            Some((DeliveryStatus::Completed, _)) => return Ok(false),
-            Some((DeliveryStatus::Pending, due)) => Delivery {
-                next_attempt_at: Some(match due {
-                    Some(due) if due > now => due,
-                    _ => now.saturating_add(patience.max(1)),
-                }),
-                ..debit
-            },
-            // Failed (or gone): the partner never had the points.
-            _ => Delivery {
-                status: DeliveryStatus::Completed,
-                next_attempt_at: None,
-                ..debit
-            },
+        let Some(next) = debit.held_behind(credit.as_ref(), self.now, patience) else {
+            return Ok(false);
         };
         let step = move |_: &Delivery, _: u64| Some(next.clone());
         Ok(self
