@@ -212,16 +212,8 @@ async fn a_database_of_each_released_schema_migrates_into_postgres() {
         let pg_config = dir.path().join("postgres.toml");
         std::fs::write(&pg_config, pg_text).expect("write");
 
-        let migrate = || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-                .args(["migrate", "--from"])
-                .arg(&source)
-                .arg("--config")
-                .arg(&pg_config)
-                .output()
-                .expect("migrate runs")
-        };
-        let out = migrate();
+        let copy = || migrate(&source, &pg_config);
+        let out = copy();
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -235,7 +227,7 @@ async fn a_database_of_each_released_schema_migrates_into_postgres() {
             "{schema}: migrate changed its source"
         );
         // Into a database that has data already: refused, nothing changed.
-        let again = migrate();
+        let again = copy();
         assert!(!again.status.success(), "{schema}: a second migrate ran");
 
         let (code, out) = common::run_check(&pg_config);
@@ -408,13 +400,7 @@ async fn a_database_of_this_release_migrates_whole_with_its_deliveries() {
     assert_ne!(pg_text, text);
     let pg_config = dir.path().join("postgres.toml");
     std::fs::write(&pg_config, &pg_text).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-        .args(["migrate", "--from"])
-        .arg(dir.path().join("db/cosmopoints.redb"))
-        .arg("--config")
-        .arg(&pg_config)
-        .output()
-        .expect("migrate runs");
+    let out = migrate(&dir.path().join("db/cosmopoints.redb"), &pg_config);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -430,13 +416,7 @@ async fn a_database_of_this_release_migrates_whole_with_its_deliveries() {
     let config = Config::parse(&pg_text, dir.path()).expect("config");
     let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
     // With a server connected, another copy is refused before anything is looked at.
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-        .args(["migrate", "--from"])
-        .arg(dir.path().join("db/cosmopoints.redb"))
-        .arg("--config")
-        .arg(&pg_config)
-        .output()
-        .expect("migrate runs");
+    let again = migrate(&dir.path().join("db/cosmopoints.redb"), &pg_config);
     assert_eq!(again.status.code(), Some(2));
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(said.contains("stop the servers first"), "{said}");
@@ -542,4 +522,15 @@ async fn snapshot(
         seen.push((format!("{name} listing"), 200, listed.to_string()));
     }
     seen
+}
+
+/// `cosmopoints migrate --from source --config config`, run to its end.
+fn migrate(source: &Path, config: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(["migrate", "--from"])
+        .arg(source)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("migrate runs")
 }

@@ -149,6 +149,31 @@ pub enum StoreError {
     Corrupt,
 }
 
+/// The rest of a group-commit batch whose first job is in `batch`: every job queued by
+/// now, up to `max` in all. The jobs after a stop (`is_stop`) are dropped, the stop too
+/// (their callers see `Unavailable`). Whether a stop came. Both backends' writers batch
+/// with this.
+fn fill_batch<J>(
+    rx: &mut mpsc::Receiver<J>,
+    batch: &mut Vec<J>,
+    max: usize,
+    is_stop: impl Fn(&J) -> bool,
+) -> bool {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    match batch.iter().position(is_stop) {
+        Some(stop) => {
+            batch.truncate(stop);
+            true
+        }
+        None => false,
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     tracing::error!(error = %e, "storage failure");
     StoreError::Unavailable

@@ -23,8 +23,8 @@ use super::schema::{
     JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
-    unavailable, Connect, Connected, Issue, Issued, JobOutcome, OutcomeEvents, Redelivery, Reverse,
-    Reversed, StoreError,
+    fill_batch, unavailable, Connect, Connected, Issue, Issued, JobOutcome, OutcomeEvents,
+    Redelivery, Reverse, Reversed, StoreError,
 };
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
@@ -75,17 +75,9 @@ impl Writer {
                 };
                 batch.push(first);
             }
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            if let Some(stop) = batch.iter().position(|j| matches!(j, Job::Stop)) {
-                // Jobs queued after Stop are dropped: their callers get Unavailable.
-                batch.truncate(stop);
-                stopping = true;
-            }
+            stopping = fill_batch(&mut rx, &mut batch, self.max_batch, |j| {
+                matches!(j, Job::Stop)
+            });
             self.apply(&mut batch);
         }
         rx.close();

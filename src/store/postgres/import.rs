@@ -350,15 +350,15 @@ async fn insert(txn: &tokio_postgres::Transaction<'_>, rows: Rows) -> Result<(),
         Rows::Deliveries(deliveries) => {
             let mut c = DeliveryColumns::default();
             for (kind, id, d) in deliveries {
-                let p = DeliveryParams::of(&d).map_err(out_of_range)?;
-                c.kind.push(i16::from(kind));
-                c.id.push(big(id).map_err(out_of_range)?);
+                let p = DeliveryParams::of(i16::from(kind), id, &d).map_err(out_of_range)?;
+                c.kind.push(p.kind);
+                c.id.push(p.id);
                 c.status.push(p.status);
                 c.attempts.push(p.attempts);
                 c.step.push(p.step);
                 c.last_attempt_at.push(p.last_attempt_at);
                 c.next_attempt_at.push(p.next_attempt_at);
-                c.partner_transaction_id.push(d.partner_transaction_id);
+                c.partner_transaction_id.push(p.partner_transaction_id);
                 c.error_kind.push(p.error_kind);
                 c.error_http_status.push(p.error_http_status);
                 c.error_detail.push(p.error_detail);

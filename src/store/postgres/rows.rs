@@ -51,6 +51,9 @@ pub(crate) fn event_columns() -> String {
 pub(crate) const EVENT_FROM: &str = "events e JOIN deliveries d ON d.kind = 2 AND d.id = e.seq";
 
 /// A delivery alone.
+/// How many columns [`delivery_columns`] names.
+pub(crate) const DELIVERY_COLUMN_COUNT: usize = 9;
+
 pub(crate) fn delivery_columns() -> &'static str {
     DELIVERY_COLUMNS
 }
@@ -213,4 +216,15 @@ pub(crate) fn event(ids: &IdCipher, row: &Row) -> Result<Event, StoreError> {
         payload: get(row, 5)?,
         delivery: delivery_at(row, 6)?.ok_or_else(|| corrupt("an event without a delivery"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_delivery_column_count_is_the_columns_named() {
+        assert_eq!(
+            super::DELIVERY_COLUMNS.split(',').count(),
+            super::DELIVERY_COLUMN_COUNT
+        );
+    }
 }

@@ -28,7 +28,8 @@ use tokio_postgres::{Client, IsolationLevel, NoTls, Statement};
 
 use super::rows::{
     self, big, big_opt, delivery_at, delivery_columns, get_u64, reversal_columns, status_code,
-    tx_columns, Ciphers, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, REVERSAL_FROM, TX_FROM,
+    tx_columns, Ciphers, DELIVERY_COLUMN_COUNT, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, REVERSAL_FROM,
+    TX_FROM,
 };
 use super::{describe, retryable};
 use crate::clock::Clock;
@@ -37,8 +38,8 @@ use crate::domain::{DestinationUserId, EndUserId, ProgramId};
 use crate::ledger::Connection;
 use crate::ledger::{plan_reversal, Recipient, Rejection, Reversal, Transaction, MAX_REVERSALS};
 use crate::store::{
-    Connect, Connected, DeliveryStep, EventsFor, Issue, Issued, JobOutcome, OutcomeEvents,
-    Redelivery, ReversalEventsFor, Reverse, Reversed, StoreError,
+    fill_batch, Connect, Connected, DeliveryStep, EventsFor, Issue, Issued, JobOutcome,
+    OutcomeEvents, Redelivery, ReversalEventsFor, Reverse, Reversed, StoreError,
 };
 
 /// How many times a batch is applied when PostgreSQL aborts it for a deadlock or a
@@ -172,17 +173,9 @@ impl Writer {
                 break;
             };
             batch.push(first);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            if let Some(stop) = batch.iter().position(|j| matches!(j, Job::Stop)) {
-                // Jobs queued after Stop are dropped: their callers get Unavailable.
-                batch.truncate(stop);
-                stopping = true;
-            }
+            stopping = fill_batch(&mut rx, &mut batch, self.max_batch, |j| {
+                matches!(j, Job::Stop)
+            });
             let (ops, replies): (Vec<Op>, Vec<_>) = batch
                 .drain(..)
                 .filter_map(|job| match job {
@@ -674,78 +667,59 @@ impl Batch<'_> {
 
     /// The delivery `(kind, id)`, locked until the batch commits.
     async fn lock_delivery(&self, kind: i16, id: u64) -> Result<Option<Delivery>, Fail> {
-        let row = self
-            .t
-            .query_opt(
-                &self
-                    .prepared(&format!(
-                        "SELECT {} FROM deliveries d WHERE d.kind = $1 AND d.id = $2 FOR UPDATE",
-                        delivery_columns()
-                    ))
-                    .await?,
-                &[&kind, &big(id)?],
-            )
+        Ok(self.lock_claimed(kind, id).await?.map(|(d, _)| d))
+    }
+
+    /// The delivery `(kind, id)`, locked, and whether another process holds a live claim
+    /// on it (see `Postgres::due`).
+    async fn lock_claimed(&self, kind: i16, id: u64) -> Result<Option<(Delivery, bool)>, Fail> {
+        let statement = self
+            .prepared(&format!(
+                "SELECT {}, d.claimed_by, d.claimed_until FROM deliveries d \
+                 WHERE d.kind = $1 AND d.id = $2 FOR UPDATE",
+                delivery_columns()
+            ))
             .await?;
-        match row {
-            Some(row) => Ok(delivery_at(&row, 0)?),
-            None => Ok(None),
-        }
+        let Some(row) = self.t.query_opt(&statement, &[&kind, &big(id)?]).await? else {
+            return Ok(None);
+        };
+        let Some(delivery) = delivery_at(&row, 0)? else {
+            return Ok(None);
+        };
+        let claimed_by: Option<i64> = row.try_get(DELIVERY_COLUMN_COUNT)?;
+        let claimed_until: Option<i64> = row.try_get(DELIVERY_COLUMN_COUNT + 1)?;
+        let now = big(self.now)?;
+        let theirs = claimed_by.is_some_and(|by| by != self.claimant)
+            && claimed_until.is_some_and(|until| until > now);
+        Ok(Some((delivery, theirs)))
     }
 
     async fn insert_delivery(&self, kind: i16, id: u64, d: &Delivery) -> Result<(), Fail> {
-        let p = DeliveryParams::of(d)?;
-        self.t
-            .execute(
-                &self.prepared("INSERT INTO deliveries (kind, id, status, attempts, step, last_attempt_at, \
+        let p = DeliveryParams::of(kind, id, d)?;
+        let statement = self
+            .prepared(
+                "INSERT INTO deliveries (kind, id, status, attempts, step, last_attempt_at, \
                  next_attempt_at, partner_transaction_id, error_kind, error_http_status, \
-                 error_detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)").await?,
-                &[
-                    &kind,
-                    &big(id)?,
-                    &p.status,
-                    &p.attempts,
-                    &p.step,
-                    &p.last_attempt_at,
-                    &p.next_attempt_at,
-                    &d.partner_transaction_id,
-                    &p.error_kind,
-                    &p.error_http_status,
-                    &p.error_detail,
-                ],
+                 error_detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .await?;
+        self.t.execute(&statement, &p.params()).await?;
         Ok(())
     }
 
     /// Writes a delivery's new state; any claim on it ends (its attempt is over).
     async fn put_delivery(&self, kind: i16, id: u64, d: &Delivery) -> Result<(), Fail> {
-        let p = DeliveryParams::of(d)?;
-        self.t
-            .execute(
-                &self
-                    .prepared(
-                        "UPDATE deliveries SET status = $3, attempts = $4, step = $5, \
+        let p = DeliveryParams::of(kind, id, d)?;
+        let statement = self
+            .prepared(
+                "UPDATE deliveries SET status = $3, attempts = $4, step = $5, \
                  last_attempt_at = $6, next_attempt_at = $7, partner_transaction_id = $8, \
                  error_kind = $9, error_http_status = $10, error_detail = $11, \
                  claimed_until = NULL, claimed_by = NULL \
                  WHERE kind = $1 AND id = $2",
-                    )
-                    .await?,
-                &[
-                    &kind,
-                    &big(id)?,
-                    &p.status,
-                    &p.attempts,
-                    &p.step,
-                    &p.last_attempt_at,
-                    &p.next_attempt_at,
-                    &d.partner_transaction_id,
-                    &p.error_kind,
-                    &p.error_http_status,
-                    &p.error_detail,
-                ],
             )
             .await?;
+        self.t.execute(&statement, &p.params()).await?;
         Ok(())
     }
 
@@ -757,9 +731,32 @@ impl Batch<'_> {
         id: u64,
         step: Step<'_>,
     ) -> Result<Option<(DeliveryStatus, Option<Delivery>)>, Fail> {
-        let Some(current) = self.lock_delivery(kind, id).await? else {
+        self.step_delivery_as(kind, id, step, false).await
+    }
+
+    /// [`Batch::step_delivery`]; for an attempt's outcome (`outcome`), the delivery is
+    /// left as it is while another process holds a live claim on it: the attempt
+    /// outlived its lease (this process stalled) and the other process is sending the job
+    /// now, so its outcome decides, and this late one must neither end its claim nor make
+    /// the job due again beside it.
+    async fn step_delivery_as(
+        &self,
+        kind: i16,
+        id: u64,
+        step: Step<'_>,
+        outcome: bool,
+    ) -> Result<Option<(DeliveryStatus, Option<Delivery>)>, Fail> {
+        let Some((current, theirs)) = self.lock_claimed(kind, id).await? else {
             return Ok(None);
         };
+        if outcome && theirs {
+            tracing::warn!(
+                kind,
+                id,
+                "an attempt's outcome came after its lease and another process's claim; not recorded"
+            );
+            return Ok(Some((current.status, None)));
+        }
         let next = step(&current, self.now);
         if let Some(next) = &next {
             self.put_delivery(kind, id, next).await?;
@@ -798,44 +795,19 @@ impl Batch<'_> {
         let now = self.now;
         let due_now = |next: &Delivery| next.next_attempt_at.is_some_and(|at| at <= now);
         let kind = i16::from(kind);
-        // An attempt that outlived its lease (this process stalled) while another process
-        // claimed the job and is sending it now: that process's outcome decides, and this
-        // late one must not end its claim or make the job due again beside it.
-        let claim = self
-            .t
-            .query_opt(
-                &self
-                    .prepared(
-                        "SELECT claimed_by, claimed_until FROM deliveries \
-                         WHERE kind = $1 AND id = $2 FOR UPDATE",
-                    )
-                    .await?,
-                &[&kind, &big(id)?],
-            )
-            .await?;
-        if let Some(row) = claim {
-            let by: Option<i64> = row.try_get(0)?;
-            let until: Option<i64> = row.try_get(1)?;
-            let now_big = big(now)?;
-            if by.is_some_and(|by| by != self.claimant) && until.is_some_and(|u| u > now_big) {
-                tracing::warn!(
-                    kind,
-                    id,
-                    "an attempt's outcome came after its lease and another process's claim; not recorded"
-                );
-                return Ok((false, false));
-            }
-        }
         let step = outcome.step.as_ref();
         match kind {
             JOB_EVENT => {
-                let Some((_, Some(next))) = self.step_delivery(kind, id, step).await? else {
+                let Some((_, Some(next))) = self.step_delivery_as(kind, id, step, true).await?
+                else {
                     return Ok((false, false));
                 };
                 Ok((due_now(&next), false))
             }
             JOB_CREDIT => {
-                let Some((before, Some(next))) = self.step_delivery(kind, id, step).await? else {
+                let Some((before, Some(next))) =
+                    self.step_delivery_as(kind, id, step, true).await?
+                else {
                     return Ok((false, false));
                 };
                 let debits_due = self.retime_debits(id, &next).await?;
@@ -853,7 +825,9 @@ impl Batch<'_> {
                 Ok((due_now(&next) || debits_due, recorded))
             }
             JOB_DEBIT => {
-                let Some((before, Some(next))) = self.step_delivery(kind, id, step).await? else {
+                let Some((before, Some(next))) =
+                    self.step_delivery_as(kind, id, step, true).await?
+                else {
                     return Ok((false, false));
                 };
                 let mut recorded = false;
@@ -1157,29 +1131,52 @@ impl Batch<'_> {
     }
 }
 
-/// A delivery's columns as parameters.
+/// A delivery's row as parameters: `$1`…`$11` of [`Batch::insert_delivery`] and
+/// [`Batch::put_delivery`] (kind, id, then the state's columns in table order).
 pub(super) struct DeliveryParams {
+    pub kind: i16,
+    pub id: i64,
     pub status: i16,
     pub attempts: i64,
     pub step: i64,
     pub last_attempt_at: Option<i64>,
     pub next_attempt_at: Option<i64>,
+    pub partner_transaction_id: Option<String>,
     pub error_kind: Option<i16>,
     pub error_http_status: Option<i32>,
     pub error_detail: Option<String>,
 }
 
 impl DeliveryParams {
-    pub fn of(d: &Delivery) -> Result<DeliveryParams, StoreError> {
+    pub fn of(kind: i16, id: u64, d: &Delivery) -> Result<DeliveryParams, StoreError> {
         Ok(DeliveryParams {
+            kind,
+            id: big(id)?,
             status: status_code(d.status),
             attempts: i64::from(d.attempts),
             step: i64::from(d.step),
             last_attempt_at: big_opt(d.last_attempt_at)?,
             next_attempt_at: big_opt(d.next_attempt_at)?,
+            partner_transaction_id: d.partner_transaction_id.clone(),
             error_kind: d.error.as_ref().map(|e| i16::from(e.kind.code())),
             error_http_status: d.error.as_ref().and_then(|e| e.http_status).map(i32::from),
             error_detail: d.error.as_ref().map(|e| e.detail.clone()),
         })
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 11] {
+        [
+            &self.kind,
+            &self.id,
+            &self.status,
+            &self.attempts,
+            &self.step,
+            &self.last_attempt_at,
+            &self.next_attempt_at,
+            &self.partner_transaction_id,
+            &self.error_kind,
+            &self.error_http_status,
+            &self.error_detail,
+        ]
     }
 }
