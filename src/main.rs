@@ -852,6 +852,9 @@ fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blockin
             64 << 10,
             std::io::stderr(),
         ));
+    // The access log's `done` lines are formatted by `access` and queued on the same
+    // writer, so that they stay in order with every other line.
+    cosmopoints::access::install(format, writer.clone());
     let filter = tracing_subscriber::EnvFilter::new(level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

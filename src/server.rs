@@ -164,28 +164,23 @@ where
     let span = tracing::info_span!("request", id = %id);
     let started = Instant::now();
     // The access log: gathered only when its line would be written (see `access`).
-    let logging = tracing::enabled!(tracing::Level::INFO);
+    let logging = crate::access::enabled();
     // Kept for the line: the method and the URI are cheap clones (no copy of the path).
     let asked = logging.then(|| (req.method().clone(), req.uri().clone()));
     let (mut response, line) =
         crate::access::gather(logging, route(req, remote).instrument(span)).await;
     if let Some((method, uri)) = asked {
         // Every value from the request reaches the log escaped: the method is a token,
-        // the id visible ASCII (both checked by now), and the path is Debug-formatted.
-        tracing::info!(
-            id = %id,
-            method = %method,
-            path = ?uri.path(),
-            remote = line.remote.map(tracing::field::display),
-            route = line.route.as_deref().map(tracing::field::display),
-            business = line.business.as_deref(),
-            client = line.client.as_deref(),
-            transaction = line.transaction.as_deref().map(tracing::field::display),
-            problem = line.problem.map(tracing::field::display),
-            status = response.status().as_u16(),
-            latency_us = started.elapsed().as_micros() as u64,
-            "done"
-        );
+        // the id visible ASCII (both checked by now), and the path is Debug-quoted.
+        crate::access::write(&crate::access::Done {
+            at: std::time::SystemTime::now(),
+            id: &id,
+            method: method.as_str(),
+            path: uri.path(),
+            line: &line,
+            status: response.status().as_u16(),
+            latency_us: started.elapsed().as_micros() as u64,
+        });
     }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);

@@ -13,7 +13,8 @@ use super::backup::{self, BackupReport};
 use super::check::{self, CheckReport};
 use super::handle::{open_error, prepare, Handle};
 use super::read::{
-    self, connection, decode, read_event, read_reversal, read_tx, with_reversals, Reader,
+    self, connection, decode, read_delivery, read_event, read_record, read_reversal, read_tx,
+    transaction, with_reversals, Reader,
 };
 use super::schema::{
     ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
@@ -490,8 +491,9 @@ impl Embedded {
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
         let reader = Reader::begin(&self.handle)?;
+        // Tables are opened only when needed: each open costs about as much as a look-up.
         match find_tx(&reader, business, key)? {
-            Some(tx) => Ok(Some(with_reversals(
+            Some(tx) if tx.reversed_value > 0 => Ok(Some(with_reversals(
                 tx,
                 reader.ids,
                 reader.reversal_ids,
@@ -499,7 +501,7 @@ impl Embedded {
                 &reader.table(REVERSALS_BY_TX)?,
                 &reader.table(DELIVERIES)?,
             )?)),
-            None => Ok(None),
+            found => Ok(found),
         }
     }
 
@@ -602,22 +604,29 @@ fn find_tx(
     business: &BusinessId,
     key: &str,
 ) -> Result<Option<Transaction>, StoreError> {
+    // The record first, then its delivery: a key that names nothing of this business
+    // opens neither the reference index nor the deliveries.
     let records = reader.table(TRANSACTIONS)?;
-    let deliveries = reader.table(DELIVERIES)?;
-    if let Some(seq) = TransactionId::parse(key).and_then(|id| reader.ids.decode(id)) {
-        let found = read_tx(reader.ids, &records, &deliveries, seq)?;
-        if let Some(tx) = found.filter(|tx| tx.business == *business) {
-            return Ok(Some(tx));
-        }
-    }
-    match reader
-        .table(BY_REFERENCE)?
-        .get((business.as_str(), key))
-        .map_err(unavailable)?
-    {
-        Some(seq) => read_tx(reader.ids, &records, &deliveries, seq.value()),
-        None => Ok(None),
-    }
+    let by_id = match TransactionId::parse(key).and_then(|id| reader.ids.decode(id)) {
+        Some(seq) => read_record(&records, seq)?.filter(|r| r.business == business.as_str()),
+        None => None,
+    };
+    let found = match by_id {
+        Some(record) => Some(record),
+        None => match reader
+            .table(BY_REFERENCE)?
+            .get((business.as_str(), key))
+            .map_err(unavailable)?
+        {
+            Some(seq) => read_record(&records, seq.value())?,
+            None => None,
+        },
+    };
+    let Some(record) = found else {
+        return Ok(None);
+    };
+    let delivery = read_delivery(&reader.table(DELIVERIES)?, JOB_CREDIT, record.seq)?;
+    Ok(Some(transaction(reader.ids, record, delivery)))
 }
 
 #[cfg(test)]

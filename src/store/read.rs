@@ -84,10 +84,9 @@ fn read_tx_within(
     delivered: Option<(u64, u64)>,
     seq: u64,
 ) -> Result<Option<Transaction>, StoreError> {
-    let Some(bytes) = records.get(seq).map_err(unavailable)? else {
+    let Some(record) = read_record(records, seq)? else {
         return Ok(None);
     };
-    let record = decode::<TxRecord>(bytes.value())?.latest();
     let delivery = match delivered {
         Some((first, last)) if (first..=last).contains(&seq) => {
             read_delivery(deliveries, JOB_CREDIT, seq)?
@@ -95,6 +94,17 @@ fn read_tx_within(
         _ => None,
     };
     Ok(Some(transaction(ids, record, delivery)))
+}
+
+/// The stored transaction `seq`, as the latest record version.
+pub(super) fn read_record(
+    records: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+) -> Result<Option<Tx>, StoreError> {
+    match records.get(seq).map_err(unavailable)? {
+        Some(bytes) => Ok(Some(decode::<TxRecord>(bytes.value())?.latest())),
+        None => Ok(None),
+    }
 }
 
 /// `tx` with its reversals read in (a transaction without any has none to read).
