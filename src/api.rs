@@ -406,7 +406,11 @@ fn conflict(reference: &ReferenceNumber, field: &str) -> Error {
 pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     let request = parse_issue(&body)?;
     let reference = request.reference_number.clone();
-    match plan_issue(app, caller.business, request).await? {
+    let existing = app
+        .store
+        .by_reference(&caller.business.id, &reference)
+        .await?;
+    match plan_issue(app, caller.business, request, existing).await? {
         Planned::Replay(tx) => issued(StatusCode::OK, &tx),
         Planned::Write(issue) => {
             let outcome = app.store.issue(*issue).await?;
@@ -424,17 +428,15 @@ enum Planned {
     Write(Box<Issue>),
 }
 
-/// Everything an issue is checked for before the write, in the order `issue` documents.
+/// Everything an issue is checked for before the write, in the order `issue` documents,
+/// given what the store holds under its referenceNumber (`existing`).
 async fn plan_issue(
     app: &App,
     business: &Business,
     request: NewTransaction,
+    existing: Option<Transaction>,
 ) -> Result<Planned, Error> {
-    if let Some(existing) = app
-        .store
-        .by_reference(&business.id, &request.reference_number)
-        .await?
-    {
+    if let Some(existing) = existing {
         return match existing.differing_field(&request) {
             None => Ok(Planned::Replay(Box::new(existing))),
             Some(field) => Err(conflict(&request.reference_number, field)),
@@ -511,22 +513,36 @@ struct BatchResult<'a> {
 /// the item's (the store busy or unavailable, a bug) fails the whole request, and then
 /// nothing was written.
 pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
-    let items = crate::input::items(&body, MAX_BATCH_ITEMS)?;
+    let items: Vec<Result<NewTransaction, Error>> = crate::input::items(&body, MAX_BATCH_ITEMS)?
+        .into_iter()
+        .map(|item| item.and_then(|map| parse_issue_fields(Fields::of_object(map, ISSUE_FIELDS)?)))
+        .collect();
+    // Every item's referenceNumber looked up at once, before anything is written (a
+    // repeat within the batch is settled by the writer, in order).
+    let references: Vec<&ReferenceNumber> = items
+        .iter()
+        .filter_map(|item| item.as_ref().ok().map(|r| &r.reference_number))
+        .collect();
+    let mut existing = app
+        .store
+        .by_references(&caller.business.id, &references)
+        .await?
+        .into_iter();
     let mut results: Vec<Result<(StatusCode, Transaction), Error>> =
         Vec::with_capacity(items.len());
     let mut writes = Vec::new();
     let mut written = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let planned =
-            match item.and_then(|map| parse_issue_fields(Fields::of_object(map, ISSUE_FIELDS)?)) {
-                Ok(request) => {
-                    let reference = request.reference_number.clone();
-                    plan_issue(app, caller.business, request)
-                        .await
-                        .map(|p| (p, reference))
-                }
-                Err(e) => Err(e),
-            };
+        let planned = match item {
+            Ok(request) => {
+                let reference = request.reference_number.clone();
+                let found = existing.next().flatten();
+                plan_issue(app, caller.business, request, found)
+                    .await
+                    .map(|p| (p, reference))
+            }
+            Err(e) => Err(e),
+        };
         match planned {
             Ok((Planned::Replay(tx), _)) => results.push(Ok((StatusCode::OK, *tx))),
             Ok((Planned::Write(issue), reference)) => {

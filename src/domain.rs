@@ -195,6 +195,10 @@ impl Description {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// A currency the server prices in.

@@ -86,6 +86,15 @@ async fn each_item_gets_the_single_issue_rules_and_its_own_result_in_order() {
             .await
             .json();
         assert_eq!(tx["totalPoints"], results[i]["transaction"]["totalPoints"]);
+        // The reference still names the first transaction after its repeats in the batch.
+        let reference = results[i]["transaction"]["referenceNumber"]
+            .as_str()
+            .expect("referenceNumber");
+        let by_reference = s
+            .get(&format!("/v1/transactions/{reference}"), Some(&token))
+            .await
+            .json();
+        assert_eq!(by_reference["id"], id);
     }
     // An item with a repeated key fails alone (a proxy may have read the other value).
     let raw = br#"{"items": [

@@ -122,7 +122,7 @@ impl Embedded {
     /// Issues points: durable before this returns `Created`.
     pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
         let deliver = issue.deliver;
-        let issued = self.write(move |tables| tables.issue(&issue)).await?;
+        let issued = self.write(move |tables| tables.issue(issue)).await?;
         if deliver && matches!(issued, Issued::Created(_)) {
             self.outbox_changed.notify_one();
         }
@@ -134,7 +134,12 @@ impl Embedded {
     /// earlier one is its replay or a conflict.
     pub async fn issue_many(&self, issues: Vec<Issue>) -> Result<Vec<Issued>, StoreError> {
         let issued: Vec<Issued> = self
-            .write(move |tables| issues.iter().map(|issue| tables.issue(issue)).collect())
+            .write(move |tables| {
+                issues
+                    .into_iter()
+                    .map(|issue| tables.issue(issue))
+                    .collect()
+            })
             .await?;
         if issued
             .iter()
@@ -535,6 +540,35 @@ impl Embedded {
             ),
             None => Ok(None),
         }
+    }
+
+    /// [`Embedded::by_reference`] for each of `references`, from one read transaction.
+    pub fn by_references(
+        &self,
+        business: &BusinessId,
+        references: &[&ReferenceNumber],
+    ) -> Result<Vec<Option<Transaction>>, StoreError> {
+        let reader = Reader::begin(&self.handle)?;
+        let by_ref = reader.table(BY_REFERENCE)?;
+        let mut seqs = Vec::with_capacity(references.len());
+        for reference in references {
+            let seq = by_ref
+                .get((business.as_str(), reference.as_str()))
+                .map_err(unavailable)?
+                .map(|seq| seq.value());
+            seqs.push(seq);
+        }
+        if seqs.iter().all(Option::is_none) {
+            return Ok(seqs.into_iter().map(|_| None).collect());
+        }
+        let records = reader.table(TRANSACTIONS)?;
+        let deliveries = reader.table(DELIVERIES)?;
+        seqs.into_iter()
+            .map(|seq| match seq {
+                Some(seq) => read_tx(reader.ids, &records, &deliveries, seq),
+                None => Ok(None),
+            })
+            .collect()
     }
 
     /// Starts the listing `query`; its rows arrive through the [`Listing`], each batch of

@@ -580,6 +580,26 @@ impl Store {
         dispatch!(self, s => s.by_reference(business, reference).await)
     }
 
+    /// The business's transactions with these referenceNumbers, in their order: for a
+    /// bulk issue, whose items are all looked up before any is written. On redb they are
+    /// read from one snapshot (one read transaction, each table opened once).
+    pub async fn by_references(
+        &self,
+        business: &BusinessId,
+        references: &[&ReferenceNumber],
+    ) -> Result<Vec<Option<Transaction>>, StoreError> {
+        match self {
+            Store::Redb(s) => s.by_references(business, references),
+            Store::Postgres(s) => {
+                let mut found = Vec::with_capacity(references.len());
+                for reference in references {
+                    found.push(s.by_reference(business, reference).await?);
+                }
+                Ok(found)
+            }
+        }
+    }
+
     /// Starts the listing `query`; its rows arrive through the [`Listing`], each batch of
     /// at most a few hundred turned into a `T` by `map` where the rows are read. All rows
     /// come from one snapshot. `Busy` when [`MAX_LISTINGS`] are running.

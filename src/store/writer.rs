@@ -28,6 +28,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
+use crate::domain::Description;
 use crate::ledger::{plan_reversal, IdCipher, Rejection, Reversal, MAX_REVERSALS};
 use crate::ledger::{Recipient, Transaction};
 
@@ -182,41 +183,66 @@ pub(super) struct Tables<'txn> {
 impl Tables<'_> {
     /// A replay or a conflict if the referenceNumber exists (also when an earlier write of
     /// this same batch made it); else the record and its three index entries.
-    pub fn issue(&mut self, issue: &Issue) -> Result<Issued, StoreError> {
-        let b = issue.business.as_str();
-        let r = &issue.request;
-        let existing = self
-            .by_ref
-            .get((b, r.reference_number.as_str()))
-            .map_err(unavailable)?
-            .map(|seq| seq.value());
-        if let Some(seq) = existing {
-            let tx = read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
-                tracing::error!(seq, "the reference index names a missing transaction");
-                StoreError::Corrupt
-            })?;
-            return Ok(match tx.differing_field(r) {
+    pub fn issue(&mut self, issue: Issue) -> Result<Issued, StoreError> {
+        let (seq, now) = (self.next_seq, self.now);
+        // The reference index is written first, claiming the reference for `seq`: one
+        // descent of its tree for a new reference (the usual case) instead of a look-up
+        // and then an insert. If the reference was taken, its entry is put back at once
+        // (and if that fails the whole batch fails, so nothing of it is committed).
+        let taken = {
+            let key = (
+                issue.business.as_str(),
+                issue.request.reference_number.as_str(),
+            );
+            let taken = self
+                .by_ref
+                .insert(key, seq)
+                .map_err(unavailable)?
+                .map(|old| old.value());
+            if let Some(old) = taken {
+                self.by_ref.insert(key, old).map_err(unavailable)?;
+            }
+            taken
+        };
+        if let Some(existing) = taken {
+            let tx =
+                read_tx(self.ids, &self.records, &self.deliveries, existing)?.ok_or_else(|| {
+                    tracing::error!(
+                        seq = existing,
+                        "the reference index names a missing transaction"
+                    );
+                    StoreError::Corrupt
+                })?;
+            return Ok(match tx.differing_field(&issue.request) {
                 None => Issued::Replayed(tx),
                 Some(field) => Issued::Conflict(field),
             });
         }
-        let (seq, now) = (self.next_seq, self.now);
         self.next_seq += 1;
+        let Issue {
+            business,
+            program_name,
+            currency,
+            total_points,
+            request: r,
+            user_id,
+            deliver,
+        } = issue;
         let record = TxRecord::from(Tx {
-            business: issue.business.to_string(),
-            reference_number: r.reference_number.to_string(),
-            program_id: r.program_id.to_string(),
-            program_name: issue.program_name.clone(),
-            user_id: issue.user_id.to_string(),
-            description: r.description.as_ref().map(|d| d.as_str().to_owned()),
-            currency: issue.currency.clone(),
+            business: business.into_string(),
+            reference_number: r.reference_number.into_string(),
+            program_id: r.program_id.into_string(),
+            program_name,
+            user_id: user_id.into_string(),
+            description: r.description.map(Description::into_string),
+            currency,
             value: r.value,
-            total_points: issue.total_points,
+            total_points,
             bonus: r.bonus,
             created_at: now,
             seq,
-            end_user_id: match &r.recipient {
-                Recipient::EndUser(end_user) => Some(end_user.to_string()),
+            end_user_id: match r.recipient {
+                Recipient::EndUser(end_user) => Some(end_user.into_string()),
                 Recipient::Member(_) => None,
             },
             reversed_value: 0,
@@ -227,25 +253,22 @@ impl Tables<'_> {
         self.records
             .insert(seq, bytes.as_slice())
             .map_err(unavailable)?;
-        self.by_ref
-            .insert((b, r.reference_number.as_str()), seq)
-            .map_err(unavailable)?;
+        let tx = record.latest();
         self.by_date
-            .insert((b, now, seq), seq)
+            .insert((tx.business.as_str(), now, seq), seq)
             .map_err(unavailable)?;
         self.by_program
-            .insert((b, r.program_id.as_str(), now, seq), seq)
+            .insert(
+                (tx.business.as_str(), tx.program_id.as_str(), now, seq),
+                seq,
+            )
             .map_err(unavailable)?;
         // The outbox row goes in the same write as the transaction: both or neither.
-        let delivery = issue.deliver.then(|| Delivery::new(now));
+        let delivery = deliver.then(|| Delivery::new(now));
         if let Some(d) = &delivery {
             self.put_delivery(JOB_CREDIT, seq, None, d)?;
         }
-        Ok(Issued::Created(transaction(
-            self.ids,
-            record.latest(),
-            delivery,
-        )))
+        Ok(Issued::Created(transaction(self.ids, tx, delivery)))
     }
 
     /// Moves the delivery of transaction `seq` on with `step` (given the current state,
