@@ -208,23 +208,15 @@ fn debug_str(out: &mut Vec<u8>, value: &str) {
 }
 
 /// `at` as RFC 3339 in UTC with microseconds, as the log's formatter writes it:
-/// `2026-11-29T01:52:32.331578Z`. A time before 1970 is written as 1970's first instant.
+/// `2026-11-29T01:52:32.331578Z` (the date and time from [`crate::clock`]).
 fn timestamp(out: &mut Vec<u8>, at: SystemTime) {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let of_day = secs % 86_400;
-    digits(out, year, 4);
-    out.push(b'-');
-    digits(out, month, 2);
-    out.push(b'-');
-    digits(out, day, 2);
-    out.push(b'T');
-    digits(out, of_day / 3600, 2);
-    out.push(b':');
-    digits(out, of_day / 60 % 60, 2);
-    out.push(b':');
-    digits(out, of_day % 60, 2);
+    let mut buf = [0u8; 20];
+    match crate::clock::write_rfc3339(since.as_secs(), &mut buf) {
+        // Without its `Z`, which comes after the microseconds.
+        Some(text) => out.extend_from_slice(&text.as_bytes()[..19]),
+        None => out.extend_from_slice(b"9999-12-31T23:59:59"),
+    }
     out.push(b'.');
     digits(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
@@ -245,21 +237,6 @@ fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     }
     let start = at.min(buf.len() - width.min(buf.len()));
     out.extend_from_slice(&buf[start..]);
-}
-
-/// The proleptic Gregorian date of the `days`th day after 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -299,33 +276,11 @@ mod tests {
         assert_eq!(at(4_107_542_399, 999_999), "2100-02-28T23:59:59.999999Z");
         assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z");
         assert_eq!(at(253_402_300_799, 0), "9999-12-31T23:59:59.000000Z");
-        // Every day of four centuries against a day-by-day count.
-        let (mut y, mut m, mut d) = (1970u64, 1u64, 1u64);
-        for days in 0..146_097 {
-            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
-            let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-            let len = [
-                31,
-                if leap { 29 } else { 28 },
-                31,
-                30,
-                31,
-                30,
-                31,
-                31,
-                30,
-                31,
-                30,
-                31,
-            ];
-            d += 1;
-            if d > len[(m - 1) as usize] {
-                (d, m) = (1, m + 1);
-                if m > 12 {
-                    (m, y) = (1, y + 1);
-                }
-            }
-        }
+        assert_eq!(at(253_402_300_800, 5), "9999-12-31T23:59:59.000005Z");
+        let mut out = Vec::new();
+        digits(&mut out, 1234567, 2);
+        digits(&mut out, 7, 3);
+        assert_eq!(out, b"1234567007");
     }
 
     /// The line as `tracing`'s own formatter wrote it (the way release 0.1 logged it),

@@ -42,6 +42,12 @@ impl Clock {
     }
 }
 
+/// The wall time, to the microsecond, for log lines only: a manual [`Clock`] does not
+/// move it, as it does not move the log formatter's own timestamps.
+pub fn log_time() -> SystemTime {
+    SystemTime::now()
+}
+
 /// RFC 3339 UTC to the second with a `Z`: `2026-11-27T10:15:00Z`.
 ///
 /// Fixed width for years 0000–9999, so the strings sort like the times.

@@ -76,7 +76,9 @@
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
 //! - A write is acknowledged only after its commit is durable (on PostgreSQL: after
-//!   COMMIT returned with `synchronous_commit = on`).
+//!   COMMIT returned with `synchronous_commit = on`), and a read that starts after the
+//!   acknowledgement sees it (on redb the writer publishes the look-ups' shared snapshot
+//!   of a commit before it answers any write in it).
 //! - A job for the outbox (a credit, a debit, a merchant event) is written in the same
 //!   commit as the change that causes it; a debit is sent only after its credit completed.
 //! - The reversals of a transaction never add up to more than its value or its points:

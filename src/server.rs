@@ -173,7 +173,7 @@ where
         // Every value from the request reaches the log escaped: the method is a token,
         // the id visible ASCII (both checked by now), and the path is Debug-quoted.
         crate::access::write(&crate::access::Done {
-            at: std::time::SystemTime::now(),
+            at: crate::clock::log_time(),
             id: &id,
             method: method.as_str(),
             path: uri.path(),

@@ -11,14 +11,14 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::backup::{self, BackupReport};
 use super::check::{self, CheckReport};
-use super::handle::{open_error, prepare, Handle};
+use super::handle::{open_error, prepare, Handle, Snapshot};
 use super::read::{
     self, connection, decode, read_delivery, read_event, read_record, read_reversal, read_tx,
     transaction, with_reversals, Reader,
 };
 use super::schema::{
-    ConnectionRecord, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
-    JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
+    ConnectionRecord, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, META,
+    OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::writer::{Answer, Job, Tables, Writer};
 use super::{
@@ -29,7 +29,7 @@ use super::{
 use crate::clock::Clock;
 use crate::delivery::{Delivery, DeliveryStatus, NewEvent};
 use crate::domain::{BusinessId, EndUserId, ProgramId, ReferenceNumber};
-use crate::ledger::{Connection, Reversal, ReversalId, Transaction, TransactionId};
+use crate::ledger::{Connection, IdCipher, Reversal, ReversalId, Transaction, TransactionId};
 
 /// The database and its writer. Reads run on the caller's thread (redb reads never wait
 /// for the writer; they take microseconds, so the `async` read methods do not yield);
@@ -495,16 +495,17 @@ impl Embedded {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let reader = Reader::begin(&self.handle)?;
-        // Tables are opened only when needed: each open costs about as much as a look-up.
-        match find_tx(&reader, business, key)? {
+        let snapshot = self.handle.snapshot()?;
+        let ids = &self.handle.ids;
+        match find_tx(&snapshot, ids, business, key)? {
+            // The reversal tables are opened only for a transaction that has reversals.
             Some(tx) if tx.reversed_value > 0 => Ok(Some(with_reversals(
                 tx,
-                reader.ids,
-                reader.reversal_ids,
-                &reader.table(REVERSALS)?,
-                &reader.table(REVERSALS_BY_TX)?,
-                &reader.table(DELIVERIES)?,
+                ids,
+                &self.handle.reversal_ids,
+                &snapshot.table(REVERSALS)?,
+                &snapshot.table(REVERSALS_BY_TX)?,
+                &snapshot.deliveries,
             )?)),
             found => Ok(found),
         }
@@ -517,7 +518,8 @@ impl Embedded {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        find_tx(&Reader::begin(&self.handle)?, business, key)
+        let snapshot = self.handle.snapshot()?;
+        find_tx(&snapshot, &self.handle.ids, business, key)
     }
 
     /// The business's transaction with this referenceNumber.
@@ -526,49 +528,34 @@ impl Embedded {
         business: &BusinessId,
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
-        let reader = Reader::begin(&self.handle)?;
-        let by_ref = reader.table(BY_REFERENCE)?;
-        match by_ref
-            .get((business.as_str(), reference.as_str()))
-            .map_err(unavailable)?
-        {
-            Some(seq) => read_tx(
-                reader.ids,
-                &reader.table(TRANSACTIONS)?,
-                &reader.table(DELIVERIES)?,
-                seq.value(),
-            ),
-            None => Ok(None),
-        }
+        Ok(self.by_references(business, &[reference])?.pop().flatten())
     }
 
-    /// [`Embedded::by_reference`] for each of `references`, from one read transaction.
+    /// [`Embedded::by_reference`] for each of `references`, from one snapshot.
     pub fn by_references(
         &self,
         business: &BusinessId,
         references: &[&ReferenceNumber],
     ) -> Result<Vec<Option<Transaction>>, StoreError> {
-        let reader = Reader::begin(&self.handle)?;
-        let by_ref = reader.table(BY_REFERENCE)?;
-        let mut seqs = Vec::with_capacity(references.len());
+        let snapshot = self.handle.snapshot()?;
+        let mut found = Vec::with_capacity(references.len());
         for reference in references {
-            let seq = by_ref
+            let seq = snapshot
+                .by_ref
                 .get((business.as_str(), reference.as_str()))
                 .map_err(unavailable)?
                 .map(|seq| seq.value());
-            seqs.push(seq);
+            found.push(match seq {
+                Some(seq) => read_tx(
+                    &self.handle.ids,
+                    &snapshot.records,
+                    &snapshot.deliveries,
+                    seq,
+                )?,
+                None => None,
+            });
         }
-        if seqs.iter().all(Option::is_none) {
-            return Ok(seqs.into_iter().map(|_| None).collect());
-        }
-        let records = reader.table(TRANSACTIONS)?;
-        let deliveries = reader.table(DELIVERIES)?;
-        seqs.into_iter()
-            .map(|seq| match seq {
-                Some(seq) => read_tx(reader.ids, &records, &deliveries, seq),
-                None => Ok(None),
-            })
-            .collect()
+        Ok(found)
     }
 
     /// Starts the listing `query`; its rows arrive through the [`Listing`], each batch of
@@ -634,38 +621,37 @@ impl Embedded {
 /// The business's transaction whose id, else whose referenceNumber, is `key` (reversals
 /// not read in).
 fn find_tx(
-    reader: &Reader<'_>,
+    snapshot: &Snapshot,
+    ids: &IdCipher,
     business: &BusinessId,
     key: &str,
 ) -> Result<Option<Transaction>, StoreError> {
-    // The record first, then its delivery: a key that names nothing of this business
-    // opens neither the reference index nor the deliveries.
-    let records = reader.table(TRANSACTIONS)?;
-    let by_id = match TransactionId::parse(key).and_then(|id| reader.ids.decode(id)) {
-        Some(seq) => read_record(&records, seq)?.filter(|r| r.business == business.as_str()),
+    let records = &snapshot.records;
+    let by_id = match TransactionId::parse(key).and_then(|id| ids.decode(id)) {
+        Some(seq) => read_record(records, seq)?.filter(|r| r.business == business.as_str()),
         None => None,
     };
     let found = match by_id {
         Some(record) => Some(record),
-        None => match reader
-            .table(BY_REFERENCE)?
+        None => match snapshot
+            .by_ref
             .get((business.as_str(), key))
             .map_err(unavailable)?
         {
-            Some(seq) => read_record(&records, seq.value())?,
+            Some(seq) => read_record(records, seq.value())?,
             None => None,
         },
     };
     let Some(record) = found else {
         return Ok(None);
     };
-    let delivery = read_delivery(&reader.table(DELIVERIES)?, JOB_CREDIT, record.seq)?;
-    Ok(Some(transaction(reader.ids, record, delivery)))
+    let delivery = read_delivery(&snapshot.deliveries, JOB_CREDIT, record.seq)?;
+    Ok(Some(transaction(ids, record, delivery)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::schema::BY_DATE;
+    use super::super::schema::{BY_DATE, BY_REFERENCE};
     use super::super::{check_file, Cursor};
     use super::*;
     use crate::domain::UserId;

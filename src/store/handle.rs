@@ -33,12 +33,49 @@ pub(super) struct Handle {
     pub reversal_ids: IdCipher,
     pub cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
+    /// The newest commit's snapshot, for look-ups (see [`Snapshot`]); `None` until the
+    /// writer's first commit, and while the database is closed.
+    latest: RwLock<Option<Arc<Snapshot>>>,
     /// Durable commits made by the writer, and the writes they held.
     pub commits: std::sync::atomic::AtomicU64,
     pub writes: std::sync::atomic::AtomicU64,
     /// Told of every durable commit: its writes and how long the commit (with its fsync)
     /// took. Set once, before serving (the metrics).
     pub on_commit: std::sync::OnceLock<CommitHook>,
+}
+
+/// A read transaction of one commit with the tables a look-up by id or referenceNumber
+/// reads already open. Beginning a read transaction and opening three tables cost about
+/// as much as the look-up itself, so the writer takes one snapshot after each commit and
+/// every look-up until the next commit shares it ([`Handle::publish`]). It holds the
+/// database, like any reader, so a reopen waits for it; [`Handle::close`] drops it first.
+pub(super) struct Snapshot {
+    pub records: redb::ReadOnlyTable<u64, &'static [u8]>,
+    pub by_ref: redb::ReadOnlyTable<(&'static str, &'static str), u64>,
+    pub deliveries: redb::ReadOnlyTable<(u8, u64), &'static [u8]>,
+    /// For the tables a rarer look-up needs (reversals), from the same commit.
+    pub txn: redb::ReadTransaction,
+    _db: Arc<Database>,
+}
+
+impl Snapshot {
+    fn take(db: Arc<Database>) -> Result<Snapshot, StoreError> {
+        let txn = db.begin_read().map_err(super::unavailable)?;
+        Ok(Snapshot {
+            records: txn.open_table(TRANSACTIONS).map_err(super::unavailable)?,
+            by_ref: txn.open_table(BY_REFERENCE).map_err(super::unavailable)?,
+            deliveries: txn.open_table(DELIVERIES).map_err(super::unavailable)?,
+            txn,
+            _db: db,
+        })
+    }
+
+    pub fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        definition: redb::TableDefinition<K, V>,
+    ) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
+        self.txn.open_table(definition).map_err(super::unavailable)
+    }
 }
 
 /// See [`Handle::on_commit`].
@@ -64,6 +101,7 @@ impl Handle {
             reversal_ids: IdCipher::new(&[id_key, b"/reversals"].concat()),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
+            latest: RwLock::new(None),
             commits: 0.into(),
             writes: 0.into(),
             on_commit: std::sync::OnceLock::new(),
@@ -80,6 +118,28 @@ impl Handle {
             .ok_or(StoreError::Unavailable)
     }
 
+    /// A snapshot of the newest commit for a look-up: the one the writer published, else
+    /// (before its first commit) a fresh one.
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let latest = self
+            .latest
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match latest {
+            Some(snapshot) => Ok(snapshot),
+            None => Snapshot::take(self.db()?).map(Arc::new),
+        }
+    }
+
+    /// Called by the writer after each commit, BEFORE it answers the writes in it: so a
+    /// look-up that starts after an answer always sees that answer's write. If no
+    /// snapshot can be taken, look-ups take their own.
+    pub fn publish(&self) {
+        let taken = self.db().and_then(Snapshot::take).map(Arc::new).ok();
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = taken;
+    }
+
     pub fn is_open(&self) -> bool {
         self.db
             .read()
@@ -90,6 +150,11 @@ impl Handle {
     /// Takes the database out, waiting up to `patience` for readers to let go of it, so
     /// that the file is released. `false` if a reader still held it (it is put back).
     pub fn close(&self, patience: std::time::Duration) -> bool {
+        // The published snapshot holds the database too.
+        self.latest
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let old = self
             .db
             .write()

@@ -148,6 +148,8 @@ impl Writer {
         }
         let committing = std::time::Instant::now();
         txn.commit().map_err(unavailable)?;
+        // Before any answer: a look-up after an answer must see its write.
+        self.handle.publish();
         if let Some(hook) = self.handle.on_commit.get() {
             hook(answers.len(), committing.elapsed());
         }
