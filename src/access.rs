@@ -9,7 +9,8 @@
 //! is disabled) nothing is gathered at all.
 //!
 //! The `done` line itself is formatted here, by hand, into the same text the log's
-//! formatter would give it (the same fields, escapes and order, in both formats), and
+//! formatter gives it without colours (the same fields, escapes and order, in both
+//! formats; it is never coloured, even at a terminal), and
 //! handed to the log's writer thread: formatting it through `tracing`'s event machinery
 //! (field visitors, `core::fmt`, the timestamp) was a fifth of a GET's CPU. The level
 //! filter still decides whether it is written.

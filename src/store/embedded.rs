@@ -495,9 +495,9 @@ impl Embedded {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        let snapshot = self.handle.snapshot()?;
         let ids = &self.handle.ids;
-        match find_tx(&snapshot, ids, business, key)? {
+        let (snapshot, found) = self.find_tx(business, key)?;
+        match found {
             // The reversal tables are opened only for a transaction that has reversals.
             Some(tx) if tx.reversed_value > 0 => Ok(Some(with_reversals(
                 tx,
@@ -518,8 +518,23 @@ impl Embedded {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
+        Ok(self.find_tx(business, key)?.1)
+    }
+
+    /// [`find_tx`] in the published snapshot, and when it finds nothing, in a fresh one
+    /// (see [`Handle::fresh_snapshot`]); with the snapshot it was found in.
+    fn find_tx(
+        &self,
+        business: &BusinessId,
+        key: &str,
+    ) -> Result<(Arc<Snapshot>, Option<Transaction>), StoreError> {
         let snapshot = self.handle.snapshot()?;
-        find_tx(&snapshot, &self.handle.ids, business, key)
+        if let Some(tx) = find_tx(&snapshot, &self.handle.ids, business, key)? {
+            return Ok((snapshot, Some(tx)));
+        }
+        let snapshot = self.handle.fresh_snapshot()?;
+        let found = find_tx(&snapshot, &self.handle.ids, business, key)?;
+        Ok((snapshot, found))
     }
 
     /// The business's transaction with this referenceNumber.
@@ -738,6 +753,39 @@ mod tests {
             (2, 2, 2)
         );
         assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn a_look_up_sees_a_commit_that_is_not_yet_published() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Embedded::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(8, 8),
+        )
+        .expect("open");
+        let acme = BusinessId::trusted("acme".into());
+        runtime().block_on(async {
+            let Issued::Created(a) = store.issue(issue("a", 100)).await.expect("a") else {
+                panic!("a is new")
+            };
+            // The snapshot published by a's commit, and b's commit after it.
+            let before_b = store.handle.snapshot().expect("snapshot");
+            let Issued::Created(b) = store.issue(issue("b", 100)).await.expect("b") else {
+                panic!("b is new")
+            };
+            // As in the moment between b's commit and its publication.
+            store.handle.set_published(Some(before_b));
+            for (tx, reference) in [(&a, "a"), (&b, "b")] {
+                for key in [tx.id.to_string(), reference.to_owned()] {
+                    let found = store.transaction(&acme, &key).await.expect("read");
+                    assert_eq!(found.as_ref().map(|t| t.seq), Some(tx.seq), "{key}");
+                    let head = store.transaction_head(&acme, &key).await.expect("read");
+                    assert_eq!(head.map(|t| t.seq), Some(tx.seq), "{key}");
+                }
+            }
+            assert!(store.transaction(&acme, "c").await.expect("read").is_none());
+        });
     }
 
     #[test]

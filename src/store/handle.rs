@@ -34,7 +34,8 @@ pub(super) struct Handle {
     pub cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
     /// The newest commit's snapshot, for look-ups (see [`Snapshot`]); `None` until the
-    /// writer's first commit, and while the database is closed.
+    /// writer's first commit after the database was opened, and whenever a snapshot could
+    /// not be taken (look-ups then take their own).
     latest: RwLock<Option<Arc<Snapshot>>>,
     /// Durable commits made by the writer, and the writes they held.
     pub commits: std::sync::atomic::AtomicU64,
@@ -119,7 +120,7 @@ impl Handle {
     }
 
     /// A snapshot of the newest commit for a look-up: the one the writer published, else
-    /// (before its first commit) a fresh one.
+    /// a fresh one ([`Handle::fresh_snapshot`]).
     pub fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
         let latest = self
             .latest
@@ -128,16 +129,36 @@ impl Handle {
             .clone();
         match latest {
             Some(snapshot) => Ok(snapshot),
-            None => Snapshot::take(self.db()?).map(Arc::new),
+            None => self.fresh_snapshot(),
         }
+    }
+
+    /// A snapshot taken now. A commit is visible to new read transactions a moment before
+    /// the writer publishes it, so a look-up that finds nothing in the published snapshot
+    /// asks again here: a transaction that a listing has shown is never then a 404.
+    pub fn fresh_snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        Snapshot::take(self.db()?).map(Arc::new)
     }
 
     /// Called by the writer after each commit, BEFORE it answers the writes in it: so a
     /// look-up that starts after an answer always sees that answer's write. If no
-    /// snapshot can be taken, look-ups take their own.
+    /// snapshot can be taken, look-ups take their own. The database stays locked for
+    /// reading meanwhile, so that a [`Handle::close`] never misses a snapshot published
+    /// as it runs.
     pub fn publish(&self) {
-        let taken = self.db().and_then(Snapshot::take).map(Arc::new).ok();
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let taken = db
+            .clone()
+            .map(|db| Snapshot::take(db).map(Arc::new))
+            .and_then(Result::ok);
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = taken;
+    }
+
+    /// Puts `snapshot` back as the published one: for tests of a commit that is visible
+    /// but not yet published.
+    #[cfg(test)]
+    pub fn set_published(&self, snapshot: Option<Arc<Snapshot>>) {
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
     }
 
     pub fn is_open(&self) -> bool {
@@ -150,13 +171,14 @@ impl Handle {
     /// Takes the database out, waiting up to `patience` for readers to let go of it, so
     /// that the file is released. `false` if a reader still held it (it is put back).
     pub fn close(&self, patience: std::time::Duration) -> bool {
-        // The published snapshot holds the database too.
-        self.latest
+        let old = self
+            .db
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let old = self
-            .db
+        // The published snapshot holds the database too. Dropped after the database is
+        // taken out: no snapshot can be published after this.
+        self.latest
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();

@@ -1,4 +1,5 @@
-//! Reads: one read transaction per call (redb reads never wait for the writer), stored
+//! Reads: one read transaction per call (redb reads never wait for the writer; look-ups
+//! by id and referenceNumber share the writer's published one, `handle::Snapshot`), stored
 //! records turned into domain values, and the listing scan that feeds a [`Listing`].
 
 use std::ops::Bound::{Excluded, Included};

@@ -148,10 +148,11 @@ impl Writer {
         }
         let committing = std::time::Instant::now();
         txn.commit().map_err(unavailable)?;
+        let took = committing.elapsed();
         // Before any answer: a look-up after an answer must see its write.
         self.handle.publish();
         if let Some(hook) = self.handle.on_commit.get() {
-            hook(answers.len(), committing.elapsed());
+            hook(answers.len(), took);
         }
         self.handle.commits.fetch_add(1, Ordering::Relaxed);
         self.handle
