@@ -42,6 +42,20 @@ pub struct Line {
     pub problem: Option<&'static str>,
 }
 
+impl Line {
+    /// The text fields after `remote`, in the line's order, each with whether the human
+    /// format quotes it (as tracing recorded a `&str`: Debug) or writes it as it is.
+    fn optional_fields(&self) -> [(&'static str, Option<&str>, bool); 5] {
+        [
+            ("route", self.route.as_deref(), false),
+            ("business", self.business.as_deref(), true),
+            ("client", self.client.as_deref(), true),
+            ("transaction", self.transaction.as_deref(), false),
+            ("problem", self.problem, false),
+        ]
+    }
+}
+
 /// Changes the running request's line; does nothing outside a request or when the access
 /// log is off.
 pub fn record(change: impl FnOnce(&mut Line)) {
@@ -122,14 +136,7 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
             if let Some(remote) = l.remote {
                 let _ = write!(out, " remote={remote}");
             }
-            let shown = [
-                ("route", l.route.as_deref(), false),
-                ("business", l.business.as_deref(), true),
-                ("client", l.client.as_deref(), true),
-                ("transaction", l.transaction.as_deref(), false),
-                ("problem", l.problem, false),
-            ];
-            for (name, value, quoted) in shown {
+            for (name, value, quoted) in l.optional_fields() {
                 if let Some(value) = value {
                     out.push(b' ');
                     out.extend_from_slice(name.as_bytes());
@@ -159,14 +166,7 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
             if let Some(remote) = l.remote {
                 json_field(&mut out, "remote", &remote.to_string());
             }
-            let shown = [
-                ("route", l.route.as_deref()),
-                ("business", l.business.as_deref()),
-                ("client", l.client.as_deref()),
-                ("transaction", l.transaction.as_deref()),
-                ("problem", l.problem),
-            ];
-            for (name, value) in shown {
+            for (name, value, _) in l.optional_fields() {
                 if let Some(value) = value {
                     json_field(&mut out, name, value);
                 }

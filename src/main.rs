@@ -105,8 +105,9 @@ migrated there; FILE itself is never changed (a server may even be running on it
 copy is of the moment it was read). The PostgreSQL database must hold no rows (a fresh
 database, or one a server has only started on) and no server may be connected to it
 (refused otherwise); servers starting meanwhile wait until the copy is done. Everything
-is written in one transaction: the database gets the whole file or no rows at all. Exit 0 done, 1 failed (nothing written), 2 bad usage,
-config, an unreadable FILE, or a database that is not empty or cannot be reached.";
+is written in one transaction: the database gets the whole file or no rows at all.
+Exit 0 done, 1 failed (nothing written), 2 bad usage, config, an unreadable FILE, or a
+database that is not empty, is in use or cannot be reached.";
 
 const EXPORT_HELP: &str =
     "usage: cosmopoints export --config PATH --from S --to E [--format csv|jsonl] [--out FILE]

@@ -192,22 +192,17 @@ impl Tables<'_> {
         // descent of its tree for a new reference (the usual case) instead of a look-up
         // and then an insert. If the reference was taken, its entry is put back at once
         // (and if that fails the whole batch fails, so nothing of it is committed).
-        let taken = {
-            let key = (
-                issue.business.as_str(),
-                issue.request.reference_number.as_str(),
-            );
-            let taken = self
-                .by_ref
-                .insert(key, seq)
-                .map_err(unavailable)?
-                .map(|old| old.value());
-            if let Some(old) = taken {
-                self.by_ref.insert(key, old).map_err(unavailable)?;
-            }
-            taken
-        };
+        let key = (
+            issue.business.as_str(),
+            issue.request.reference_number.as_str(),
+        );
+        let taken = self
+            .by_ref
+            .insert(key, seq)
+            .map_err(unavailable)?
+            .map(|old| old.value());
         if let Some(existing) = taken {
+            self.by_ref.insert(key, existing).map_err(unavailable)?;
             let tx =
                 read_tx(self.ids, &self.records, &self.deliveries, existing)?.ok_or_else(|| {
                     tracing::error!(
