@@ -20,7 +20,7 @@ use super::schema::{
     ConnectionRecord, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, META,
     OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
-use super::writer::{Answer, Job, Tables, Writer};
+use super::writer::{Answer, Job, Tables, Writer, Wrote};
 use super::{
     unavailable, Connect, Connected, Due, Issue, Issued, JobOutcome, Limits, Listing, OpenError,
     Redelivery, Reverse, Reversed, StoreError, TxQuery, MAX_LISTINGS, SCHEMA_VERSION,
@@ -122,7 +122,10 @@ impl Embedded {
     /// Issues points: durable before this returns `Created`.
     pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
         let deliver = issue.deliver;
-        let issued = self.write(move |tables| tables.issue(issue)).await?;
+        let issued = self
+            .write(move |tables| tables.issue(issue))
+            .await?
+            .issued(&self.handle.ids);
         if deliver && matches!(issued, Issued::Created(_)) {
             self.outbox_changed.notify_one();
         }
@@ -133,7 +136,7 @@ impl Embedded {
     /// [`Store::issue`] would, in order, so that a later one with the referenceNumber of an
     /// earlier one is its replay or a conflict.
     pub async fn issue_many(&self, issues: Vec<Issue>) -> Result<Vec<Issued>, StoreError> {
-        let issued: Vec<Issued> = self
+        let wrote: Vec<Wrote> = self
             .write(move |tables| {
                 issues
                     .into_iter()
@@ -141,6 +144,8 @@ impl Embedded {
                     .collect()
             })
             .await?;
+        let ids = &self.handle.ids;
+        let issued: Vec<Issued> = wrote.into_iter().map(|w| w.issued(ids)).collect();
         if issued
             .iter()
             .any(|i| matches!(i, Issued::Created(tx) if tx.delivery.is_some()))

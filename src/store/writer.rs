@@ -135,6 +135,7 @@ impl Writer {
                 reversals: txn.open_table(REVERSALS).map_err(unavailable)?,
                 reversal_by_ref: txn.open_table(REVERSAL_BY_REFERENCE).map_err(unavailable)?,
                 reversals_by_tx: txn.open_table(REVERSALS_BY_TX).map_err(unavailable)?,
+                scratch: Vec::with_capacity(1024),
             };
             for job in batch.drain(..) {
                 if let Job::Write(apply) = job {
@@ -162,6 +163,34 @@ impl Writer {
     }
 }
 
+/// What [`Tables::issue`] did. A new transaction comes back as its record: the caller
+/// makes it the API's [`Transaction`] (enciphering its id) off the writer's thread, which
+/// is the one thread every write waits for.
+pub(super) enum Wrote {
+    Created(Tx, Option<Delivery>),
+    /// A replay or a conflict.
+    Done(Issued),
+}
+
+impl Wrote {
+    pub fn issued(self, ids: &IdCipher) -> Issued {
+        match self {
+            Wrote::Created(tx, delivery) => Issued::Created(transaction(ids, tx, delivery)),
+            Wrote::Done(issued) => issued,
+        }
+    }
+}
+
+/// `value` encoded into `buf` (emptied first, its capacity kept).
+fn encode<'b, T: serde::Serialize>(
+    buf: &'b mut Vec<u8>,
+    value: &T,
+) -> Result<&'b [u8], StoreError> {
+    buf.clear();
+    *buf = postcard::to_extend(value, std::mem::take(buf)).map_err(unavailable)?;
+    Ok(buf.as_slice())
+}
+
 /// The tables one write transaction changes, and what every write in it shares.
 pub(super) struct Tables<'txn> {
     ids: &'txn IdCipher,
@@ -181,12 +210,15 @@ pub(super) struct Tables<'txn> {
     reversals: redb::Table<'txn, u64, &'static [u8]>,
     reversal_by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
     reversals_by_tx: redb::Table<'txn, (u64, u64), ()>,
+    /// Where records are encoded before they are inserted: one buffer for the batch, so
+    /// that encoding a record does not allocate (and grow, and free) a vector of its own.
+    scratch: Vec<u8>,
 }
 
 impl Tables<'_> {
     /// A replay or a conflict if the referenceNumber exists (also when an earlier write of
     /// this same batch made it); else the record and its three index entries.
-    pub fn issue(&mut self, issue: Issue) -> Result<Issued, StoreError> {
+    pub fn issue(&mut self, issue: Issue) -> Result<Wrote, StoreError> {
         let (seq, now) = (self.next_seq, self.now);
         // The reference index is written first, claiming the reference for `seq`: one
         // descent of its tree for a new reference (the usual case) instead of a look-up
@@ -211,10 +243,10 @@ impl Tables<'_> {
                     );
                     StoreError::Corrupt
                 })?;
-            return Ok(match tx.differing_field(&issue.request) {
+            return Ok(Wrote::Done(match tx.differing_field(&issue.request) {
                 None => Issued::Replayed(tx),
                 Some(field) => Issued::Conflict(field),
-            });
+            }));
         }
         self.next_seq += 1;
         let Issue {
@@ -247,9 +279,8 @@ impl Tables<'_> {
             reversed_points: 0,
             reversals: 0,
         });
-        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.records
-            .insert(seq, bytes.as_slice())
+            .insert(seq, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         let tx = record.latest();
         self.by_date
@@ -266,7 +297,7 @@ impl Tables<'_> {
         if let Some(d) = &delivery {
             self.put_delivery(JOB_CREDIT, seq, None, d)?;
         }
-        Ok(Issued::Created(transaction(self.ids, tx, delivery)))
+        Ok(Wrote::Created(tx, delivery))
     }
 
     /// Moves the delivery of transaction `seq` on with `step` (given the current state,
@@ -535,10 +566,11 @@ impl Tables<'_> {
             reason: request.reason.as_ref().map(|d| d.as_str().to_owned()),
             created_at: now,
         };
-        let bytes =
-            postcard::to_allocvec(&ReversalRecord::V1(stored.clone())).map_err(unavailable)?;
         self.reversals
-            .insert(seq, bytes.as_slice())
+            .insert(
+                seq,
+                encode(&mut self.scratch, &ReversalRecord::V1(stored.clone()))?,
+            )
             .map_err(unavailable)?;
         self.reversal_by_ref
             .insert((b, request.reference_number.as_str()), seq)
@@ -549,9 +581,11 @@ impl Tables<'_> {
         record.reversed_value += value;
         record.reversed_points += points;
         record.reversals += 1;
-        let bytes = postcard::to_allocvec(&TxRecord::from(record)).map_err(unavailable)?;
         self.records
-            .insert(r.transaction_seq, bytes.as_slice())
+            .insert(
+                r.transaction_seq,
+                encode(&mut self.scratch, &TxRecord::from(record))?,
+            )
             .map_err(unavailable)?;
         let credit = read_delivery(&self.deliveries, JOB_CREDIT, r.transaction_seq)?;
         let debit = match credit {
@@ -668,9 +702,8 @@ impl Tables<'_> {
             created_at: self.now,
             payload: event.payload,
         });
-        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.events
-            .insert(seq, bytes.as_slice())
+            .insert(seq, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         self.put_delivery(JOB_EVENT, seq, None, &Delivery::new(self.now))
     }
@@ -692,9 +725,11 @@ impl Tables<'_> {
                 .insert((due, kind, id), ())
                 .map_err(unavailable)?;
         }
-        let bytes = postcard::to_allocvec(&delivery_record(next)).map_err(unavailable)?;
         self.deliveries
-            .insert((kind, id), bytes.as_slice())
+            .insert(
+                (kind, id),
+                encode(&mut self.scratch, &delivery_record(next))?,
+            )
             .map_err(unavailable)?;
         Ok(())
     }
@@ -715,9 +750,8 @@ impl Tables<'_> {
             created_at: previous.as_ref().map_or(self.now, |p| p.created_at),
             updated_at: self.now,
         });
-        let bytes = postcard::to_allocvec(&record).map_err(unavailable)?;
         self.connections
-            .insert(key, bytes.as_slice())
+            .insert(key, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         Ok((
             connection(&c.end_user_id, &c.program_id, record.latest()),
