@@ -372,16 +372,16 @@ struct IssuedView<'a> {
     id: String,
     total_points: u64,
     reference_number: &'a str,
-    date: String,
+    date: &'a str,
     status: &'static str,
 }
 
 fn issued(status: StatusCode, tx: &Transaction) -> Reply {
     crate::access::record(|line| line.transaction = Some(tx.id.to_string()));
-    json(status, &issued_view(tx, rfc3339(tx.created_at)))
+    json(status, &issued_view(tx, &rfc3339(tx.created_at)))
 }
 
-fn issued_view(tx: &Transaction, date: String) -> IssuedView<'_> {
+fn issued_view<'a>(tx: &'a Transaction, date: &'a str) -> IssuedView<'a> {
     IssuedView {
         id: tx.id.to_string(),
         total_points: tx.total_points,
@@ -561,9 +561,17 @@ pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             results[i] = settle_issue(app, outcome, &reference);
         }
     }
+    // The new ones share the commit's time: each run of one time is formatted once.
+    let mut last: Option<(u64, String)> = None;
     let dates: Vec<Option<String>> = results
         .iter()
-        .map(|r| r.as_ref().ok().map(|(_, tx)| rfc3339(tx.created_at)))
+        .map(|r| {
+            let (_, tx) = r.as_ref().ok()?;
+            if last.as_ref().map(|(at, _)| *at) != Some(tx.created_at) {
+                last = Some((tx.created_at, rfc3339(tx.created_at)));
+            }
+            last.as_ref().map(|(_, date)| date.clone())
+        })
         .collect();
     let views = BatchResults {
         results: results
@@ -572,7 +580,7 @@ pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             .map(|(r, date)| match r {
                 Ok((status, tx)) => BatchResult {
                     status: status.as_u16(),
-                    transaction: Some(issued_view(tx, date.clone().unwrap_or_default())),
+                    transaction: Some(issued_view(tx, date.as_deref().unwrap_or_default())),
                     problem: None,
                 },
                 Err(e) => BatchResult {

@@ -23,6 +23,9 @@ async fn each_item_gets_the_single_issue_rules_and_its_own_result_in_order() {
     let token = s.acme().await;
     let existing = s.issue(&token, item("old-1", 3673)).await;
     assert_eq!(existing.status, 201, "{}", existing.text());
+    // A minute later: the batch's new transactions have their own date, its replay the
+    // date of the original.
+    s.clock.set(common::T0 + 60);
     let r = batch(
         &s,
         &token,
@@ -86,6 +89,8 @@ async fn each_item_gets_the_single_issue_rules_and_its_own_result_in_order() {
             .await
             .json();
         assert_eq!(tx["totalPoints"], results[i]["transaction"]["totalPoints"]);
+        assert_eq!(tx["createdAt"], results[i]["transaction"]["date"]);
+        assert_ne!(tx["createdAt"], existing.json()["date"]);
         // The reference still names the first transaction after its repeats in the batch.
         let reference = results[i]["transaction"]["referenceNumber"]
             .as_str()
