@@ -414,7 +414,12 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         Planned::Replay(tx) => issued(StatusCode::OK, &tx),
         Planned::Write(issue) => {
             let outcome = app.store.issue(*issue).await?;
-            let (status, tx) = settle_issue(app, outcome, &reference)?;
+            let (status, tx) = settle_issue(outcome, &reference)?;
+            if status == StatusCode::CREATED {
+                let status = tx.status().as_str();
+                app.metrics
+                    .issued(tx.program_id.as_str(), status, 1, tx.total_points);
+            }
             issued(status, &tx)
         }
     }
@@ -472,19 +477,14 @@ async fn plan_issue(
     })))
 }
 
-/// The answer to what the writer did with an issue.
+/// The answer to what the writer did with an issue (the caller counts a new one in the
+/// metrics).
 fn settle_issue(
-    app: &App,
     outcome: Issued,
     reference: &ReferenceNumber,
 ) -> Result<(StatusCode, Transaction), Error> {
     match outcome {
-        Issued::Created(tx) => {
-            let status = tx.status().as_str();
-            app.metrics
-                .issued(tx.program_id.as_str(), status, tx.total_points);
-            Ok((StatusCode::CREATED, tx))
-        }
+        Issued::Created(tx) => Ok((StatusCode::CREATED, tx)),
         Issued::Replayed(tx) => Ok((StatusCode::OK, tx)),
         Issued::Conflict(field) => Err(conflict(reference, field)),
     }
@@ -557,8 +557,26 @@ pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     }
     if !writes.is_empty() {
         let outcomes = app.store.issue_many(writes).await?;
+        // Counted per program and status, once each (not per item).
+        let mut counts: Vec<(ProgramId, &'static str, u64, u64)> = Vec::new();
         for ((i, reference), outcome) in written.into_iter().zip(outcomes) {
-            results[i] = settle_issue(app, outcome, &reference);
+            if let Issued::Created(tx) = &outcome {
+                let status = tx.status().as_str();
+                match counts
+                    .iter_mut()
+                    .find(|(p, s, ..)| *p == tx.program_id && *s == status)
+                {
+                    Some((.., n, points)) => {
+                        *n += 1;
+                        *points += tx.total_points;
+                    }
+                    None => counts.push((tx.program_id.clone(), status, 1, tx.total_points)),
+                }
+            }
+            results[i] = settle_issue(outcome, &reference);
+        }
+        for (program, status, n, points) in counts {
+            app.metrics.issued(program.as_str(), status, n, points);
         }
     }
     // The new ones share the commit's time: each run of one time is formatted once.

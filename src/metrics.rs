@@ -232,14 +232,14 @@ impl Metrics {
         move |writes, elapsed| metrics.commit(writes, elapsed)
     }
 
-    /// A transaction created in `program` with `points`; `status` is its delivery status
-    /// at creation (`pending` or `completed`).
-    pub fn issued(&self, program: &str, status: &'static str, points: u64) {
+    /// `n` transactions created in `program` with `points` in all; `status` is their
+    /// delivery status at creation (`pending` or `completed`).
+    pub fn issued(&self, program: &str, status: &'static str, n: u64, points: u64) {
         let labels = IssueLabels {
             program: program.to_owned(),
             status,
         };
-        self.issued.get_or_create(&labels).inc();
+        self.issued.get_or_create(&labels).inc_by(n);
         self.points.get_or_create(&labels).inc_by(points);
     }
 
@@ -302,7 +302,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.request("/v1/profile", 200, Duration::from_millis(3));
         metrics.commit(5, Duration::from_millis(2));
-        metrics.issued("skywards", "completed", 833);
+        metrics.issued("skywards", "completed", 1, 833);
         metrics.reversed("skywards", "pending", 227);
         metrics.delivery_attempt("delivered");
         let text = metrics

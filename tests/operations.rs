@@ -89,6 +89,20 @@ async fn metrics_are_scraped_over_http_and_move_with_requests() {
     assert_eq!(server.issue(&token, issue_body("m-1")).await.status, 201);
     assert_eq!(server.issue(&token, issue_body("m-2")).await.status, 201);
     assert_eq!(server.get("/nowhere", None).await.status, 404);
+    // A batch counts its new transactions (not its replay), once per program and status.
+    let items =
+        serde_json::json!({"items": [issue_body("m-3"), issue_body("m-1"), issue_body("m-4")]});
+    let r = server
+        .post("/v1/transactions/batch", Some(&token), &items)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let statuses: Vec<u64> = r.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [201, 200, 201]);
 
     let after = scrape(admin).await;
     let get = |key: &str| after.get(key).copied().unwrap_or(0.0);
@@ -119,11 +133,11 @@ async fn metrics_are_scraped_over_http_and_move_with_requests() {
     );
     assert_eq!(
         get("cosmopoints_transactions_issued_total{program=\"skywards\",status=\"completed\"}"),
-        2.0
+        4.0
     );
     assert_eq!(
         get("cosmopoints_points_issued_total{program=\"skywards\",status=\"completed\"}"),
-        2.0 * 833.0
+        4.0 * 833.0
     );
     // The hook the delivery worker calls shows up as its own family.
     server.app.metrics.delivery_attempt("delivered");
