@@ -579,26 +579,31 @@ pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
             app.metrics.issued(program.as_str(), status, n, points);
         }
     }
-    // The new ones share the commit's time: each run of one time is formatted once.
-    let mut last: Option<(u64, String)> = None;
-    let dates: Vec<Option<String>> = results
+    // The new ones share the commit's time: each run of one time is formatted once, and
+    // the items of a run borrow its text.
+    let mut runs: Vec<(u64, String)> = Vec::new();
+    let run_of: Vec<usize> = results
         .iter()
         .map(|r| {
-            let (_, tx) = r.as_ref().ok()?;
-            if last.as_ref().map(|(at, _)| *at) != Some(tx.created_at) {
-                last = Some((tx.created_at, rfc3339(tx.created_at)));
+            if let Ok((_, tx)) = r {
+                if runs.last().map(|(at, _)| *at) != Some(tx.created_at) {
+                    runs.push((tx.created_at, rfc3339(tx.created_at)));
+                }
             }
-            last.as_ref().map(|(_, date)| date.clone())
+            runs.len().saturating_sub(1)
         })
         .collect();
     let views = BatchResults {
         results: results
             .iter()
-            .zip(&dates)
-            .map(|(r, date)| match r {
+            .zip(&run_of)
+            .map(|(r, &run)| match r {
                 Ok((status, tx)) => BatchResult {
                     status: status.as_u16(),
-                    transaction: Some(issued_view(tx, date.as_deref().unwrap_or_default())),
+                    transaction: Some(issued_view(
+                        tx,
+                        runs.get(run).map_or("", |(_, date)| date.as_str()),
+                    )),
                     problem: None,
                 },
                 Err(e) => BatchResult {

@@ -89,9 +89,13 @@ async fn metrics_are_scraped_over_http_and_move_with_requests() {
     assert_eq!(server.issue(&token, issue_body("m-1")).await.status, 201);
     assert_eq!(server.issue(&token, issue_body("m-2")).await.status, 201);
     assert_eq!(server.get("/nowhere", None).await.status, 404);
-    // A batch counts its new transactions (not its replay), once per program and status.
-    let items =
-        serde_json::json!({"items": [issue_body("m-3"), issue_body("m-1"), issue_body("m-4")]});
+    // A batch counts its new transactions, by program: not a replay of an earlier issue,
+    // not a repeat within the batch, not a conflict.
+    let other_value = serde_json::json!({"programId": "skywards", "value": 9999, "userId": "user-1", "referenceNumber": "m-3"});
+    let bounded = serde_json::json!({"programId": "bounded", "value": 551, "userId": "user-1", "referenceNumber": "m-5"});
+    let items = serde_json::json!({"items": [
+        issue_body("m-3"), issue_body("m-1"), issue_body("m-3"), other_value, bounded, issue_body("m-4"),
+    ]});
     let r = server
         .post("/v1/transactions/batch", Some(&token), &items)
         .await;
@@ -102,7 +106,10 @@ async fn metrics_are_scraped_over_http_and_move_with_requests() {
         .iter()
         .map(|r| r["status"].as_u64().expect("status"))
         .collect();
-    assert_eq!(statuses, [201, 200, 201]);
+    assert_eq!(statuses, [201, 200, 200, 409, 201, 201]);
+    let bounded_points = r.json()["results"][4]["transaction"]["totalPoints"]
+        .as_f64()
+        .expect("totalPoints");
 
     let after = scrape(admin).await;
     let get = |key: &str| after.get(key).copied().unwrap_or(0.0);
@@ -138,6 +145,14 @@ async fn metrics_are_scraped_over_http_and_move_with_requests() {
     assert_eq!(
         get("cosmopoints_points_issued_total{program=\"skywards\",status=\"completed\"}"),
         4.0 * 833.0
+    );
+    assert_eq!(
+        get("cosmopoints_transactions_issued_total{program=\"bounded\",status=\"completed\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("cosmopoints_points_issued_total{program=\"bounded\",status=\"completed\"}"),
+        bounded_points
     );
     // The hook the delivery worker calls shows up as its own family.
     server.app.metrics.delivery_attempt("delivered");
