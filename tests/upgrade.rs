@@ -47,9 +47,10 @@ fn assert_shows(old: &Value, new: &Value, at: &str) {
     }
 }
 
-/// Every business's listing, each transaction by id and by reference, and the end user's
-/// connections show what the old release showed; nothing is reversed (no release before
-/// 0.3.0 could reverse).
+/// Every business's listing, each transaction by id and by reference, its reversals, and
+/// the end user's connections show what the old release showed. A file of schema 3 or
+/// later also pinned each transaction by id and its reversals (`by_id`, `reversals`);
+/// older files have none (no release before 0.3.0 could reverse).
 async fn assert_reads_back(s: &TestServer, expected: &Value) {
     for (business, client, secret) in [
         ("acme", "acme-pos", "acme-secret"),
@@ -63,11 +64,30 @@ async fn assert_reads_back(s: &TestServer, expected: &Value) {
             &format!("{business} listing"),
         );
         for tx in listed.as_array().expect("array") {
-            assert_eq!(tx["reversedValue"], 0);
-            assert_eq!(tx["reversedPoints"], 0);
             let id = tx["id"].as_str().expect("id");
+            let then = &expected["by_id"][business][id];
+            for field in ["reversedValue", "reversedPoints"] {
+                let reversed = then.get(field).cloned().unwrap_or(Value::from(0));
+                assert_eq!(tx[field], reversed, "{business} {id} {field}");
+            }
             let by_id = s.get(&format!("/v1/transactions/{id}"), Some(&token)).await;
             assert_eq!(by_id.json(), *tx, "by id");
+            if !then.is_null() {
+                assert_shows(then, &by_id.json(), &format!("{business} {id}"));
+            }
+            let reversals = s
+                .get(&format!("/v1/transactions/{id}/reversals"), Some(&token))
+                .await;
+            assert_eq!(reversals.status, 200, "{}", reversals.text());
+            let reversals_then = match &expected["reversals"][business][id] {
+                Value::Null => Value::Array(Vec::new()),
+                then => then.clone(),
+            };
+            assert_shows(
+                &reversals_then,
+                &reversals.json(),
+                &format!("{business} {id} reversals"),
+            );
             let reference = tx["referenceNumber"].as_str().expect("reference");
             let path = format!(
                 "/v1/transactions/{}",
@@ -190,6 +210,72 @@ async fn a_schema_2_database_opens_and_reads_back_unchanged() {
     assert!(out.contains("1 reversals"), "{out}");
 }
 
+#[tokio::test]
+async fn a_schema_3_database_opens_and_reads_back_unchanged() {
+    let dir = copy_pinned("schema3");
+    let config_path = dir.path().join("config.toml");
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("schema 3, 20 transactions"), "{out}");
+    assert!(out.contains("6 reversals"), "{out}");
+
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
+    )
+    .expect("JSON");
+    let config = Config::load(&config_path).expect("the schema-3 config still loads");
+    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    assert_reads_back(&s, &expected).await;
+
+    // Its idempotency holds, for issues and for reversals.
+    let acme = s.acme().await;
+    let old = &expected["transactions"]["acme"][0];
+    let replay = s
+        .issue(
+            &acme,
+            serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
+                               "referenceNumber": "inv-1"}),
+        )
+        .await;
+    assert_eq!(replay.status, 200, "{}", replay.text());
+    assert_eq!(replay.json()["id"], old["id"]);
+    let id = old["id"].as_str().expect("id");
+    let again = s
+        .post(
+            &format!("/v1/transactions/{id}/reversals"),
+            Some(&acme),
+            &serde_json::json!({"referenceNumber": "ret-1", "value": 1000,
+                                "reason": "one item returned"}),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(
+        again.json()["id"],
+        expected["reversals"]["acme"][id][0]["id"]
+    );
+    // What is left of it can still be reversed.
+    let more = s
+        .post(
+            &format!("/v1/transactions/{id}/reversals"),
+            Some(&acme),
+            &serde_json::json!({"referenceNumber": "ret-5", "value": 100}),
+        )
+        .await;
+    assert_eq!(more.status, 201, "{}", more.text());
+    s.stop().await;
+
+    let (code, out) = common::run_check(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "schema {}, 20 transactions",
+            cosmopoints::store::SCHEMA_VERSION
+        )),
+        "{out}"
+    );
+    assert!(out.contains("7 reversals"), "{out}");
+}
+
 /// `cosmopoints migrate` copies a file of every released schema into PostgreSQL: the
 /// source is left as it was, and the copy shows what the release showed, under the same
 /// ids (the id key moves with the data).
@@ -198,7 +284,7 @@ async fn a_database_of_each_released_schema_migrates_into_postgres() {
     if !common::pg::available_or_skip("a_database_of_each_released_schema_migrates_into_postgres") {
         return;
     }
-    for (schema, count) in [("schema1", 24), ("schema2", 18)] {
+    for (schema, count) in [("schema1", 24), ("schema2", 18), ("schema3", 20)] {
         let dir = copy_pinned(schema);
         let source = dir.path().join("cosmopoints.redb");
         let before = std::fs::read(&source).expect("pinned file");
