@@ -659,12 +659,11 @@ fn check(path: Option<&Path>) -> ExitCode {
                 println!("problem: {problem}");
             }
             println!(
-                "{}: schema {}, {} transactions, {} references, {} date entries, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} reversals, {} problems",
+                "{}: schema {}, {} transactions, {} references, {} program date entries, {} connections, {} deliveries, {} outbox entries, {} reversals, {} problems",
                 name,
                 report.schema,
                 report.transactions,
                 report.references,
-                report.date_entries,
                 report.program_date_entries,
                 report.connections,
                 report.deliveries,

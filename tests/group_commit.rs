@@ -104,10 +104,9 @@ async fn mixed_concurrent_issuances_each_get_the_right_answer() {
         (
             report.transactions,
             report.references,
-            report.date_entries,
             report.program_date_entries
         ),
-        (70, 70, 70, 70)
+        (70, 70, 70)
     );
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -442,6 +442,75 @@ async fn listing_is_inclusive_ordered_and_filtered_by_program() {
     );
 }
 
+/// A listing of every program merges the business's programs by time, then by the order
+/// of issue (also when the clock went back), page after page, and leaves out another
+/// business's transactions made in between.
+#[tokio::test]
+async fn a_listing_of_every_program_merges_them_in_time_order_across_pages() {
+    let s = TestServer::start().await;
+    let acme = s.acme().await;
+    let globex = s.globex().await;
+    let plan: [(u64, &str); 9] = [
+        (5, "skywards"),
+        (5, "bounded"),
+        (2, "skywards"), // the clock went back
+        (9, "bounded"),
+        (2, "bounded"),
+        (5, "skywards"),
+        (9, "skywards"),
+        (0, "bounded"),
+        (9, "skywards"),
+    ];
+    let mut expected = Vec::new();
+    for (i, (offset, program)) in plan.iter().enumerate() {
+        s.clock.set(T0 + offset);
+        let mut body = issue_body(&format!("m{i}"));
+        body["programId"] = json!(program);
+        if *program == "bounded" {
+            body["value"] = json!(400);
+        }
+        assert_eq!(s.issue(&acme, body).await.status, 201);
+        expected.push((*offset, i, format!("m{i}")));
+        // Another business's, at the same time and in both of its programs.
+        let mut other = issue_body(&format!("m{i}"));
+        other["programId"] = json!(if i % 2 == 0 { "tiny" } else { "skywards" });
+        assert_eq!(s.issue(&globex, other).await.status, 201);
+    }
+    expected.sort();
+    let expected: Vec<String> = expected.into_iter().map(|(_, _, r)| r).collect();
+    let names = |items: &[Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|t| t["referenceNumber"].as_str().expect("ref").to_owned())
+            .collect()
+    };
+    assert_eq!(names(&list(&s, &acme, &all(T0, T0 + 9)).await), expected);
+    for limit in [1, 2, 4] {
+        let mut next = Some(format!(
+            "/v1/transactions?{}&limit={limit}",
+            all(T0, T0 + 9)
+        ));
+        let mut seen = Vec::new();
+        while let Some(url) = next.take() {
+            let r = s.get(&url, Some(&acme)).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            seen.extend(names(r.json().as_array().expect("array")));
+            next = r
+                .header("link")
+                .map(|link| link[1..link.find('>').expect(">")].to_owned());
+        }
+        assert_eq!(seen, expected, "pages of {limit}");
+    }
+    // Within bounds: times 2 to 5 only.
+    let middle: Vec<String> = ["m2", "m4", "m0", "m1", "m5"].map(String::from).to_vec();
+    assert_eq!(names(&list(&s, &acme, &all(T0 + 2, T0 + 5)).await), middle);
+    assert_eq!(
+        names(&list(&s, &acme, &format!("{}&programId=bounded", all(T0, T0 + 9))).await),
+        ["m7", "m4", "m1", "m3"]
+    );
+    assert_eq!(list(&s, &globex, &all(T0, T0 + 9)).await.len(), plan.len());
+}
+
 #[tokio::test]
 async fn bad_listing_queries_are_400() {
     let s = TestServer::start().await;

@@ -225,6 +225,8 @@ async fn a_schema_3_database_opens_and_reads_back_unchanged() {
     .expect("JSON");
     let config = Config::load(&config_path).expect("the schema-3 config still loads");
     let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
+    // Schema 4 dropped the date index: every listing now comes from the program-date one.
+    assert_eq!(s.app.store.migrated_from(), Some(3));
     assert_reads_back(&s, &expected).await;
 
     // Its idempotency holds, for issues and for reversals.

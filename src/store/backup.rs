@@ -20,8 +20,8 @@ use redb::{
 
 use super::check::check_file;
 use super::schema::{
-    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, OUTBOX,
-    REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
+    BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, OUTBOX, REVERSALS,
+    REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{CheckReport, OpenError};
 
@@ -43,7 +43,6 @@ const TABLES: &[&str] = &[
     "meta",
     "transactions",
     "tx_by_reference",
-    "tx_by_date",
     "tx_by_program_date",
     "connections",
     "deliveries",
@@ -111,7 +110,6 @@ fn copy_all(source: &ReadTransaction, dest: &Database) -> Result<(), String> {
     copy(source, dest, META)?;
     copy(source, dest, TRANSACTIONS)?;
     copy(source, dest, BY_REFERENCE)?;
-    copy(source, dest, BY_DATE)?;
     copy(source, dest, BY_PROGRAM_DATE)?;
     copy(source, dest, CONNECTIONS)?;
     copy(source, dest, DELIVERIES)?;

@@ -671,7 +671,7 @@ fn find_tx(
 
 #[cfg(test)]
 mod tests {
-    use super::super::schema::{BY_DATE, BY_REFERENCE};
+    use super::super::schema::{BY_PROGRAM_DATE, BY_REFERENCE};
     use super::super::{check_file, Cursor};
     use super::*;
     use crate::domain::UserId;
@@ -754,7 +754,11 @@ mod tests {
         assert!(matches!(outcomes[3], Issued::Created(_)));
         let report = store.check().expect("check");
         assert_eq!(
-            (report.transactions, report.references, report.date_entries),
+            (
+                report.transactions,
+                report.references,
+                report.program_date_entries
+            ),
             (2, 2, 2)
         );
         assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -1164,9 +1168,9 @@ mod tests {
                 .expect("open")
                 .begin_write()
                 .expect("write");
-            txn.open_table(BY_DATE)
+            txn.open_table(BY_PROGRAM_DATE)
                 .expect("t")
-                .insert(("acme", 5u64, 999u64), 42u64)
+                .insert(("acme", "skywards", 5u64, 999u64), 42u64)
                 .expect("insert");
             txn.open_table(BY_REFERENCE)
                 .expect("t")
@@ -1178,6 +1182,6 @@ mod tests {
         assert_eq!(report.transactions, 2);
         assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
         assert!(report.problems[0].contains("reference index entry missing"));
-        assert!(report.problems[1].contains("date index (acme, 5, 999)"));
+        assert!(report.problems[1].contains("program date index (acme, skywards, 5, 999)"));
     }
 }

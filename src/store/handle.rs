@@ -7,8 +7,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError};
 
 use super::schema::{
-    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, MIGRATIONS,
-    OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, SCHEMA_VERSION, TRANSACTIONS,
+    BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, MIGRATIONS, OUTBOX,
+    REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, SCHEMA_VERSION, TRANSACTIONS,
 };
 use super::{OpenError, StoreError};
 use crate::ledger::IdCipher;
@@ -311,7 +311,6 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
         };
         txn.open_table(TRANSACTIONS).map_err(|e| bad(&e))?;
         txn.open_table(BY_REFERENCE).map_err(|e| bad(&e))?;
-        txn.open_table(BY_DATE).map_err(|e| bad(&e))?;
         txn.open_table(BY_PROGRAM_DATE).map_err(|e| bad(&e))?;
         txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;
         txn.open_table(DELIVERIES).map_err(|e| bad(&e))?;

@@ -25,8 +25,7 @@
 //! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `id_key`, `next_seq` (u64 LE) |
 //! | `transactions` | seq | postcard `TxRecord` |
 //! | `tx_by_reference` | (business, referenceNumber) | seq |
-//! | `tx_by_date` | (business, createdAt, seq) | seq |
-//! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq |
+//! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq: a listing of one program is one range of it; a listing of every program merges the business's per-program ranges by (createdAt, seq) |
 //! | `connections` | (business, endUserId, programId) | postcard `ConnectionRecord` |
 //! | `deliveries` | (job kind, id) | postcard `DeliveryRecord`: a credit's (id = transaction seq), a debit's (reversal seq) or an event's (event seq) delivery state |
 //! | `outbox` | (due at, job kind, id) | (): one entry per pending delivery |
@@ -50,7 +49,7 @@
 //! end of the table instead of rewriting random pages. The id a client sees is `seq`
 //! enciphered with a key kept in `meta` (see [`crate::ledger::IdCipher`]), so ids reveal no volume or
 //! order and need no index: an id deciphers to its key. The record's `business` is
-//! checked after the read. The date indexes carry `seq` in their keys too, so that
+//! checked after the read. The program-date index carries `seq` in its keys too, so that
 //! transactions within one second list in creation order and every key is unique. A
 //! record and all its index entries are written in one write transaction.
 

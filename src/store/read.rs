@@ -2,7 +2,9 @@
 //! by id and referenceNumber share the writer's published one, `handle::Snapshot`), stored
 //! records turned into domain values, and the listing scan that feeds a [`Listing`].
 
-use std::ops::Bound::{Excluded, Included};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable};
@@ -12,7 +14,7 @@ use tokio::sync::mpsc;
 use super::handle::Handle;
 use super::schema::{
     Conn, DeliveryErrorV1, DeliveryRecord, DeliveryV1, EventRecord, ReversalRecord, ReversalV1, Tx,
-    TxRecord, BY_DATE, BY_PROGRAM_DATE, DELIVERIES, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, REVERSALS,
+    TxRecord, BY_PROGRAM_DATE, DELIVERIES, JOB_CREDIT, JOB_DEBIT, JOB_EVENT, REVERSALS,
     REVERSALS_BY_TX, TRANSACTIONS,
 };
 use super::{unavailable, Cursor, Listing, StoreError, TxQuery};
@@ -374,41 +376,87 @@ pub(super) fn scan<T>(
         Ok(sent < limit)
     };
     let after = q.after.filter(|c: &Cursor| c.created_at >= q.start);
-    match &q.program {
-        None => {
-            let index = reader.table(BY_DATE)?;
-            let lower = match after {
-                Some(c) => Excluded((business, c.created_at, c.seq)),
-                None => Included((business, q.start, 0)),
-            };
-            let upper = Included((business, q.end, u64::MAX));
-            for entry in index.range((lower, upper)).map_err(unavailable)? {
-                let (_, seq) = entry.map_err(unavailable)?;
-                if !emit(seq.value(), &mut batch)? {
-                    return Ok(());
-                }
-            }
+    let index = reader.table(BY_PROGRAM_DATE)?;
+    let programs = match &q.program {
+        Some(program) => vec![program.as_str().to_owned()],
+        None => programs_of(&index, business)?,
+    };
+    // One range per program, each in (createdAt, seq) order; merged by that order, which
+    // is the order of the whole listing. A heap entry is a range's next row.
+    let mut ranges = Vec::with_capacity(programs.len());
+    for program in &programs {
+        let program = program.as_str();
+        let lower = match after {
+            Some(c) => Excluded((business, program, c.created_at, c.seq)),
+            None => Included((business, program, q.start, 0)),
+        };
+        let upper = Included((business, program, q.end, u64::MAX));
+        ranges.push(index.range((lower, upper)).map_err(unavailable)?);
+    }
+    let mut next = BinaryHeap::with_capacity(ranges.len());
+    for (i, range) in ranges.iter_mut().enumerate() {
+        if let Some(row) = next_row(range)? {
+            next.push(Reverse((row, i)));
         }
-        Some(program) => {
-            let index = reader.table(BY_PROGRAM_DATE)?;
-            let program = program.as_str();
-            let lower = match after {
-                Some(c) => Excluded((business, program, c.created_at, c.seq)),
-                None => Included((business, program, q.start, 0)),
-            };
-            let upper = Included((business, program, q.end, u64::MAX));
-            for entry in index.range((lower, upper)).map_err(unavailable)? {
-                let (_, seq) = entry.map_err(unavailable)?;
-                if !emit(seq.value(), &mut batch)? {
-                    return Ok(());
-                }
-            }
+    }
+    while let Some(Reverse(((_, seq), i))) = next.pop() {
+        if !emit(seq, &mut batch)? {
+            return Ok(());
+        }
+        if let Some(row) = next_row(&mut ranges[i])? {
+            next.push(Reverse((row, i)));
         }
     }
     if !batch.is_empty() {
         let _ = out.blocking_send(Ok(map(&batch)));
     }
     Ok(())
+}
+
+type ProgramDateIndex = redb::ReadOnlyTable<(&'static str, &'static str, u64, u64), u64>;
+type ProgramDateRange = redb::Range<'static, (&'static str, &'static str, u64, u64), u64>;
+
+/// The programs that `business` has transactions in, from the program-date index: the
+/// first key of the business, then the first key after each program's last, one look-up
+/// per program.
+fn programs_of(index: &ProgramDateIndex, business: &str) -> Result<Vec<String>, StoreError> {
+    let mut programs: Vec<String> = Vec::new();
+    loop {
+        let lower = match programs.last() {
+            // After every key of the last program found (createdAt and seq at their
+            // largest: no row has them).
+            Some(last) => Excluded((business, last.as_str(), u64::MAX, u64::MAX)),
+            None => Included((business, "", 0, 0)),
+        };
+        let first = index
+            .range((lower, Unbounded))
+            .map_err(unavailable)?
+            .next()
+            .transpose()
+            .map_err(unavailable)?;
+        match first {
+            Some((key, _)) => {
+                let (b, program, _, _) = key.value();
+                if b != business {
+                    return Ok(programs);
+                }
+                programs.push(program.to_owned());
+            }
+            None => return Ok(programs),
+        }
+    }
+}
+
+/// A range's next row: its (createdAt, seq), the order listings are in.
+fn next_row(range: &mut ProgramDateRange) -> Result<Option<(u64, u64)>, StoreError> {
+    match range.next() {
+        Some(entry) => {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (_, _, created_at, seq) = key.value();
+            Ok(Some((created_at, seq)))
+        }
+        None => Ok(None),
+    }
 }
 
 impl<T> Listing<T> {

@@ -19,6 +19,7 @@
 //! | 1 | 0.1.0 | first layout; values are bare postcard structs |
 //! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front); new tables `deliveries`, `outbox`, `events` |
 //! | 3 | 0.3.0 | `TxRecord::V3` (reversal totals), which 0.2.0 cannot read; new tables `reversals`, `reversal_by_reference`, `reversals_by_tx` (nothing is rewritten) |
+//! | 4 | 0.4.0 | table `tx_by_date` dropped: a listing of every program merges the business's ranges of `tx_by_program_date` (which 0.3.0 refuses: it would find no date index) |
 //!
 //! Record versions: `TxRecord::V1` (0.1.0), `TxRecord::V2` (0.2.0: `end_user_id`),
 //! `TxRecord::V3` (0.3.0: `reversed_value`, `reversed_points`, `reversals`);
@@ -28,14 +29,15 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 /// The on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(super) const TRANSACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
 pub(super) const BY_REFERENCE: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("tx_by_reference");
-pub(super) const BY_DATE: TableDefinition<(&str, u64, u64), u64> =
-    TableDefinition::new("tx_by_date");
+/// Schema 3 and before: (business, createdAt, seq) → seq, every transaction a second time
+/// beside `tx_by_program_date`. Dropped by schema 4.
+const BY_DATE_UNTIL_4: TableDefinition<(&str, u64, u64), u64> = TableDefinition::new("tx_by_date");
 pub(super) const BY_PROGRAM_DATE: TableDefinition<(&str, &str, u64, u64), u64> =
     TableDefinition::new("tx_by_program_date");
 pub(super) const CONNECTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
@@ -352,7 +354,15 @@ pub(super) type Migration = fn(&WriteTransaction) -> Result<(), redb::Error>;
 pub(super) const MIGRATIONS: &[(u64, Migration)] = &[
     (2, wrap_values_in_versioned_enums),
     (3, add_reversal_tables),
+    (4, drop_date_index),
 ];
+
+/// Schema 3 → 4: the date index goes (every entry of it is also in the program-date
+/// index, which listings of every program now merge per program). Nothing else changes.
+fn drop_date_index(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.delete_table(BY_DATE_UNTIL_4)?;
+    Ok(())
+}
 
 /// Schema 2 → 3: the reversal tables (made empty, as on every open). Existing records stay
 /// as they are: V1 and V2 transactions read with no reversals.

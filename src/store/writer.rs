@@ -19,7 +19,7 @@ use super::read::{
 };
 use super::schema::{
     Conn, ConnectionRecord, EventRecord, EventV1, ReversalRecord, ReversalV1, Tx, TxRecord,
-    BY_DATE, BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
+    BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
     JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
@@ -126,7 +126,6 @@ impl Writer {
                 next_seq: self.next_seq,
                 records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
                 by_ref: txn.open_table(BY_REFERENCE).map_err(unavailable)?,
-                by_date: txn.open_table(BY_DATE).map_err(unavailable)?,
                 by_program: txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?,
                 connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
                 deliveries: txn.open_table(DELIVERIES).map_err(unavailable)?,
@@ -201,7 +200,6 @@ pub(super) struct Tables<'txn> {
     next_seq: u64,
     records: redb::Table<'txn, u64, &'static [u8]>,
     by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
-    by_date: redb::Table<'txn, (&'static str, u64, u64), u64>,
     by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
     connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
     deliveries: redb::Table<'txn, (u8, u64), &'static [u8]>,
@@ -217,7 +215,7 @@ pub(super) struct Tables<'txn> {
 
 impl Tables<'_> {
     /// A replay or a conflict if the referenceNumber exists (also when an earlier write of
-    /// this same batch made it); else the record and its three index entries.
+    /// this same batch made it); else the record and its two index entries.
     pub fn issue(&mut self, issue: Issue) -> Result<Wrote, StoreError> {
         let (seq, now) = (self.next_seq, self.now);
         // The reference index is written first, claiming the reference for `seq`: one
@@ -283,9 +281,6 @@ impl Tables<'_> {
             .insert(seq, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         let tx = record.latest();
-        self.by_date
-            .insert((tx.business.as_str(), now, seq), seq)
-            .map_err(unavailable)?;
         self.by_program
             .insert(
                 (tx.business.as_str(), tx.program_id.as_str(), now, seq),

@@ -1084,7 +1084,6 @@ async fn verify(pg: &tokio_postgres::Config) -> Result<CheckReport, OpenError> {
         transactions,
         // The UNIQUE constraint and the indexes are PostgreSQL's: one entry per row.
         references: transactions,
-        date_entries: transactions,
         program_date_entries: transactions,
         connections: count("SELECT count(*) FROM connections").await?,
         deliveries: count("SELECT count(*) FROM deliveries").await?,
