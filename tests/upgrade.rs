@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -106,48 +106,83 @@ async fn assert_reads_back(s: &TestServer, expected: &Value) {
     }
 }
 
-#[tokio::test]
-async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
-    let dir = copy_pinned("schema1");
+/// A fresh copy of the pinned file of `schema`: `check` reads it as it is, before anything
+/// migrates it, and finds each of `check_says` and no problem; then this release starts on it with
+/// the config it was written with, migrates it from schema `version`, and shows what the
+/// old release showed. A backup of the migrated file is taken and checked: a table that a
+/// migration left behind would fail every backup.
+async fn open_pinned(
+    schema: &str,
+    version: u64,
+    check_says: &[&str],
+) -> (Arc<tempfile::TempDir>, PathBuf, Value, TestServer) {
+    let dir = copy_pinned(schema);
     let config_path = dir.path().join("config.toml");
-    // `check` reads the old file as it is, before anything migrates it.
     let (code, out) = common::run_check(&config_path);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("24 transactions"), "{out}");
+    for said in check_says {
+        assert!(out.contains(said), "{said}: {out}");
+    }
 
     let expected: Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
     )
     .expect("JSON");
-    // The config the old release accepted starts this one.
-    let config = Config::load(&config_path).expect("the 0.1.0 config still loads");
+    let config = Config::load(&config_path).expect("the old config still loads");
     let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
-    assert_eq!(s.app.store.migrated_from(), Some(1));
+    assert_eq!(s.app.store.migrated_from(), Some(version));
     assert_reads_back(&s, &expected).await;
 
-    // Idempotency holds across the upgrade: the old request replays, a new one is stored.
-    let acme = s.acme().await;
-    let old = &expected["transactions"]["acme"][0];
+    let backup = dir.path().join("after-upgrade.redb");
+    let report = s.app.store.backup_to(&backup).await.expect("backup");
+    let checked = cosmopoints::store::check_file(&backup).expect("the backup opens");
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    assert_eq!(checked.schema, cosmopoints::store::SCHEMA_VERSION);
+    assert_eq!(checked.transactions, report.transactions);
+    (dir, config_path, expected, s)
+}
+
+/// The old release's first issue (`inv-1` at acme) is replayed: 200 with its id.
+async fn replays_the_first_issue(s: &TestServer, acme: &str, expected: &Value) {
     let replay = s
         .issue(
-            &acme,
+            acme,
             serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
                                "referenceNumber": "inv-1"}),
         )
         .await;
     assert_eq!(replay.status, 200, "{}", replay.text());
-    assert_eq!(replay.json()["id"], old["id"]);
+    assert_eq!(
+        replay.json()["id"],
+        expected["transactions"]["acme"][0]["id"]
+    );
+}
+
+/// `check` of the migrated file (server stopped) finds no problem and each of `says`,
+/// under this release's schema.
+fn assert_checks(config_path: &Path, says: &[&str]) {
+    let (code, out) = common::run_check(config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("schema {},", cosmopoints::store::SCHEMA_VERSION)),
+        "{out}"
+    );
+    for said in says {
+        assert!(out.contains(said), "{said}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
+    let (dir, config_path, expected, s) = open_pinned("schema1", 1, &["24 transactions"]).await;
+
+    // Idempotency holds across the upgrade: the old request replays, a new one is stored.
+    let acme = s.acme().await;
+    replays_the_first_issue(&s, &acme, &expected).await;
     let fresh = s.issue(&acme, issue_body("after-upgrade")).await;
     assert_eq!(fresh.status, 201, "{}", fresh.text());
     s.stop().await;
-
-    let (code, out) = common::run_check(&config_path);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("25 transactions"), "{out}");
-    assert!(
-        out.contains(&format!("schema {}", cosmopoints::store::SCHEMA_VERSION)),
-        "{out}"
-    );
+    assert_checks(&config_path, &["25 transactions"]);
 
     // A second start finds nothing to migrate.
     let config = Config::load(&config_path).expect("config");
@@ -159,25 +194,14 @@ async fn a_schema_1_database_migrates_on_open_and_reads_back_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_2_database_opens_and_reads_back_unchanged() {
-    let dir = copy_pinned("schema2");
-    let config_path = dir.path().join("config.toml");
-    let (code, out) = common::run_check(&config_path);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("schema 2, 18 transactions"), "{out}");
-
-    let expected: Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
-    )
-    .expect("JSON");
-    let config = Config::load(&config_path).expect("the 0.2.0 config still loads");
-    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
-    assert_eq!(s.app.store.migrated_from(), Some(2));
-    assert_reads_back(&s, &expected).await;
+    let (_dir, config_path, expected, s) =
+        open_pinned("schema2", 2, &["schema 2, 18 transactions"]).await;
 
     // A transaction written by 0.2.0 can be reversed: its record gains the totals.
     let acme = s.acme().await;
-    let old = &expected["transactions"]["acme"][0];
-    let id = old["id"].as_str().expect("id");
+    let id = expected["transactions"]["acme"][0]["id"]
+        .as_str()
+        .expect("id");
     let r = s
         .post(
             &format!("/v1/transactions/{id}/reversals"),
@@ -187,61 +211,23 @@ async fn a_schema_2_database_opens_and_reads_back_unchanged() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     // And the old idempotency still holds.
-    let replay = s
-        .issue(
-            &acme,
-            serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
-                               "referenceNumber": "inv-1"}),
-        )
-        .await;
-    assert_eq!(replay.status, 200, "{}", replay.text());
-    assert_eq!(replay.json()["id"], old["id"]);
+    replays_the_first_issue(&s, &acme, &expected).await;
     s.stop().await;
-
-    let (code, out) = common::run_check(&config_path);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains(&format!(
-            "schema {}, 18 transactions",
-            cosmopoints::store::SCHEMA_VERSION
-        )),
-        "{out}"
-    );
-    assert!(out.contains("1 reversals"), "{out}");
+    assert_checks(&config_path, &["18 transactions", "1 reversals"]);
 }
 
 #[tokio::test]
 async fn a_schema_3_database_opens_and_reads_back_unchanged() {
-    let dir = copy_pinned("schema3");
-    let config_path = dir.path().join("config.toml");
-    let (code, out) = common::run_check(&config_path);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("schema 3, 20 transactions"), "{out}");
-    assert!(out.contains("6 reversals"), "{out}");
-
-    let expected: Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("expected.json")).expect("expected.json"),
-    )
-    .expect("JSON");
-    let config = Config::load(&config_path).expect("the schema-3 config still loads");
-    let s = TestServer::start_with(dir.clone(), config, |_| {}).await;
     // Schema 4 dropped the date index: every listing now comes from the program-date one.
-    assert_eq!(s.app.store.migrated_from(), Some(3));
-    assert_reads_back(&s, &expected).await;
+    let (_dir, config_path, expected, s) =
+        open_pinned("schema3", 3, &["schema 3, 20 transactions", "6 reversals"]).await;
 
     // Its idempotency holds, for issues and for reversals.
     let acme = s.acme().await;
-    let old = &expected["transactions"]["acme"][0];
-    let replay = s
-        .issue(
-            &acme,
-            serde_json::json!({"programId": "skywards", "value": 3673, "userId": "EK100",
-                               "referenceNumber": "inv-1"}),
-        )
-        .await;
-    assert_eq!(replay.status, 200, "{}", replay.text());
-    assert_eq!(replay.json()["id"], old["id"]);
-    let id = old["id"].as_str().expect("id");
+    replays_the_first_issue(&s, &acme, &expected).await;
+    let id = expected["transactions"]["acme"][0]["id"]
+        .as_str()
+        .expect("id");
     let again = s
         .post(
             &format!("/v1/transactions/{id}/reversals"),
@@ -265,17 +251,7 @@ async fn a_schema_3_database_opens_and_reads_back_unchanged() {
         .await;
     assert_eq!(more.status, 201, "{}", more.text());
     s.stop().await;
-
-    let (code, out) = common::run_check(&config_path);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains(&format!(
-            "schema {}, 20 transactions",
-            cosmopoints::store::SCHEMA_VERSION
-        )),
-        "{out}"
-    );
-    assert!(out.contains("7 reversals"), "{out}");
+    assert_checks(&config_path, &["20 transactions", "7 reversals"]);
 }
 
 /// `cosmopoints migrate` copies a file of every released schema into PostgreSQL: the

@@ -19,7 +19,7 @@
 //! | 1 | 0.1.0 | first layout; values are bare postcard structs |
 //! | 2 | 0.2.0 | every value wrapped in its versioned enum (one byte in front); new tables `deliveries`, `outbox`, `events` |
 //! | 3 | 0.3.0 | `TxRecord::V3` (reversal totals), which 0.2.0 cannot read; new tables `reversals`, `reversal_by_reference`, `reversals_by_tx` (nothing is rewritten) |
-//! | 4 | 0.4.0 | table `tx_by_date` dropped: a listing of every program merges the business's ranges of `tx_by_program_date` (which 0.3.0 refuses: it would find no date index) |
+//! | 4 | 0.4.0 | table `tx_by_date` dropped: a listing of every program merges the business's ranges of `tx_by_program_date` (0.3.0 refuses such a file: its schema is newer) |
 //!
 //! Record versions: `TxRecord::V1` (0.1.0), `TxRecord::V2` (0.2.0: `end_user_id`),
 //! `TxRecord::V3` (0.3.0: `reversed_value`, `reversed_points`, `reversals`);
