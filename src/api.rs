@@ -414,12 +414,8 @@ pub async fn issue(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
         Planned::Replay(tx) => issued(StatusCode::OK, &tx),
         Planned::Write(issue) => {
             let outcome = app.store.issue(*issue).await?;
+            count_issued(app, [&outcome]);
             let (status, tx) = settle_issue(outcome, &reference)?;
-            if status == StatusCode::CREATED {
-                let status = tx.status().as_str();
-                app.metrics
-                    .issued(tx.program_id.as_str(), status, 1, tx.total_points);
-            }
             issued(status, &tx)
         }
     }
@@ -477,8 +473,32 @@ async fn plan_issue(
     })))
 }
 
-/// The answer to what the writer did with an issue (the caller counts a new one in the
-/// metrics).
+/// Counts the new transactions among `outcomes` in the metrics, once per program and
+/// status (a batch of a thousand is a few labelled look-ups, not a thousand).
+fn count_issued<'a>(app: &App, outcomes: impl IntoIterator<Item = &'a Issued>) {
+    let mut counts: Vec<(&ProgramId, &'static str, u64, u64)> = Vec::new();
+    for outcome in outcomes {
+        let Issued::Created(tx) = outcome else {
+            continue;
+        };
+        let status = tx.status().as_str();
+        match counts
+            .iter_mut()
+            .find(|(p, s, ..)| **p == tx.program_id && *s == status)
+        {
+            Some((.., n, points)) => {
+                *n += 1;
+                *points += tx.total_points;
+            }
+            None => counts.push((&tx.program_id, status, 1, tx.total_points)),
+        }
+    }
+    for (program, status, n, points) in counts {
+        app.metrics.issued(program.as_str(), status, n, points);
+    }
+}
+
+/// The answer to what the writer did with an issue (counted by [`count_issued`]).
 fn settle_issue(
     outcome: Issued,
     reference: &ReferenceNumber,
@@ -557,26 +577,9 @@ pub async fn issue_batch(app: &App, caller: Caller<'_>, body: Bytes) -> Reply {
     }
     if !writes.is_empty() {
         let outcomes = app.store.issue_many(writes).await?;
-        // Counted per program and status, once each (not per item).
-        let mut counts: Vec<(ProgramId, &'static str, u64, u64)> = Vec::new();
+        count_issued(app, &outcomes);
         for ((i, reference), outcome) in written.into_iter().zip(outcomes) {
-            if let Issued::Created(tx) = &outcome {
-                let status = tx.status().as_str();
-                match counts
-                    .iter_mut()
-                    .find(|(p, s, ..)| *p == tx.program_id && *s == status)
-                {
-                    Some((.., n, points)) => {
-                        *n += 1;
-                        *points += tx.total_points;
-                    }
-                    None => counts.push((tx.program_id.clone(), status, 1, tx.total_points)),
-                }
-            }
             results[i] = settle_issue(outcome, &reference);
-        }
-        for (program, status, n, points) in counts {
-            app.metrics.issued(program.as_str(), status, n, points);
         }
     }
     // The new ones share the commit's time: each run of one time is formatted once, and

@@ -122,6 +122,19 @@ async fn each_item_gets_the_single_issue_rules_and_its_own_result_in_order() {
         .expect("detail")
         .contains("twice"));
     assert_eq!(results[1]["status"], 201);
+    // Items that fail to parse take no place among the looked-up references: the new item
+    // after one is new, and the replay after it finds its own transaction.
+    let r = batch(
+        &s,
+        &token,
+        &json!({"items": [42, item("b-8", 500), 7, item("old-1", 3673)]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].clone();
+    let statuses: Vec<&Value> = (0..4).map(|i| &results[i]["status"]).collect();
+    assert_eq!(statuses, [400, 201, 400, 200]);
+    assert_eq!(results[3]["transaction"], existing.json());
     let report = s.app.store.check().expect("check");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError};
 
+use super::read::open_table;
 use super::schema::{
     BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, META, MIGRATIONS, OUTBOX,
     REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, SCHEMA_VERSION, TRANSACTIONS,
@@ -63,9 +64,9 @@ impl Snapshot {
     fn take(db: Arc<Database>) -> Result<Snapshot, StoreError> {
         let txn = db.begin_read().map_err(super::unavailable)?;
         Ok(Snapshot {
-            records: txn.open_table(TRANSACTIONS).map_err(super::unavailable)?,
-            by_ref: txn.open_table(BY_REFERENCE).map_err(super::unavailable)?,
-            deliveries: txn.open_table(DELIVERIES).map_err(super::unavailable)?,
+            records: open_table(&txn, TRANSACTIONS)?,
+            by_ref: open_table(&txn, BY_REFERENCE)?,
+            deliveries: open_table(&txn, DELIVERIES)?,
             txn,
             _db: db,
         })
@@ -75,7 +76,7 @@ impl Snapshot {
         &self,
         definition: redb::TableDefinition<K, V>,
     ) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
-        self.txn.open_table(definition).map_err(super::unavailable)
+        open_table(&self.txn, definition)
     }
 }
 

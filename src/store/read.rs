@@ -56,8 +56,16 @@ impl<'h> Reader<'h> {
         &self,
         definition: redb::TableDefinition<K, V>,
     ) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
-        self.txn.open_table(definition).map_err(unavailable)
+        open_table(&self.txn, definition)
     }
+}
+
+/// Opens a table of a read transaction (a store error if it cannot be).
+pub(super) fn open_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    definition: redb::TableDefinition<K, V>,
+) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
+    txn.open_table(definition).map_err(unavailable)
 }
 
 pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
