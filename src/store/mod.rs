@@ -581,7 +581,8 @@ impl Store {
 
     /// The business's transactions with these referenceNumbers, in their order: for a
     /// bulk issue, whose items are all looked up before any is written. On redb they are
-    /// read from one snapshot (one read transaction, each table opened once).
+    /// read from one snapshot (one read transaction, each table opened once); on
+    /// PostgreSQL in one query.
     pub async fn by_references(
         &self,
         business: &BusinessId,
@@ -589,13 +590,7 @@ impl Store {
     ) -> Result<Vec<Option<Transaction>>, StoreError> {
         match self {
             Store::Redb(s) => s.by_references(business, references),
-            Store::Postgres(s) => {
-                let mut found = Vec::with_capacity(references.len());
-                for reference in references {
-                    found.push(s.by_reference(business, reference).await?);
-                }
-                Ok(found)
-            }
+            Store::Postgres(s) => s.by_references(business, references).await,
         }
     }
 

@@ -712,6 +712,39 @@ impl Postgres {
             .transpose()
     }
 
+    /// [`Postgres::by_reference`] for each of `references`, in their order, in one query.
+    pub async fn by_references(
+        &self,
+        business: &BusinessId,
+        references: &[&ReferenceNumber],
+    ) -> Result<Vec<Option<Transaction>>, StoreError> {
+        if references.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.pool.get().await.map_err(pool_unavailable)?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = ANY($2)",
+                tx_columns()
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let wanted: Vec<&str> = references.iter().map(|r| r.as_str()).collect();
+        let rows = client
+            .query(&statement, &[&business.as_str(), &wanted])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let tx = rows::transaction(&self.ciphers.ids, row)?;
+            found.insert(tx.reference_number.as_str().to_owned(), tx);
+        }
+        Ok(references
+            .iter()
+            .map(|r| found.get(r.as_str()).cloned())
+            .collect())
+    }
+
     /// The business's reversal whose id, else whose referenceNumber, is `key`.
     pub async fn reversal(
         &self,
