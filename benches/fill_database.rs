@@ -15,7 +15,8 @@ use cosmopoints::domain::{ReferenceNumber, UserId};
 use cosmopoints::ledger::{quote, NewTransaction, Recipient};
 use cosmopoints::store::{Issue, Limits, Store};
 
-/// Transactions per write (per commit).
+/// Transactions per write (per commit); `PER_COMMIT=n` in the environment sets another
+/// (a small one, as single issues under load make, measures the per-commit cost).
 const IN_FLIGHT: usize = 5_000;
 
 fn main() {
@@ -25,6 +26,9 @@ fn main() {
         std::process::exit(2);
     };
     let count: u64 = count.parse().expect("N is a whole number");
+    let per_commit: usize = std::env::var("PER_COMMIT")
+        .map(|n| n.parse().expect("PER_COMMIT is a whole number"))
+        .unwrap_or(IN_FLIGHT);
     let config = Config::load(std::path::Path::new(config)).expect("the config loads");
     let clock = Clock::manual(1_795_774_500);
     let store = Arc::new(
@@ -32,8 +36,8 @@ fn main() {
             &config.storage_path,
             clock.clone(),
             Limits {
-                max_batch: IN_FLIGHT,
-                queue: IN_FLIGHT,
+                max_batch: per_commit,
+                queue: per_commit,
                 cache_bytes: config.storage_cache_bytes,
             },
         )
@@ -51,7 +55,7 @@ fn main() {
     runtime.block_on(async {
         let mut next = 0u64;
         while next < count {
-            let end = (next + IN_FLIGHT as u64).min(count);
+            let end = (next + per_commit as u64).min(count);
             clock.set(1_795_774_500 + next / 10);
             let mut batch = Vec::with_capacity((end - next) as usize);
             for i in next..end {

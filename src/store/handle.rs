@@ -305,12 +305,20 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
                 key
             }
         };
-        next_seq = match meta.get("next_seq").map_err(|e| bad(&e))? {
+        // Files written before 0.4.0 kept the counter in `meta` at every commit; since
+        // then it is the last transaction's number + 1 (the writer no longer writes `meta`
+        // at each commit: a table less to update and checksum). The larger of the two.
+        let stored = match meta.get("next_seq").map_err(|e| bad(&e))? {
             Some(v) => u64_value(v.value())
                 .ok_or_else(|| OpenError::Unusable("the sequence counter is unreadable".into()))?,
             None => 0,
         };
-        txn.open_table(TRANSACTIONS).map_err(|e| bad(&e))?;
+        let records = txn.open_table(TRANSACTIONS).map_err(|e| bad(&e))?;
+        let after_last = match records.last().map_err(|e| bad(&e))? {
+            Some((seq, _)) => seq.value().saturating_add(1),
+            None => 0,
+        };
+        next_seq = stored.max(after_last);
         txn.open_table(BY_REFERENCE).map_err(|e| bad(&e))?;
         txn.open_table(BY_PROGRAM_DATE).map_err(|e| bad(&e))?;
         txn.open_table(CONNECTIONS).map_err(|e| bad(&e))?;

@@ -20,7 +20,7 @@ use super::read::{
 use super::schema::{
     Conn, ConnectionRecord, EventRecord, EventV1, ReversalRecord, ReversalV1, Tx, TxRecord,
     BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
-    JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
+    JOB_EVENT, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
     fill_batch, unavailable, Connect, Connected, Issue, Issued, JobOutcome, OutcomeEvents,
@@ -124,16 +124,16 @@ impl Writer {
                 reversal_ids: &self.handle.reversal_ids,
                 now,
                 next_seq: self.next_seq,
-                records: txn.open_table(TRANSACTIONS).map_err(unavailable)?,
-                by_ref: txn.open_table(BY_REFERENCE).map_err(unavailable)?,
-                by_program: txn.open_table(BY_PROGRAM_DATE).map_err(unavailable)?,
-                connections: txn.open_table(CONNECTIONS).map_err(unavailable)?,
-                deliveries: txn.open_table(DELIVERIES).map_err(unavailable)?,
-                outbox: txn.open_table(OUTBOX).map_err(unavailable)?,
-                events: txn.open_table(EVENTS).map_err(unavailable)?,
-                reversals: txn.open_table(REVERSALS).map_err(unavailable)?,
-                reversal_by_ref: txn.open_table(REVERSAL_BY_REFERENCE).map_err(unavailable)?,
-                reversals_by_tx: txn.open_table(REVERSALS_BY_TX).map_err(unavailable)?,
+                records: Lazy::new(&txn, TRANSACTIONS),
+                by_ref: Lazy::new(&txn, BY_REFERENCE),
+                by_program: Lazy::new(&txn, BY_PROGRAM_DATE),
+                connections: Lazy::new(&txn, CONNECTIONS),
+                deliveries: Lazy::new(&txn, DELIVERIES),
+                outbox: Lazy::new(&txn, OUTBOX),
+                events: Lazy::new(&txn, EVENTS),
+                reversals: Lazy::new(&txn, REVERSALS),
+                reversal_by_ref: Lazy::new(&txn, REVERSAL_BY_REFERENCE),
+                reversals_by_tx: Lazy::new(&txn, REVERSALS_BY_TX),
                 scratch: Vec::with_capacity(1024),
             };
             for job in batch.drain(..) {
@@ -141,10 +141,8 @@ impl Writer {
                     answers.push(apply(&mut tables)?);
                 }
             }
+            // Not stored: the next number is the last record's + 1 (see `handle::prepare`).
             self.next_seq = tables.next_seq;
-            let mut meta = txn.open_table(META).map_err(unavailable)?;
-            meta.insert("next_seq", self.next_seq.to_le_bytes().as_slice())
-                .map_err(unavailable)?;
         }
         let committing = std::time::Instant::now();
         txn.commit().map_err(unavailable)?;
@@ -159,6 +157,39 @@ impl Writer {
             .writes
             .fetch_add(answers.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A table of the batch's write transaction, opened when a write first uses it. Most
+/// batches touch three or four of the ten tables, and each table opened costs a look-up in
+/// redb's table of tables when it is opened and again when the transaction commits (a
+/// tenth of the writer's time in a run of single issues, when all ten were opened for every
+/// batch).
+struct Lazy<'txn, K: redb::Key + 'static, V: redb::Value + 'static> {
+    txn: &'txn redb::WriteTransaction,
+    definition: redb::TableDefinition<'static, K, V>,
+    table: Option<redb::Table<'txn, K, V>>,
+}
+
+impl<'txn, K: redb::Key + 'static, V: redb::Value + 'static> Lazy<'txn, K, V> {
+    fn new(
+        txn: &'txn redb::WriteTransaction,
+        definition: redb::TableDefinition<'static, K, V>,
+    ) -> Self {
+        Lazy {
+            txn,
+            definition,
+            table: None,
+        }
+    }
+
+    /// The table, opened by the first call.
+    fn open(&mut self) -> Result<&mut redb::Table<'txn, K, V>, StoreError> {
+        let table = match self.table.take() {
+            Some(table) => table,
+            None => self.txn.open_table(self.definition).map_err(unavailable)?,
+        };
+        Ok(self.table.insert(table))
     }
 }
 
@@ -198,16 +229,16 @@ pub(super) struct Tables<'txn> {
     now: u64,
     /// The next transaction sequence number.
     next_seq: u64,
-    records: redb::Table<'txn, u64, &'static [u8]>,
-    by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
-    by_program: redb::Table<'txn, (&'static str, &'static str, u64, u64), u64>,
-    connections: redb::Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
-    deliveries: redb::Table<'txn, (u8, u64), &'static [u8]>,
-    outbox: redb::Table<'txn, (u64, u8, u64), ()>,
-    events: redb::Table<'txn, u64, &'static [u8]>,
-    reversals: redb::Table<'txn, u64, &'static [u8]>,
-    reversal_by_ref: redb::Table<'txn, (&'static str, &'static str), u64>,
-    reversals_by_tx: redb::Table<'txn, (u64, u64), ()>,
+    records: Lazy<'txn, u64, &'static [u8]>,
+    by_ref: Lazy<'txn, (&'static str, &'static str), u64>,
+    by_program: Lazy<'txn, (&'static str, &'static str, u64, u64), u64>,
+    connections: Lazy<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+    deliveries: Lazy<'txn, (u8, u64), &'static [u8]>,
+    outbox: Lazy<'txn, (u64, u8, u64), ()>,
+    events: Lazy<'txn, u64, &'static [u8]>,
+    reversals: Lazy<'txn, u64, &'static [u8]>,
+    reversal_by_ref: Lazy<'txn, (&'static str, &'static str), u64>,
+    reversals_by_tx: Lazy<'txn, (u64, u64), ()>,
     /// Where records are encoded before they are inserted: one buffer for the batch, so
     /// that encoding a record does not allocate (and grow, and free) a vector of its own.
     scratch: Vec<u8>,
@@ -228,19 +259,28 @@ impl Tables<'_> {
         );
         let taken = self
             .by_ref
+            .open()?
             .insert(key, seq)
             .map_err(unavailable)?
             .map(|old| old.value());
         if let Some(existing) = taken {
-            self.by_ref.insert(key, existing).map_err(unavailable)?;
-            let tx =
-                read_tx(self.ids, &self.records, &self.deliveries, existing)?.ok_or_else(|| {
-                    tracing::error!(
-                        seq = existing,
-                        "the reference index names a missing transaction"
-                    );
-                    StoreError::Corrupt
-                })?;
+            self.by_ref
+                .open()?
+                .insert(key, existing)
+                .map_err(unavailable)?;
+            let tx = read_tx(
+                self.ids,
+                self.records.open()?,
+                self.deliveries.open()?,
+                existing,
+            )?
+            .ok_or_else(|| {
+                tracing::error!(
+                    seq = existing,
+                    "the reference index names a missing transaction"
+                );
+                StoreError::Corrupt
+            })?;
             return Ok(Wrote::Done(match tx.differing_field(&issue.request) {
                 None => Issued::Replayed(tx),
                 Some(field) => Issued::Conflict(field),
@@ -278,10 +318,12 @@ impl Tables<'_> {
             reversals: 0,
         });
         self.records
+            .open()?
             .insert(seq, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         let tx = record.latest();
         self.by_program
+            .open()?
             .insert(
                 (tx.business.as_str(), tx.program_id.as_str(), now, seq),
                 seq,
@@ -355,7 +397,8 @@ impl Tables<'_> {
                 if let Some(OutcomeEvents::Transaction(events)) =
                     events.filter(|_| next.status != before)
                 {
-                    let tx = self.with_reversals(self.transaction_of(id)?)?;
+                    let tx = self.transaction_of(id)?;
+                    let tx = self.with_reversals(tx)?;
                     for event in events(&tx, before) {
                         self.record_event(tx.business.as_str(), event)?;
                         recorded = true;
@@ -399,7 +442,7 @@ impl Tables<'_> {
         id: u64,
         step: impl FnOnce(&Delivery, u64) -> Option<Delivery>,
     ) -> Result<Option<(DeliveryStatus, Option<Delivery>)>, StoreError> {
-        let Some(current) = read_delivery(&self.deliveries, kind, id)? else {
+        let Some(current) = read_delivery(self.deliveries.open()?, kind, id)? else {
             return Ok(None);
         };
         let next = step(&current, self.now);
@@ -409,21 +452,21 @@ impl Tables<'_> {
         Ok(Some((current.status, next)))
     }
 
-    fn transaction_of(&self, seq: u64) -> Result<Transaction, StoreError> {
-        read_tx(self.ids, &self.records, &self.deliveries, seq)?.ok_or_else(|| {
+    fn transaction_of(&mut self, seq: u64) -> Result<Transaction, StoreError> {
+        read_tx(self.ids, self.records.open()?, self.deliveries.open()?, seq)?.ok_or_else(|| {
             tracing::error!(seq, "a delivery names a missing transaction");
             StoreError::Corrupt
         })
     }
 
-    fn with_reversals(&self, tx: Transaction) -> Result<Transaction, StoreError> {
+    fn with_reversals(&mut self, tx: Transaction) -> Result<Transaction, StoreError> {
         with_reversals(
             tx,
             self.ids,
             self.reversal_ids,
-            &self.reversals,
-            &self.reversals_by_tx,
-            &self.deliveries,
+            self.reversals.open()?,
+            self.reversals_by_tx.open()?,
+            self.deliveries.open()?,
         )
     }
 
@@ -434,6 +477,7 @@ impl Tables<'_> {
     fn retime_debits(&mut self, tx_seq: u64, credit: &Delivery) -> Result<bool, StoreError> {
         let seqs = self
             .reversals_by_tx
+            .open()?
             .range((tx_seq, 0)..=(tx_seq, u64::MAX))
             .map_err(unavailable)?
             .map(|entry| entry.map(|(key, _)| key.value().1))
@@ -445,7 +489,7 @@ impl Tables<'_> {
         };
         let mut due_now = false;
         for seq in seqs {
-            let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+            let Some(debit) = read_delivery(self.deliveries.open()?, JOB_DEBIT, seq)? else {
                 continue;
             };
             // Only debits still waiting for their credit: none has been attempted yet.
@@ -468,7 +512,8 @@ impl Tables<'_> {
     /// has reversals: they were settled against a credit that never arrived (see
     /// [`Tables::hold_debit`]), so sending it now would credit points already taken back.
     pub fn redeliver_credit(&mut self, seq: u64) -> Result<Redelivery, StoreError> {
-        let Some(tx) = read_tx(self.ids, &self.records, &self.deliveries, seq)? else {
+        let Some(tx) = read_tx(self.ids, self.records.open()?, self.deliveries.open()?, seq)?
+        else {
             return Ok(Redelivery::NotFailed(None));
         };
         if tx.reversed_value > 0 {
@@ -495,6 +540,7 @@ impl Tables<'_> {
         let request = &r.request;
         let existing = self
             .reversal_by_ref
+            .open()?
             .get((b, request.reference_number.as_str()))
             .map_err(unavailable)?
             .map(|seq| seq.value());
@@ -502,8 +548,8 @@ impl Tables<'_> {
             let found = read_reversal(
                 self.ids,
                 self.reversal_ids,
-                &self.reversals,
-                &self.deliveries,
+                self.reversals.open()?,
+                self.deliveries.open()?,
                 seq,
             )?
             .ok_or_else(|| {
@@ -515,7 +561,12 @@ impl Tables<'_> {
                 Some(field) => Reversed::Conflict(field),
             });
         }
-        let Some(bytes) = self.records.get(r.transaction_seq).map_err(unavailable)? else {
+        let Some(bytes) = self
+            .records
+            .open()?
+            .get(r.transaction_seq)
+            .map_err(unavailable)?
+        else {
             tracing::error!(
                 seq = r.transaction_seq,
                 "a reversal names a missing transaction"
@@ -546,7 +597,7 @@ impl Tables<'_> {
             Ok(plan) => plan,
             Err(rejection) => return Ok(Reversed::Rejected(rejection)),
         };
-        let seq = match self.reversals.last().map_err(unavailable)? {
+        let seq = match self.reversals.open()?.last().map_err(unavailable)? {
             Some((last, _)) => last.value() + 1,
             None => 0,
         };
@@ -562,27 +613,31 @@ impl Tables<'_> {
             created_at: now,
         };
         self.reversals
+            .open()?
             .insert(
                 seq,
                 encode(&mut self.scratch, &ReversalRecord::V1(stored.clone()))?,
             )
             .map_err(unavailable)?;
         self.reversal_by_ref
+            .open()?
             .insert((b, request.reference_number.as_str()), seq)
             .map_err(unavailable)?;
         self.reversals_by_tx
+            .open()?
             .insert((r.transaction_seq, seq), ())
             .map_err(unavailable)?;
         record.reversed_value += value;
         record.reversed_points += points;
         record.reversals += 1;
         self.records
+            .open()?
             .insert(
                 r.transaction_seq,
                 encode(&mut self.scratch, &TxRecord::from(record))?,
             )
             .map_err(unavailable)?;
-        let credit = read_delivery(&self.deliveries, JOB_CREDIT, r.transaction_seq)?;
+        let credit = read_delivery(self.deliveries.open()?, JOB_CREDIT, r.transaction_seq)?;
         let debit = match credit {
             Some(credit) if points > 0 && credit.status != DeliveryStatus::Failed => {
                 let due = credit.next_attempt_at.unwrap_or(now).max(now);
@@ -628,12 +683,12 @@ impl Tables<'_> {
         Ok(Some((found, next.is_some())))
     }
 
-    fn reversal_of(&self, seq: u64) -> Result<Reversal, StoreError> {
+    fn reversal_of(&mut self, seq: u64) -> Result<Reversal, StoreError> {
         read_reversal(
             self.ids,
             self.reversal_ids,
-            &self.reversals,
-            &self.deliveries,
+            self.reversals.open()?,
+            self.deliveries.open()?,
             seq,
         )?
         .ok_or_else(|| {
@@ -657,14 +712,14 @@ impl Tables<'_> {
         patience: u64,
         events: impl FnOnce(&Reversal, DeliveryStatus) -> Vec<NewEvent>,
     ) -> Result<bool, StoreError> {
-        let Some(debit) = read_delivery(&self.deliveries, JOB_DEBIT, seq)? else {
+        let Some(debit) = read_delivery(self.deliveries.open()?, JOB_DEBIT, seq)? else {
             return Ok(false);
         };
         if debit.status != DeliveryStatus::Pending {
             return Ok(false);
         }
         let tx_seq = self.reversal_of(seq)?.transaction_seq;
-        let credit = read_delivery(&self.deliveries, JOB_CREDIT, tx_seq)?;
+        let credit = read_delivery(self.deliveries.open()?, JOB_CREDIT, tx_seq)?;
         let Some(next) = debit.held_behind(credit.as_ref(), self.now, patience) else {
             return Ok(false);
         };
@@ -686,7 +741,7 @@ impl Tables<'_> {
     }
 
     fn record_event(&mut self, business: &str, event: NewEvent) -> Result<(), StoreError> {
-        let seq = match self.events.last().map_err(unavailable)? {
+        let seq = match self.events.open()?.last().map_err(unavailable)? {
             Some((last, _)) => last.value() + 1,
             None => 0,
         };
@@ -698,6 +753,7 @@ impl Tables<'_> {
             payload: event.payload,
         });
         self.events
+            .open()?
             .insert(seq, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         self.put_delivery(JOB_EVENT, seq, None, &Delivery::new(self.now))
@@ -713,14 +769,19 @@ impl Tables<'_> {
         next: &Delivery,
     ) -> Result<(), StoreError> {
         if let Some(due) = previous.and_then(|p| p.next_attempt_at) {
-            self.outbox.remove((due, kind, id)).map_err(unavailable)?;
+            self.outbox
+                .open()?
+                .remove((due, kind, id))
+                .map_err(unavailable)?;
         }
         if let (DeliveryStatus::Pending, Some(due)) = (next.status, next.next_attempt_at) {
             self.outbox
+                .open()?
                 .insert((due, kind, id), ())
                 .map_err(unavailable)?;
         }
         self.deliveries
+            .open()?
             .insert(
                 (kind, id),
                 encode(&mut self.scratch, &delivery_record(next))?,
@@ -736,7 +797,7 @@ impl Tables<'_> {
             c.end_user_id.as_str(),
             c.program_id.as_str(),
         );
-        let previous = match self.connections.get(key).map_err(unavailable)? {
+        let previous = match self.connections.open()?.get(key).map_err(unavailable)? {
             Some(bytes) => Some(decode::<ConnectionRecord>(bytes.value())?.latest()),
             None => None,
         };
@@ -746,6 +807,7 @@ impl Tables<'_> {
             updated_at: self.now,
         });
         self.connections
+            .open()?
             .insert(key, encode(&mut self.scratch, &record)?)
             .map_err(unavailable)?;
         Ok((
