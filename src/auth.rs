@@ -165,6 +165,39 @@ pub enum TokenError {
 pub struct TokenKey {
     key: hmac::Key,
     id: [u8; 4],
+    /// This key among every `TokenKey` the process made: what [`Verified`] entries are
+    /// kept under, so that one key never takes a token that only another one verified.
+    instance: u64,
+}
+
+/// The tokens this thread verified last, each with the key that verified it and its
+/// claims. A client sends the same token with request after request (every request of a
+/// connection, as a rule), and its base64 decoding and HMAC were a sixth of a GET's
+/// instructions. A token is taken from here only when it is byte for byte one that the
+/// same key verified (HMAC is deterministic, so checking it again would give the same
+/// answer), compared in constant time; its expiry is still checked at every use.
+struct Verified {
+    instance: u64,
+    token: Box<str>,
+    claims: Claims,
+}
+
+/// How many tokens each thread keeps (a handful of clients per thread at a time).
+const VERIFIED_PER_THREAD: usize = 4;
+
+thread_local! {
+    static VERIFIED: std::cell::RefCell<(usize, [Option<Verified>; VERIFIED_PER_THREAD])> =
+        const { std::cell::RefCell::new((0, [None, None, None, None])) };
+}
+
+/// Equality of two byte strings that takes as long whatever their common prefix: how far
+/// a guess matches a token kept in [`VERIFIED`] does not show in the time it takes.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let differ = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(differ) == 0
 }
 
 impl TokenKey {
@@ -172,9 +205,11 @@ impl TokenKey {
         let digest = digest::digest(&digest::SHA256, secret);
         let mut id = [0u8; 4];
         id.copy_from_slice(&digest.as_ref()[..4]);
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         TokenKey {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             id,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -200,10 +235,41 @@ impl TokenKey {
     }
 
     /// Checks the tag in constant time, then the claims, then expiry against `now`.
+    /// A token this key verified before on this thread skips the tag (see [`Verified`]).
     pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
+        let known = VERIFIED.with_borrow(|(_, kept)| {
+            kept.iter()
+                .flatten()
+                .filter(|v| v.instance == self.instance)
+                .find(|v| same_bytes(v.token.as_bytes(), token.as_bytes()))
+                .map(|v| v.claims.clone())
+        });
+        let claims = match known {
+            Some(claims) => claims,
+            None => {
+                let claims = self.check_tag(token)?;
+                VERIFIED.with_borrow_mut(|(next, kept)| {
+                    kept[*next] = Some(Verified {
+                        instance: self.instance,
+                        token: token.into(),
+                        claims: claims.clone(),
+                    });
+                    *next = (*next + 1) % VERIFIED_PER_THREAD;
+                });
+                claims
+            }
+        };
+        if now >= claims.expires_at {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// The claims of `token` if its tag is this key's.
+    fn check_tag(&self, token: &str) -> Result<Claims, TokenError> {
         let bytes = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Malformed)?;
@@ -212,11 +278,7 @@ impl TokenKey {
         }
         let (claims, tag) = bytes.split_at(bytes.len() - TAG_LEN);
         hmac::verify(&self.key, claims, tag).map_err(|_| TokenError::BadSignature)?;
-        let claims = decode_claims(claims, &self.id).ok_or(TokenError::Malformed)?;
-        if now >= claims.expires_at {
-            return Err(TokenError::Expired);
-        }
-        Ok(claims)
+        decode_claims(claims, &self.id).ok_or(TokenError::Malformed)
     }
 }
 
@@ -387,6 +449,53 @@ mod tests {
             key().verify("not base64!", 1_000),
             Err(TokenError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_kept_token_is_taken_only_by_its_own_key_whole_and_until_it_expires() {
+        let key = key();
+        let token = key.sign(&claims()).expect("short ids");
+        assert_eq!(key.verify(&token, 1_000), Ok(claims()));
+        // Kept now: the same answer again, and still not past its expiry.
+        assert_eq!(key.verify(&token, 1_599), Ok(claims()));
+        assert_eq!(key.verify(&token, 1_600), Err(TokenError::Expired));
+        // Another key with the same secret has not verified it; a key with another
+        // secret never takes it.
+        assert_eq!(
+            TokenKey::new(&[7u8; 32]).verify(&token, 1_000),
+            Ok(claims())
+        );
+        assert_eq!(
+            TokenKey::new(&[8u8; 32]).verify(&token, 1_000),
+            Err(TokenError::BadSignature)
+        );
+        // Altered, cut or extended copies of a kept token are checked as any other.
+        for i in 0..token.len() {
+            let mut chars: Vec<char> = token.chars().collect();
+            chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+            let altered: String = chars.into_iter().collect();
+            assert!(key.verify(&altered, 1_000).is_err(), "position {i}");
+        }
+        assert!(key.verify(&token[..token.len() - 1], 1_000).is_err());
+        assert!(key.verify(&format!("{token}A"), 1_000).is_err());
+        // More clients than a thread keeps: each token still verifies as itself.
+        let tokens: Vec<(Claims, String)> = (0..10)
+            .map(|i| {
+                let c = Claims {
+                    client: format!("client-{i}"),
+                    ..claims()
+                };
+                let t = key.sign(&c).expect("short ids");
+                (c, t)
+            })
+            .collect();
+        for _ in 0..2 {
+            for (c, t) in &tokens {
+                assert_eq!(key.verify(t, 1_000).as_ref(), Ok(c));
+            }
+        }
+        assert!(same_bytes(b"abc", b"abc"));
+        assert!(!same_bytes(b"abc", b"abd") && !same_bytes(b"abc", b"ab"));
     }
 
     #[test]
