@@ -6,7 +6,7 @@
 #   WORKLOAD=get bash benches/callgrind_ab.sh BIN_A BIN_B # GET by reference
 #
 # Each server runs under `valgrind --tool=callgrind` on its own fresh database (the example
-# config, log level warn, no partner) and is stopped with SIGTERM (callgrind writes its
+# config, log level LOG_LEVEL, no partner) and is stopped with SIGTERM (callgrind writes its
 # counts when the process exits). Start-up (the demo client's PBKDF2 check) is left out.
 # - bulk: BATCHES batches of ITEMS new items from bulk_bench, one request in flight;
 #   prints the instructions per transaction of the request side (`api::issue_batch`,
@@ -15,14 +15,15 @@
 #   keep-alive connection (curl); prints the instructions per GET of the connection's
 #   task (hyper's parsing and writing and the handler, user space only) and of the
 #   handler (`router::dispatch`).
-# Knobs: WORKLOAD=bulk BATCHES=10 ITEMS=1000 GETS=2000 KEEP=0 (1 keeps the callgrind
+# Knobs: WORKLOAD=bulk BATCHES=10 ITEMS=1000 GETS=2000 LOG_LEVEL=warn (info: with the
+# access log, whose lines go to a file in the temp folder) KEEP=0 (1 keeps the callgrind
 # files, printed).
 # Ports 18331 and 18332 must be free. Needs valgrind (Debian's `valgrind`).
 set -euo pipefail
 A=$(realpath "$1"); B=$(realpath "$2")
 cd "$(dirname "$0")/.."
 BATCHES=${BATCHES:-10}; ITEMS=${ITEMS:-1000}; GETS=${GETS:-2000}; KEEP=${KEEP:-0}
-WORKLOAD=${WORKLOAD:-bulk}
+WORKLOAD=${WORKLOAD:-bulk}; LOG_LEVEL=${LOG_LEVEL:-warn}
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 cargo build --release --locked --quiet --example bulk_bench
 W=$(mktemp -d); pid=""
@@ -34,7 +35,7 @@ for bin in "$A" "$B"; do
   sed -e "s/^listen = .*/listen = \"127.0.0.1:$port\"/" -e "s|^path = .*|path = \"$W/$i.redb\"|" \
     -e 's/^token_ttl_seconds = .*/token_ttl_seconds = 86400/' -e '/^max_points *=/d' \
     -e '/^\[programs.partner\]/d' -e '/^sandbox = true/d' \
-    -e 's/^\[server\]/[server]\nlog_level = "warn"/' config.example.toml > "$W/$i.toml"
+    -e "s/^\\[server\\]/[server]\\nlog_level = \"$LOG_LEVEL\"/" config.example.toml > "$W/$i.toml"
   valgrind --tool=callgrind --callgrind-out-file="$W/$i.out" "$bin" serve --config "$W/$i.toml" 2>"$W/$i.log" &
   pid=$!
   for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.5; done

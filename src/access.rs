@@ -114,8 +114,17 @@ pub struct Done<'a> {
 pub fn write(done: &Done<'_>) {
     let Some(sink) = SINK.get() else { return };
     let text = format(sink.format, done);
-    // The writer only queues the line; an error means its thread is gone (at exit).
-    let _ = sink.out.clone().write_all(&text);
+    // The writer only queues the line; an error means its thread is gone (at exit). Each
+    // thread keeps its own handle on the queue: cloning one per line counted twice on
+    // counters that every thread shares.
+    OUT.with_borrow_mut(|out| {
+        let _ = out.get_or_insert_with(|| sink.out.clone()).write_all(&text);
+    });
+}
+
+thread_local! {
+    static OUT: std::cell::RefCell<Option<tracing_appender::non_blocking::NonBlocking>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// `done` as one line of the log, newline included.
@@ -134,7 +143,8 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
             out.extend_from_slice(b" path=");
             debug_str(&mut out, done.path);
             if let Some(remote) = l.remote {
-                let _ = write!(out, " remote={remote}");
+                out.extend_from_slice(b" remote=");
+                socket_address(&mut out, remote);
             }
             for (name, value, quoted) in l.optional_fields() {
                 if let Some(value) = value {
@@ -164,7 +174,10 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
             debug_str(&mut path, done.path);
             json_field(&mut out, "path", &String::from_utf8_lossy(&path));
             if let Some(remote) = l.remote {
-                json_field(&mut out, "remote", &remote.to_string());
+                // Digits, dots, colons, brackets and a `%`: nothing JSON escapes.
+                out.extend_from_slice(b",\"remote\":\"");
+                socket_address(&mut out, remote);
+                out.push(b'"');
             }
             for (name, value, _) in l.optional_fields() {
                 if let Some(value) = value {
@@ -224,6 +237,26 @@ fn timestamp(out: &mut Vec<u8>, at: SystemTime) {
 }
 
 /// `n` in decimal, zero-padded to `width` digits (wider when it needs more).
+/// `addr` as its `Display` writes it; an IPv4 one (the usual case) without `core::fmt`
+/// (which was a third of the line's formatting).
+fn socket_address(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                digits(out, u64::from(octet), 1);
+            }
+            out.push(b':');
+            digits(out, u64::from(v4.port()), 1);
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
 fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let mut at = buf.len();
@@ -347,7 +380,13 @@ mod tests {
             transaction: Some("tx_1a2b".into()),
             problem: Some("not-found"),
         };
-        let lines = [full, Line::default()];
+        let addresses = ["0.0.0.0:0", "255.255.255.255:65535", "[fe80::1%2]:8080"];
+        let others = addresses.map(|a| Line {
+            remote: Some(a.parse().expect("address")),
+            ..full.clone()
+        });
+        let mut lines = vec![full, Line::default()];
+        lines.extend(others);
         let paths = [
             "/v1/transactions/fill-0-1",
             "/v1/a%22b\\c",
