@@ -236,7 +236,6 @@ fn timestamp(out: &mut Vec<u8>, at: SystemTime) {
     out.push(b'Z');
 }
 
-/// `n` in decimal, zero-padded to `width` digits (wider when it needs more).
 /// `addr` as its `Display` writes it; an IPv4 one (the usual case) without `core::fmt`
 /// (which was a third of the line's formatting).
 fn socket_address(out: &mut Vec<u8>, addr: SocketAddr) {
@@ -257,6 +256,7 @@ fn socket_address(out: &mut Vec<u8>, addr: SocketAddr) {
     }
 }
 
+/// `n` in decimal, zero-padded to `width` digits (wider when it needs more).
 fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let mut at = buf.len();

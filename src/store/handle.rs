@@ -305,9 +305,8 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
                 key
             }
         };
-        // Files written before 0.4.0 kept the counter in `meta` at every commit; since
-        // then it is the last transaction's number + 1 (the writer no longer writes `meta`
-        // at each commit: a table less to update and checksum). The larger of the two.
+        // The writer stores the counter in `meta` whenever a batch moves it; it must also
+        // be past the last transaction, whatever wrote the file. The larger of the two.
         let stored = match meta.get("next_seq").map_err(|e| bad(&e))? {
             Some(v) => u64_value(v.value())
                 .ok_or_else(|| OpenError::Unusable("the sequence counter is unreadable".into()))?,

@@ -22,7 +22,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `id_key`, `next_seq` (u64 LE; written by 0.3.0 and earlier at every commit, now only read: the next sequence number is the larger of it and the last transaction's + 1) |
+//! | `meta` | name | bytes: `schema_version` (u64 LE), `signing_key`, `id_key`, `next_seq` (u64 LE, written by every commit that makes a transaction; on open the next sequence number is the larger of it and the last transaction's + 1) |
 //! | `transactions` | seq | postcard `TxRecord` |
 //! | `tx_by_reference` | (business, referenceNumber) | seq |
 //! | `tx_by_program_date` | (business, programId, createdAt, seq) | seq: a listing of one program is one range of it; a listing of every program merges the business's per-program ranges by (createdAt, seq) |

@@ -20,7 +20,7 @@ use super::read::{
 use super::schema::{
     Conn, ConnectionRecord, EventRecord, EventV1, ReversalRecord, ReversalV1, Tx, TxRecord,
     BY_PROGRAM_DATE, BY_REFERENCE, CONNECTIONS, DELIVERIES, EVENTS, JOB_CREDIT, JOB_DEBIT,
-    JOB_EVENT, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
+    JOB_EVENT, META, OUTBOX, REVERSALS, REVERSALS_BY_TX, REVERSAL_BY_REFERENCE, TRANSACTIONS,
 };
 use super::{
     fill_batch, unavailable, Connect, Connected, Issue, Issued, JobOutcome, OutcomeEvents,
@@ -141,7 +141,15 @@ impl Writer {
                     answers.push(apply(&mut tables)?);
                 }
             }
-            // Not stored: the next number is the last record's + 1 (see `handle::prepare`).
+            // Stored whenever it moved (a batch that made no transaction leaves `meta`
+            // alone): builds of schema 4 before this one read the counter from here and
+            // trust it, so it stays right. This build also checks it against the last
+            // record when it opens the file (`handle::prepare`).
+            if tables.next_seq != self.next_seq {
+                let mut meta = txn.open_table(META).map_err(unavailable)?;
+                meta.insert("next_seq", tables.next_seq.to_le_bytes().as_slice())
+                    .map_err(unavailable)?;
+            }
             self.next_seq = tables.next_seq;
         }
         let committing = std::time::Instant::now();
