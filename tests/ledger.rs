@@ -626,8 +626,8 @@ async fn a_restart_keeps_transactions_and_tokens() {
     let refs: Vec<Value> = s.all_transactions(&token).await;
     assert_eq!(refs[0]["referenceNumber"], "kept");
     assert_eq!(refs[1]["referenceNumber"], "after-restart");
-    // The new one took a number of its own (the counter is not stored at each commit: it
-    // is found again from the last transaction when the file is opened).
+    // The new one took a number of its own: the counter read when the file is opened is
+    // past the last transaction.
     let kept = s.get("/v1/transactions/kept", Some(&token)).await.json();
     assert_eq!(kept["id"], created["id"]);
     assert_ne!(refs[1]["id"], created["id"]);
