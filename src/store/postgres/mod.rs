@@ -696,20 +696,11 @@ impl Postgres {
         business: &BusinessId,
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_unavailable)?;
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT {} FROM {TX_FROM} WHERE t.business = $1 AND t.reference_number = $2",
-                tx_columns()
-            ))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client
-            .query_opt(&statement, &[&business.as_str(), &reference.as_str()])
-            .await
-            .map_err(|e| unavailable(&e))?;
-        row.map(|row| rows::transaction(&self.ciphers.ids, &row))
-            .transpose()
+        Ok(self
+            .by_references(business, &[reference])
+            .await?
+            .pop()
+            .flatten())
     }
 
     /// [`Postgres::by_reference`] for each of `references`, in their order, in one query.
