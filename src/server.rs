@@ -51,7 +51,15 @@ pub async fn serve<R, F>(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // While a request is in flight, hyper would otherwise poll the socket for an
+        // early end of stream, and to do so reserve its read buffer while the request's
+        // head still shares it: a fresh 8 KiB buffer for every request (3.6% of a GET's
+        // CPU samples). Half-close support skips that poll. A client that goes away
+        // mid-request is then seen at the response's write instead of before it; a
+        // request is never cut short part-way anyway (an issue sent to the writer is
+        // committed whether or not its client is still there).
+        .half_close(true);
     tokio::pin!(shutdown);
 
     loop {

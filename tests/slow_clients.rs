@@ -182,3 +182,30 @@ async fn a_client_that_stops_reading_a_listing_is_cut_off() {
         "a cut listing ended like a whole one"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    // HTTP/1.1 lets a client shut down its sending side once its request is out. The
+    // issue must then be answered, not dropped with the connection: a client left
+    // without an answer cannot tell whether its points were issued.
+    let s = start(64).await;
+    let token = s.acme().await;
+    let body = common::issue_body("half-closed").to_string();
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+    let request = format!(
+        "POST /v1/transactions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    stream.shutdown().await.expect("half-close");
+    let reply = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the connection is closed after the answer");
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert!(
+        reply.contains("\"referenceNumber\":\"half-closed\""),
+        "{reply}"
+    );
+    let stored = s.get("/v1/transactions/half-closed", Some(&token)).await;
+    assert_eq!(stored.status, 200, "{}", stored.text());
+}
