@@ -4,9 +4,10 @@
 //!
 //! The fields are kept in a task-local [`Line`] rather than recorded into a tracing span:
 //! a span with ten fields, each `record` re-formatting into the span's text, was a large
-//! share of a GET's CPU. Requests still run inside a small `request{id=…}` span, so that
-//! any other line a request logs carries its id. When the access log is off (its level
-//! is disabled) nothing is gathered at all.
+//! share of a GET's CPU. The request's id is kept there too, and [`WithRequestId`] adds it
+//! to any other line the request logs, as a `request{id=…}` span would show it (a real
+//! span cost ~5% of a GET's CPU, for lines that few requests write). When the access log
+//! is off (its level is disabled) nothing is gathered at all, and no line carries an id.
 //!
 //! The `done` line itself is formatted here, by hand, into the same text the log's
 //! formatter gives it without colours (the same fields, escapes and order, in both
@@ -25,7 +26,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::config::LogFormat;
 
 tokio::task_local! {
-    static LINE: RefCell<Line>;
+    static LINE: RefCell<Scope>;
+}
+
+/// What a request keeps while it runs: its id, and its line.
+struct Scope {
+    id: String,
+    line: Line,
 }
 
 /// What the access log says of a request beside its id, method, path, status and latency.
@@ -59,20 +66,129 @@ impl Line {
 /// Changes the running request's line; does nothing outside a request or when the access
 /// log is off.
 pub fn record(change: impl FnOnce(&mut Line)) {
-    let _ = LINE.try_with(|line| change(&mut line.borrow_mut()));
+    let _ = LINE.try_with(|scope| change(&mut scope.borrow_mut().line));
 }
 
-/// Runs `request` gathering its line (when `gather`), and returns its output and the line.
-pub async fn gather<T>(gather: bool, request: impl std::future::Future<Output = T>) -> (T, Line) {
+/// Runs `request` with its id, gathering its line (when `gather`); returns its output,
+/// the line and the id.
+pub async fn gather<T>(
+    gather: bool,
+    id: String,
+    request: impl std::future::Future<Output = T>,
+) -> (T, Line, String) {
     if !gather {
-        return (request.await, Line::default());
+        return (request.await, Line::default(), id);
     }
-    LINE.scope(RefCell::new(Line::default()), async move {
+    let scope = Scope {
+        id,
+        line: Line::default(),
+    };
+    LINE.scope(RefCell::new(scope), async move {
         let output = request.await;
-        let line = LINE.with(|line| std::mem::take(&mut *line.borrow_mut()));
-        (output, line)
+        let Scope { id, line } = LINE.with(|scope| {
+            std::mem::replace(
+                &mut *scope.borrow_mut(),
+                Scope {
+                    id: String::new(),
+                    line: Line::default(),
+                },
+            )
+        });
+        (output, line, id)
     })
     .await
+}
+
+/// The log's event formatter: `inner`'s line, with the running request's id added as
+/// a `request{id=…}` span would add it, when a request (whose line is being gathered)
+/// is running on this thread. Lines outside requests are `inner`'s as they are.
+pub struct WithRequestId<F> {
+    inner: F,
+    format: LogFormat,
+}
+
+impl<F> WithRequestId<F> {
+    pub fn new(format: LogFormat, inner: F) -> WithRequestId<F> {
+        WithRequestId { inner, format }
+    }
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithRequestId<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let id = LINE
+            .try_with(|scope| scope.try_borrow().ok().map(|s| s.id.clone()))
+            .ok()
+            .flatten();
+        let Some(id) = id else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut text = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut text),
+            event,
+        )?;
+        writer.write_str(&with_request_id(
+            self.format,
+            &text,
+            event.metadata().level(),
+            &id,
+        ))
+    }
+}
+
+/// `line` (the formatter's, newline included) with request `id` in it: in the human
+/// format after the level (`… INFO request{id=…}: target: …`), in JSON as the
+/// `span` and `spans` keys that tracing writes for a span named `request`.
+fn with_request_id(format: LogFormat, line: &str, level: &tracing::Level, id: &str) -> String {
+    let mut out = String::with_capacity(line.len() + 2 * id.len() + 64);
+    match format {
+        LogFormat::Human => {
+            // The timestamp (digits, `-`, `:`, `.`, `T`, `Z`) cannot hold a level's
+            // name; the level may be wrapped in colour codes, which hold no space.
+            let level = level.as_str();
+            let at = line
+                .find(level)
+                .and_then(|i| line[i..].find(' ').map(|j| i + j + 1));
+            match at {
+                Some(at) => {
+                    out.push_str(&line[..at]);
+                    out.push_str("request{id=");
+                    out.push_str(id);
+                    out.push_str("}: ");
+                    out.push_str(&line[at..]);
+                }
+                None => out.push_str(line),
+            }
+        }
+        LogFormat::Json => match line.trim_end_matches('\n').strip_suffix('}') {
+            Some(open) => {
+                // Writing a &str as JSON cannot fail.
+                let id = serde_json::to_string(id).unwrap_or_default();
+                out.push_str(open);
+                for (key, close) in [(",\"span\":", ""), (",\"spans\":[", "]")] {
+                    out.push_str(key);
+                    out.push_str("{\"id\":");
+                    out.push_str(&id);
+                    out.push_str(",\"name\":\"request\"}");
+                    out.push_str(close);
+                }
+                out.push_str("}\n");
+            }
+            None => out.push_str(line),
+        },
+    }
+    out
 }
 
 /// Where `done` lines go: the log's own writer (its thread and queue) and format.
@@ -279,19 +395,102 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_gathers_what_it_records_and_nothing_leaks_outside() {
-        let (answer, line) = gather(true, async {
+        let (answer, line, id) = gather(true, "r-1".into(), async {
             record(|l| l.business = Some("acme".into()));
             record(|l| l.problem = Some("not-found"));
             7
         })
         .await;
-        assert_eq!(answer, 7);
+        assert_eq!((answer, id.as_str()), (7, "r-1"));
         assert_eq!(line.business.as_deref(), Some("acme"));
         assert_eq!(line.problem, Some("not-found"));
         // Outside a request, and with gathering off, recording is a no-op.
         record(|l| l.business = Some("nobody".into()));
-        let (_, line) = gather(false, async { record(|l| l.client = Some("x".into())) }).await;
-        assert_eq!(line, Line::default());
+        let (_, line, id) = gather(false, "r-2".into(), async {
+            record(|l| l.client = Some("x".into()))
+        })
+        .await;
+        assert_eq!((line, id.as_str()), (Line::default(), "r-2"));
+    }
+
+    /// What `log` writes through a subscriber set up as the binary's (without the time),
+    /// with [`WithRequestId`] when `ours`.
+    fn logged(format: LogFormat, ours: bool, log: impl FnOnce()) -> String {
+        use tracing_subscriber::fmt::format as lines;
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time();
+        match (format, ours) {
+            (LogFormat::Human, false) => tracing::subscriber::with_default(builder.finish(), log),
+            (LogFormat::Human, true) => tracing::subscriber::with_default(
+                builder
+                    .event_format(WithRequestId::new(format, lines().without_time()))
+                    .finish(),
+                log,
+            ),
+            (LogFormat::Json, false) => tracing::subscriber::with_default(
+                builder
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .finish(),
+                log,
+            ),
+            (LogFormat::Json, true) => tracing::subscriber::with_default(
+                builder
+                    .json()
+                    .event_format(WithRequestId::new(
+                        format,
+                        lines()
+                            .json()
+                            .flatten_event(true)
+                            .with_current_span(true)
+                            .without_time(),
+                    ))
+                    .finish(),
+                log,
+            ),
+        }
+        let text = buffer.0.lock().expect("buffer").clone();
+        String::from_utf8(text).expect("UTF-8")
+    }
+
+    #[tokio::test]
+    async fn a_request_names_its_id_in_its_other_lines_as_a_request_span_did() {
+        // An id as a client may send it: visible ASCII, quotes and braces included.
+        let id = "abc\"d}e{\\";
+        let warn = || tracing::warn!(client_id = ?"acme\npos", "failed authentication");
+        for format in [LogFormat::Human, LogFormat::Json] {
+            let theirs = logged(format, false, || {
+                let span = tracing::info_span!("request", id = %id);
+                let _entered = span.enter();
+                warn();
+            });
+            let (ours, _, _) =
+                gather(true, id.to_owned(), async { logged(format, true, warn) }).await;
+            match format {
+                LogFormat::Human => {
+                    assert!(ours.contains("WARN request{id=abc\"d}e{\\}: "), "{ours}");
+                    assert_eq!(ours, theirs);
+                }
+                LogFormat::Json => {
+                    let ours: serde_json::Value = serde_json::from_str(&ours).expect("JSON");
+                    let theirs: serde_json::Value = serde_json::from_str(&theirs).expect("JSON");
+                    assert_eq!(ours["span"]["id"], id);
+                    assert_eq!(ours, theirs);
+                }
+            }
+            // Outside a request (or with the access log off), the line has no id.
+            let outside = logged(format, true, warn);
+            assert_eq!(outside, logged(format, false, warn));
+            assert!(!outside.contains("request"), "{outside}");
+            let (off, _, _) =
+                gather(false, id.to_owned(), async { logged(format, true, warn) }).await;
+            assert_eq!(off, outside);
+        }
     }
 
     #[test]
@@ -317,20 +516,23 @@ mod tests {
         assert_eq!(out, b"1234567007");
     }
 
+    /// A log writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// The line as `tracing`'s own formatter wrote it (the way release 0.1 logged it),
     /// without the timestamp.
     fn through_tracing(format: LogFormat, done: &Done<'_>) -> String {
-        #[derive(Clone, Default)]
-        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("buffer").extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let builder = tracing_subscriber::fmt()

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use cosmopoints::access::WithRequestId;
 use cosmopoints::app::App;
 use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
@@ -860,13 +861,23 @@ fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(false);
+    // A request's lines other than its `done` line name its id (`WithRequestId`).
+    let lines = tracing_subscriber::fmt::format();
     match format {
         // Colours only for a person at a terminal: never escape codes in a file or journal.
-        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Human => {
+            let ansi = std::io::stderr().is_terminal();
+            builder
+                .with_ansi(ansi)
+                .event_format(WithRequestId::new(format, lines.with_ansi(ansi)))
+                .init()
+        }
         LogFormat::Json => builder
             .json()
-            .flatten_event(true)
-            .with_current_span(true)
+            .event_format(WithRequestId::new(
+                format,
+                lines.json().flatten_event(true).with_current_span(true),
+            ))
             .init(),
     }
     guard

@@ -1,5 +1,5 @@
-//! The HTTP server: accept loop, connection cap, timeouts, per-request span and request
-//! id, and graceful shutdown. Knows hyper and tokio; not the database, not the routes:
+//! The HTTP server: accept loop, connection cap, timeouts, request ids, and graceful
+//! shutdown. Knows hyper and tokio; not the database, not the routes:
 //! what answers a request is the function it is given.
 //!
 //! Timeouts, each closing the connection: the request head must arrive within
@@ -28,7 +28,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Sleep;
-use tracing::Instrument;
 
 use crate::body::Body;
 use crate::config::ServerConfig;
@@ -168,19 +167,17 @@ where
     F: Future<Output = Response<Body>>,
 {
     let id = client_request_id(&req).unwrap_or(id);
-    // Any other line the request logs names its id.
-    let span = tracing::info_span!("request", id = %id);
     let started = Instant::now();
     // The access log: gathered only when its line would be written (see `access`).
     let logging = crate::access::enabled();
     // Kept for the line: the method and the URI are cheap clones (no copy of the path).
     let asked = logging.then(|| (req.method().clone(), req.uri().clone()));
     // Boxed once here: the router's future is several KiB (the largest of its handlers'),
-    // and every future that wraps it (the span, the access log's scope, this one, hyper's
+    // and every future that wraps it (the access log's scope, this one, hyper's
     // dispatcher) would otherwise hold and move its own copy (memcpy was a tenth of a GET's
-    // CPU before).
-    let request = Box::pin(route(req, remote).instrument(span));
-    let (mut response, line) = crate::access::gather(logging, request).await;
+    // CPU before). Any other line the request logs names its id (`access::WithRequestId`).
+    let request = Box::pin(route(req, remote));
+    let (mut response, line, id) = crate::access::gather(logging, id, request).await;
     if let Some((method, uri)) = asked {
         // Every value from the request reaches the log escaped: the method is a token,
         // the id visible ASCII (both checked by now), and the path is Debug-quoted.

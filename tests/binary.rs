@@ -750,6 +750,17 @@ fn request_log_lines_name_business_client_route_status_and_problem() {
             .await
             .expect("answer");
             assert_eq!(r.status, 404);
+            let wrong = serde_json::json!({"clientId": "acme-pos", "clientSecret": "wrong"});
+            let r = try_request(
+                server.addr,
+                Method::POST,
+                "/v1/auth",
+                None,
+                Some(wrong.to_string().into_bytes()),
+            )
+            .await
+            .expect("answer");
+            assert_eq!(r.status, 401);
             created.json()["id"].as_str().expect("id").to_owned()
         });
         server.signal("TERM");
@@ -828,6 +839,39 @@ fn request_log_lines_name_business_client_route_status_and_problem() {
             assert_eq!(field("transaction").as_deref(), transaction, "{line}");
             assert_eq!(field("problem").as_deref(), problem, "{line}");
         }
+        // A request's other lines name its id: the failed login's warning, the id of the
+        // 401's `done` line.
+        let id_of = |pick: &dyn Fn(&str) -> bool, span: bool| -> String {
+            let line = lines
+                .iter()
+                .find(|l| pick(l))
+                .unwrap_or_else(|| panic!("{format}: no such line: {lines:?}"));
+            if format == "json" {
+                let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+                let id = if span { &v["span"]["id"] } else { &v["id"] };
+                id.as_str()
+                    .unwrap_or_else(|| panic!("no id: {line}"))
+                    .to_owned()
+            } else {
+                let (start, end) = if span {
+                    (" request{id=", "}: ")
+                } else {
+                    (" id=", " ")
+                };
+                let at = line.find(start).unwrap_or_else(|| panic!("no id: {line}"));
+                let rest = &line[at + start.len()..];
+                rest[..rest.find(end).expect("end")].to_owned()
+            }
+        };
+        let warned = id_of(&|l: &str| l.contains("failed authentication"), true);
+        let status = if format == "json" {
+            "\"status\":401"
+        } else {
+            "status=401"
+        };
+        let done = id_of(&|l: &str| l.contains("done") && l.contains(status), false);
+        assert!(!warned.is_empty(), "{lines:?}");
+        assert_eq!(warned, done, "{format}: {lines:?}");
     }
 }
 
