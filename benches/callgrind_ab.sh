@@ -9,8 +9,9 @@
 # config, log level LOG_LEVEL, no partner) and is stopped with SIGTERM (callgrind writes its
 # counts when the process exits). Start-up (the demo client's PBKDF2 check) is left out.
 # - bulk: BATCHES batches of ITEMS new items from bulk_bench, one request in flight;
-#   prints the instructions per transaction of the request side (`api::issue_batch`,
-#   everything the request's task does) and of the writer thread (`Writer::run`).
+#   prints the instructions per transaction of the request side (the batch's handler,
+#   `router::dispatch`, which `api::issue_batch` may be inlined into) and of the writer
+#   thread (`Writer::run`).
 # - get: 50 issues, then GETS requests GET /v1/transactions/{reference} over one
 #   keep-alive connection (curl); prints the instructions per GET of the connection's
 #   task (hyper's parsing and writing and the handler, user space only) and of the
@@ -71,7 +72,7 @@ for bin in "$A" "$B"; do
   if [ "$WORKLOAD" = get ]; then
     echo "$name: $n GETs: connection task $(per "$(count "cosmopoints::server::serve::{{closure}}::{{closure}}")") instructions per GET, handler $(per "$(count "cosmopoints::router::dispatch::{{closure}}")")"
   else
-    echo "$name: $n transactions: request side $(per "$(count "cosmopoints::api::issue_batch::{{closure}}")") instructions per transaction, writer $(per "$(count "cosmopoints::store::writer::Writer::run")")"
+    echo "$name: $n transactions: request side $(per "$(count "cosmopoints::router::dispatch::{{closure}}")") instructions per transaction, writer $(per "$(count "cosmopoints::store::writer::Writer::run")")"
   fi
 done
 [ "$KEEP" = 1 ] && echo "callgrind files: $W/1.out $W/2.out"
