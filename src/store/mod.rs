@@ -344,6 +344,19 @@ macro_rules! dispatch {
     };
 }
 
+/// Awaits the same async method on whichever backend this is. PostgreSQL's futures are
+/// boxed: they hold a query's state (KiBs), and unboxed they would set the size of every
+/// future that awaits the store, the embedded one's included (a GET's request future was
+/// ~5 KiB, allocated per request outside the allocator's fast sizes).
+macro_rules! dispatch_async {
+    ($self:expr, $store:ident => $call:expr) => {
+        match $self {
+            Store::Redb($store) => $call.await,
+            Store::Postgres($store) => Box::pin($call).await,
+        }
+    };
+}
+
 impl Store {
     /// Opens (creating if missing, with its folder) the redb database at `path`, migrates
     /// an older schema, and starts the writer. `clock` dates new records.
@@ -380,14 +393,14 @@ impl Store {
 
     /// Issues points: durable before this returns `Created`.
     pub async fn issue(&self, issue: Issue) -> Result<Issued, StoreError> {
-        dispatch!(self, s => s.issue(issue).await)
+        dispatch_async!(self, s => s.issue(issue))
     }
 
     /// Issues many at once, in ONE write (so one durable commit): each as
     /// [`Store::issue`] would, in order, so that a later one with the referenceNumber of an
     /// earlier one is its replay or a conflict.
     pub async fn issue_many(&self, issues: Vec<Issue>) -> Result<Vec<Issued>, StoreError> {
-        dispatch!(self, s => s.issue_many(issues).await)
+        dispatch_async!(self, s => s.issue_many(issues))
     }
 
     /// Moves a transaction's delivery on: `step` gets the current state and the commit's
@@ -404,7 +417,7 @@ impl Store {
         step: impl Fn(&Delivery, u64) -> Option<Delivery> + Send + Sync + 'static,
         events: impl Fn(&Transaction, DeliveryStatus) -> Vec<NewEvent> + Send + Sync + 'static,
     ) -> Result<Option<(Transaction, bool)>, StoreError> {
-        dispatch!(self, s => s.update_delivery(seq, step, events).await)
+        dispatch_async!(self, s => s.update_delivery(seq, step, events))
     }
 
     /// Moves the delivery of merchant webhook event `seq` on (see
@@ -415,19 +428,19 @@ impl Store {
         seq: u64,
         step: impl Fn(&Delivery, u64) -> Option<Delivery> + Send + Sync + 'static,
     ) -> Result<Option<bool>, StoreError> {
-        dispatch!(self, s => s.update_event(seq, step).await)
+        dispatch_async!(self, s => s.update_event(seq, step))
     }
 
     /// Sends a failed credit again, with a fresh schedule (see [`Redelivery`]).
     pub async fn redeliver_credit(&self, seq: u64) -> Result<Redelivery, StoreError> {
-        dispatch!(self, s => s.redeliver_credit(seq).await)
+        dispatch_async!(self, s => s.redeliver_credit(seq))
     }
 
     /// Reverses (part of) a transaction: durable before this returns `Created`. The
     /// writer decides against what remains, so concurrent reversals never take more than
     /// the transaction has.
     pub async fn reverse(&self, reverse: Reverse) -> Result<Reversed, StoreError> {
-        dispatch!(self, s => s.reverse(reverse).await)
+        dispatch_async!(self, s => s.reverse(reverse))
     }
 
     /// Moves the debit of reversal `seq` on (see [`Store::update_delivery`]): `None` if it
@@ -438,7 +451,7 @@ impl Store {
         step: impl Fn(&Delivery, u64) -> Option<Delivery> + Send + Sync + 'static,
         events: impl Fn(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + Sync + 'static,
     ) -> Result<Option<(Reversal, bool)>, StoreError> {
-        dispatch!(self, s => s.update_debit(seq, step, events).await)
+        dispatch_async!(self, s => s.update_debit(seq, step, events))
     }
 
     /// A due debit whose credit may not be done: it waits while the credit is pending
@@ -453,7 +466,7 @@ impl Store {
         patience: u64,
         events: impl Fn(&Reversal, DeliveryStatus) -> Vec<NewEvent> + Send + Sync + 'static,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.hold_debit(seq, patience, events).await)
+        dispatch_async!(self, s => s.hold_debit(seq, patience, events))
     }
 
     /// The business's reversal whose id, else whose referenceNumber, is `key`.
@@ -462,19 +475,19 @@ impl Store {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Reversal>, StoreError> {
-        dispatch!(self, s => s.reversal(business, key).await)
+        dispatch_async!(self, s => s.reversal(business, key))
     }
 
     /// Records the outcomes of many delivery attempts in one write, durable before this
     /// returns: each as [`Store::update_delivery`] or [`Store::update_event`] would, by its
     /// job's kind.
     pub async fn record_outcomes(&self, outcomes: Vec<JobOutcome>) -> Result<(), StoreError> {
-        dispatch!(self, s => s.record_outcomes(outcomes).await)
+        dispatch_async!(self, s => s.record_outcomes(outcomes))
     }
 
     /// Completes when a delivery may have become due at once since the last call.
     pub async fn outbox_changed(&self) {
-        dispatch!(self, s => s.outbox_changed().await)
+        dispatch_async!(self, s => s.outbox_changed())
     }
 
     /// Up to `limit` jobs due at `now`, the longest due first, passing over those in
@@ -486,28 +499,28 @@ impl Store {
         limit: usize,
         skip: &std::collections::HashSet<(u8, u64)>,
     ) -> Result<Vec<Due>, StoreError> {
-        dispatch!(self, s => s.due(now, limit, skip).await)
+        dispatch_async!(self, s => s.due(now, limit, skip))
     }
 
     /// Pending deliveries, and the due time of the longest waiting one.
     pub async fn outbox_depth(&self) -> Result<(u64, Option<u64>), StoreError> {
-        dispatch!(self, s => s.outbox_depth().await)
+        dispatch_async!(self, s => s.outbox_depth())
     }
 
     /// Creates or updates a program connection: durable before this returns.
     pub async fn connect(&self, connect: Connect) -> Result<Connected, StoreError> {
-        dispatch!(self, s => s.connect(connect).await)
+        dispatch_async!(self, s => s.connect(connect))
     }
 
     /// Lets the writer finish every queued write, then stops it. Later writes get
     /// `Unavailable`.
     pub async fn shutdown(&self) {
-        dispatch!(self, s => s.shutdown().await)
+        dispatch_async!(self, s => s.shutdown())
     }
 
     /// Releases the database (after [`Store::shutdown`]). Later reads get `Unavailable`.
     pub async fn close(&self) {
-        dispatch!(self, s => s.close().await)
+        dispatch_async!(self, s => s.close())
     }
 
     /// Durable commits the writer has made since start, and the writes they held: the
@@ -547,7 +560,7 @@ impl Store {
 
     /// Whether the database answers a read.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        dispatch_async!(self, s => s.ping())
     }
 
     /// The business's transaction whose id, else whose referenceNumber, is `key`, with its
@@ -557,7 +570,7 @@ impl Store {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        dispatch!(self, s => s.transaction(business, key).await)
+        dispatch_async!(self, s => s.transaction(business, key))
     }
 
     /// As [`Store::transaction`], without reading its reversals (their totals are on the
@@ -567,7 +580,7 @@ impl Store {
         business: &BusinessId,
         key: &str,
     ) -> Result<Option<Transaction>, StoreError> {
-        dispatch!(self, s => s.transaction_head(business, key).await)
+        dispatch_async!(self, s => s.transaction_head(business, key))
     }
 
     /// The business's transaction with this referenceNumber.
@@ -576,7 +589,7 @@ impl Store {
         business: &BusinessId,
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
-        dispatch!(self, s => s.by_reference(business, reference).await)
+        dispatch_async!(self, s => s.by_reference(business, reference))
     }
 
     /// The business's transactions with these referenceNumbers, in their order: for a
@@ -590,7 +603,7 @@ impl Store {
     ) -> Result<Vec<Option<Transaction>>, StoreError> {
         match self {
             Store::Redb(s) => s.by_references(business, references),
-            Store::Postgres(s) => s.by_references(business, references).await,
+            Store::Postgres(s) => Box::pin(s.by_references(business, references)).await,
         }
     }
 
@@ -612,7 +625,7 @@ impl Store {
         end_user_id: &EndUserId,
         program: Option<&ProgramId>,
     ) -> Result<Vec<Connection>, StoreError> {
-        dispatch!(self, s => s.connections(business, end_user_id, program).await)
+        dispatch_async!(self, s => s.connections(business, end_user_id, program))
     }
 
     /// Verifies the live database (see [`check_file`], [`check_postgres`]).
