@@ -229,27 +229,35 @@ pub struct Done<'a> {
 /// Writes `done` to the installed sink (nothing when there is none).
 pub fn write(done: &Done<'_>) {
     let Some(sink) = SINK.get() else { return };
-    let text = format(sink.format, done);
-    // The writer only queues the line; an error means its thread is gone (at exit). Each
-    // thread keeps its own handle on the queue: cloning one per line counted twice on
-    // counters that every thread shares.
-    OUT.with_borrow_mut(|out| {
-        let _ = out.get_or_insert_with(|| sink.out.clone()).write_all(&text);
+    // The writer only queues the line (a copy of it); an error means its thread is gone
+    // (at exit). Each thread keeps its own handle on the queue (cloning one per line
+    // counted twice on counters that every thread shares) and its own buffer to format
+    // the line in.
+    OUT.with_borrow_mut(|(out, text)| {
+        text.clear();
+        write_line(text, sink.format, done);
+        let _ = out.get_or_insert_with(|| sink.out.clone()).write_all(text);
     });
 }
 
 thread_local! {
-    static OUT: std::cell::RefCell<Option<tracing_appender::non_blocking::NonBlocking>> =
-        const { std::cell::RefCell::new(None) };
+    static OUT: std::cell::RefCell<(Option<tracing_appender::non_blocking::NonBlocking>, Vec<u8>)> =
+        const { std::cell::RefCell::new((None, Vec::new())) };
 }
 
 /// `done` as one line of the log, newline included.
 pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(320);
+    write_line(&mut out, format, done);
+    out
+}
+
+/// [`format`] into `out`.
+fn write_line(out: &mut Vec<u8>, format: LogFormat, done: &Done<'_>) {
     let l = done.line;
     match format {
         LogFormat::Human => {
-            timestamp(&mut out, done.at);
+            timestamp(out, done.at);
             out.extend_from_slice(b"  INFO ");
             out.extend_from_slice(TARGET.as_bytes());
             out.extend_from_slice(b": done id=");
@@ -257,10 +265,10 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
             out.extend_from_slice(b" method=");
             out.extend_from_slice(done.method.as_bytes());
             out.extend_from_slice(b" path=");
-            debug_str(&mut out, done.path);
+            debug_str(out, done.path);
             if let Some(remote) = l.remote {
                 out.extend_from_slice(b" remote=");
-                socket_address(&mut out, remote);
+                socket_address(out, remote);
             }
             for (name, value, quoted) in l.optional_fields() {
                 if let Some(value) = value {
@@ -268,49 +276,48 @@ pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
                     out.extend_from_slice(name.as_bytes());
                     out.push(b'=');
                     if quoted {
-                        debug_str(&mut out, value);
+                        debug_str(out, value);
                     } else {
                         out.extend_from_slice(value.as_bytes());
                     }
                 }
             }
             out.extend_from_slice(b" status=");
-            digits(&mut out, u64::from(done.status), 1);
+            digits(out, u64::from(done.status), 1);
             out.extend_from_slice(b" latency_us=");
-            digits(&mut out, done.latency_us, 1);
+            digits(out, done.latency_us, 1);
         }
         LogFormat::Json => {
             out.extend_from_slice(b"{\"timestamp\":\"");
-            timestamp(&mut out, done.at);
+            timestamp(out, done.at);
             out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"done\"");
-            json_field(&mut out, "id", done.id);
-            json_field(&mut out, "method", done.method);
+            json_field(out, "id", done.id);
+            json_field(out, "method", done.method);
             // The path as the human format shows it (Debug-quoted), then JSON-escaped.
             let mut path = Vec::with_capacity(done.path.len() + 2);
             debug_str(&mut path, done.path);
-            json_field(&mut out, "path", &String::from_utf8_lossy(&path));
+            json_field(out, "path", &String::from_utf8_lossy(&path));
             if let Some(remote) = l.remote {
                 // Digits, dots, colons, brackets and a `%`: nothing JSON escapes.
                 out.extend_from_slice(b",\"remote\":\"");
-                socket_address(&mut out, remote);
+                socket_address(out, remote);
                 out.push(b'"');
             }
             for (name, value, _) in l.optional_fields() {
                 if let Some(value) = value {
-                    json_field(&mut out, name, value);
+                    json_field(out, name, value);
                 }
             }
             out.extend_from_slice(b",\"status\":");
-            digits(&mut out, u64::from(done.status), 1);
+            digits(out, u64::from(done.status), 1);
             out.extend_from_slice(b",\"latency_us\":");
-            digits(&mut out, done.latency_us, 1);
+            digits(out, done.latency_us, 1);
             out.extend_from_slice(b",\"target\":\"");
             out.extend_from_slice(TARGET.as_bytes());
             out.extend_from_slice(b"\"}");
         }
     }
     out.push(b'\n');
-    out
 }
 
 /// `,"name":"value"` with `value` JSON-escaped.
