@@ -540,12 +540,6 @@ mod tests {
     /// The line as `tracing`'s own formatter wrote it (the way release 0.1 logged it),
     /// without the timestamp.
     fn through_tracing(format: LogFormat, done: &Done<'_>) -> String {
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let builder = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .without_time();
         let l = done.line;
         let log = || {
             tracing::info!(
@@ -564,19 +558,7 @@ mod tests {
                 "done"
             )
         };
-        match format {
-            LogFormat::Human => tracing::subscriber::with_default(builder.finish(), log),
-            LogFormat::Json => tracing::subscriber::with_default(
-                builder
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .finish(),
-                log,
-            ),
-        }
-        let text = buffer.0.lock().expect("buffer").clone();
-        String::from_utf8(text).expect("UTF-8")
+        logged(format, false, log)
     }
 
     #[test]
