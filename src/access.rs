@@ -100,8 +100,10 @@ pub async fn gather<T>(
 }
 
 /// The log's event formatter: `inner`'s line, with the running request's id added as
-/// a `request{id=…}` span would add it, when a request (whose line is being gathered)
-/// is running on this thread. Lines outside requests are `inner`'s as they are.
+/// a `request{id=…}` span would add it (in plain text, even where `inner` writes colours),
+/// when a request (whose line is being gathered) is running on this thread. Lines outside
+/// requests are `inner`'s as they are. It assumes what `init_tracing` sets up: the level
+/// is written, and no other span is ever entered while a request runs.
 pub struct WithRequestId<F> {
     inner: F,
     format: LogFormat,

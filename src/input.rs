@@ -36,7 +36,13 @@ impl Fields {
     /// all in `allowed`.
     pub fn of_object(object: Object, allowed: &[&str]) -> Result<Fields, Error> {
         let entries = object.0;
-        if let Some((unknown, _)) = entries.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        // The first unknown key in sorted order (as when the fields were a sorted map).
+        let unknown = entries
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .min();
+        if let Some(unknown) = unknown {
             return Err(Error::bad_request(format!(
                 "unknown field `{unknown}`; this endpoint takes: {}",
                 allowed.join(", ")
@@ -150,7 +156,7 @@ pub struct Object(Vec<(String, Value)>);
 impl Object {
     /// Reads `access`'s entries until the end of the object, or until a key appears a
     /// second time (then `Err` with that key, read with its value, and the rest of the
-    /// object unread).
+    /// object unread). Every value is read as a [`Value`], whether kept or not.
     fn read<'de, A: serde::de::MapAccess<'de>>(
         access: &mut A,
     ) -> Result<Result<Object, String>, A::Error> {
@@ -165,7 +171,9 @@ impl Object {
                 None => entries.iter().any(|(k, _)| *k == key),
             };
             if repeated {
-                access.next_value::<serde::de::IgnoredAny>()?;
+                // Read as strictly as any value (numbers in range, valid text, nesting
+                // limit): a body is refused for what it holds whether or not it repeats.
+                access.next_value::<Value>()?;
                 return Ok(Err(key));
             }
             if seen.is_none() && entries.len() == LINEAR {
@@ -195,12 +203,9 @@ impl<'de> serde::Deserialize<'de> for Item {
                 Ok(match Object::read(&mut access)? {
                     Ok(object) => Item::Object(object),
                     Err(key) => {
-                        // The rest of the item is read past, so that the items after it
-                        // are read.
-                        while access
-                            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                            .is_some()
-                        {}
+                        // The rest of the item is read (as strictly as any item), so that
+                        // the items after it are read.
+                        while access.next_entry::<String, Value>()?.is_some() {}
                         Item::Invalid(format!(
                             "the item must be a JSON object without repeated keys: the key `{key}` appears twice"
                         ))
@@ -403,6 +408,28 @@ mod tests {
         assert!(detail("[1]").contains("object"));
         assert!(detail("{").contains("JSON"));
         assert!(detail(r#"{"value":1,"name":"x","value":5}"#).contains("`value` appears twice"));
+    }
+
+    #[test]
+    fn values_after_a_repeated_key_are_read_as_strictly_and_unknown_keys_named_in_order() {
+        // A value that is not valid stays a reason to refuse the whole body, repeat or not.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for bad in [r#"1e400"#, "\"\\ud800\"", &deep] {
+            let single = format!(r#"{{"a":1,"a":{bad}}}"#);
+            let e = serde_json::from_str::<UniqueKeys>(&single)
+                .err()
+                .expect("refused");
+            assert!(!e.to_string().contains("twice"), "{single}: {e}");
+            let batch = format!(r#"{{"items":[{{"a":1,"a":1,"b":{bad}}},{{"a":1}}]}}"#);
+            assert!(items(batch.as_bytes(), 5).is_err(), "{batch}");
+        }
+        // The first unknown key in sorted order, as the sorted map named it.
+        let Err(Error::BadRequest(d)) =
+            Fields::parse(br#"{"zzz":1,"aaa":1,"value":1}"#, &["value"])
+        else {
+            panic!("unknown keys accepted");
+        };
+        assert!(d.starts_with("unknown field `aaa`"), "{d}");
     }
 
     #[test]

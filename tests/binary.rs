@@ -839,7 +839,7 @@ fn request_log_lines_name_business_client_route_status_and_problem() {
             assert_eq!(field("transaction").as_deref(), transaction, "{line}");
             assert_eq!(field("problem").as_deref(), problem, "{line}");
         }
-        // A request's other lines name its id: the failed login's warning, the id of the
+        // A request's other lines name its id: the failed login's line, the id of the
         // 401's `done` line.
         let id_of = |pick: &dyn Fn(&str) -> bool, span: bool| -> String {
             let line = lines
