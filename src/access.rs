@@ -30,6 +30,7 @@ tokio::task_local! {
 }
 
 /// What a request keeps while it runs: its id, and its line.
+#[derive(Default)]
 struct Scope {
     id: String,
     line: Line,
@@ -85,15 +86,7 @@ pub async fn gather<T>(
     };
     LINE.scope(RefCell::new(scope), async move {
         let output = request.await;
-        let Scope { id, line } = LINE.with(|scope| {
-            std::mem::replace(
-                &mut *scope.borrow_mut(),
-                Scope {
-                    id: String::new(),
-                    line: Line::default(),
-                },
-            )
-        });
+        let Scope { id, line } = LINE.with(|scope| std::mem::take(&mut *scope.borrow_mut()));
         (output, line, id)
     })
     .await
@@ -247,14 +240,7 @@ thread_local! {
         const { std::cell::RefCell::new((None, Vec::new())) };
 }
 
-/// `done` as one line of the log, newline included.
-pub fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(320);
-    write_line(&mut out, format, done);
-    out
-}
-
-/// [`format`] into `out`.
+/// `done` as one line of the log, newline included, appended to `out`.
 fn write_line(out: &mut Vec<u8>, format: LogFormat, done: &Done<'_>) {
     let l = done.line;
     match format {
@@ -523,6 +509,13 @@ mod tests {
         digits(&mut out, 1234567, 2);
         digits(&mut out, 7, 3);
         assert_eq!(out, b"1234567007");
+    }
+
+    /// `done` as [`write`] hands it to the log's queue.
+    fn format(format: LogFormat, done: &Done<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_line(&mut out, format, done);
+        out
     }
 
     /// A log writer that keeps what it is given.
