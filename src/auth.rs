@@ -185,6 +185,12 @@ struct Verified {
 /// How many tokens each thread keeps (a handful of clients per thread at a time).
 const VERIFIED_PER_THREAD: usize = 4;
 
+#[cfg(test)]
+thread_local! {
+    /// Tags this thread checked: what shows a test whether [`VERIFIED`] answered.
+    static TAG_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 thread_local! {
     static VERIFIED: std::cell::RefCell<(usize, [Option<Verified>; VERIFIED_PER_THREAD])> =
         const { std::cell::RefCell::new((0, [None, None, None, None])) };
@@ -270,6 +276,8 @@ impl TokenKey {
 
     /// The claims of `token` if its tag is this key's.
     fn check_tag(&self, token: &str) -> Result<Claims, TokenError> {
+        #[cfg(test)]
+        TAG_CHECKS.with(|n| n.set(n.get() + 1));
         let bytes = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Malformed)?;
@@ -453,18 +461,27 @@ mod tests {
 
     #[test]
     fn a_kept_token_is_taken_only_by_its_own_key_whole_and_until_it_expires() {
+        let checks = || TAG_CHECKS.with(std::cell::Cell::get);
         let key = key();
         let token = key.sign(&claims()).expect("short ids");
+        let before = checks();
         assert_eq!(key.verify(&token, 1_000), Ok(claims()));
+        assert_eq!(checks(), before + 1, "a new token's tag is checked");
         // Kept now: the same answer again, and still not past its expiry.
         assert_eq!(key.verify(&token, 1_599), Ok(claims()));
         assert_eq!(key.verify(&token, 1_600), Err(TokenError::Expired));
-        // Another key with the same secret has not verified it; a key with another
-        // secret never takes it.
+        assert_eq!(
+            checks(),
+            before + 1,
+            "a kept token's tag is not checked again"
+        );
+        // Another key with the same secret has not verified it: it checks the tag
+        // itself. A key with another secret never takes it.
         assert_eq!(
             TokenKey::new(&[7u8; 32]).verify(&token, 1_000),
             Ok(claims())
         );
+        assert_eq!(checks(), before + 2, "another key took this key's token");
         assert_eq!(
             TokenKey::new(&[8u8; 32]).verify(&token, 1_000),
             Err(TokenError::BadSignature)
