@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::LogFormat;
+use crate::log_queue::LogQueue;
 
 tokio::task_local! {
     static LINE: RefCell<Scope>;
@@ -191,13 +192,13 @@ fn with_request_id(format: LogFormat, line: &str, level: &tracing::Level, id: &s
 /// the tests run it) writes no access log.
 struct Sink {
     format: LogFormat,
-    out: tracing_appender::non_blocking::NonBlocking,
+    out: LogQueue,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Sends `done` lines to `out`, in `format`. Only the first call counts.
-pub fn install(format: LogFormat, out: tracing_appender::non_blocking::NonBlocking) {
+pub fn install(format: LogFormat, out: LogQueue) {
     let _ = SINK.set(Sink { format, out });
 }
 
@@ -224,20 +225,17 @@ pub struct Done<'a> {
 /// Writes `done` to the installed sink (nothing when there is none).
 pub fn write(done: &Done<'_>) {
     let Some(sink) = SINK.get() else { return };
-    // The writer only queues the line (a copy of it); an error means its thread is gone
-    // (at exit). Each thread keeps its own handle on the queue (cloning one per line
-    // counted twice on counters that every thread shares) and its own buffer to format
-    // the line in.
-    OUT.with_borrow_mut(|(out, text)| {
+    // The line is formatted in this thread's buffer, outside the queue's lock, and then
+    // copied into the queue.
+    TEXT.with_borrow_mut(|text| {
         text.clear();
         write_line(text, sink.format, done);
-        let _ = out.get_or_insert_with(|| sink.out.clone()).write_all(text);
+        sink.out.push(text);
     });
 }
 
 thread_local! {
-    static OUT: std::cell::RefCell<(Option<tracing_appender::non_blocking::NonBlocking>, Vec<u8>)> =
-        const { std::cell::RefCell::new((None, Vec::new())) };
+    static TEXT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `done` as one line of the log, newline included, appended to `out`.

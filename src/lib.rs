@@ -38,6 +38,8 @@
 //! - [`csv`]: transactions as RFC 4180 rows with formula cells neutralised (the listing
 //!   with `Accept: text/csv`, and exports).
 //! - [`export`]: `cosmopoints export`, every business's transactions as CSV or JSON Lines.
+//! - [`log_queue`]: the log's way out: lines queued in memory, written to stderr by one
+//!   thread, many per `write`.
 //! - [`input`]: untrusted text → typed values (JSON fields, query strings, paths).
 //! - [`auth`]: secret hashes and HMAC tokens; pure functions of their inputs and `now`.
 //! - [`throttle`]: failed-login counting in a sliding window, a limit per key (client id and
@@ -117,6 +119,7 @@ pub mod export;
 pub mod files;
 pub mod input;
 pub mod ledger;
+pub mod log_queue;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;

@@ -13,6 +13,7 @@ use cosmopoints::auth::{SecretHash, DEFAULT_ITERATIONS};
 use cosmopoints::clock::Clock;
 use cosmopoints::config::{Config, LogFormat, StorageBackend};
 use cosmopoints::export::ExportFormat;
+use cosmopoints::log_queue;
 use cosmopoints::store::{Limits, MigrateError, RestoreError, Store};
 
 const USAGE: &str = "usage: cosmopoints <serve [--config PATH] | check [--config PATH] | \
@@ -716,7 +717,13 @@ fn serve(path: Option<&Path>) -> ExitCode {
     // Logging starts once start-up can no longer fail on config or database, so that a
     // failed start prints exactly one line.
     // Held to the end of `serve`: dropping it writes out the log lines still queued.
-    let _log_flush = init_tracing(format, &level);
+    let _log_flush = match init_tracing(format, &level) {
+        Ok(flush) => flush,
+        Err(e) => {
+            eprintln!("cosmopoints: cannot start the log's writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -836,23 +843,16 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Logs go to stderr through a writer thread (`tracing_appender::non_blocking`): a request
-/// formats its line into a buffer and queues it, and never waits on stderr or its lock
-/// (a slow journal or a full pipe held every worker thread up before). Not lossy: when
-/// 128k lines are queued, loggers wait rather than drop access-log lines. The guard
-/// returned writes out what is queued when it is dropped, at the end of `serve`. The
-/// thread writes every line it finds queued and then flushes: one `write` for many lines
-/// under load.
-fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("cosmopoints-log")
-        // Buffered: the writer thread drains every queued line, then flushes, so that a
-        // busy server writes many lines per system call and an idle one holds none back.
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+/// Logs go to stderr through a queue and its writer thread ([`cosmopoints::log_queue`]): a
+/// request formats its line and copies it into the queue, and never waits on stderr or
+/// its lock (a slow journal or a full pipe held every worker thread up before). Not
+/// lossy: when 16 MiB of lines (about 128k) are queued, loggers wait rather than drop
+/// access-log lines. The thread writes everything queued with one `write`, then lingers
+/// a millisecond, so a busy server writes many lines per system call and an idle one
+/// holds none back. The guard returned writes out what is queued when it is dropped, at
+/// the end of `serve`.
+fn init_tracing(format: LogFormat, level: &str) -> std::io::Result<log_queue::Flush> {
+    let (writer, guard) = log_queue::start(std::io::stderr(), "cosmopoints-log", log_queue::LIMIT)?;
     // The access log's `done` lines are formatted by `access` and queued on the same
     // writer, so that they stay in order with every other line.
     cosmopoints::access::install(format, writer.clone());
@@ -880,5 +880,5 @@ fn init_tracing(format: LogFormat, level: &str) -> tracing_appender::non_blockin
             ))
             .init(),
     }
-    guard
+    Ok(guard)
 }

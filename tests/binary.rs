@@ -1084,3 +1084,72 @@ fn request_values_reach_the_log_escaped_in_both_formats() {
         }
     }
 }
+
+#[test]
+fn a_stalled_stderr_holds_no_request_back_and_loses_no_line() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut seen = String::new();
+    let addr: std::net::SocketAddr = loop {
+        let mut line = String::new();
+        let read = stderr.read_line(&mut line).expect("stderr");
+        assert!(read > 0, "no listening line: {seen}");
+        if let Some(at) = line.find("listening on ") {
+            let addr: String = line[at + "listening on ".len()..]
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '"')
+                .collect();
+            break addr.parse().expect("an address");
+        }
+        seen.push_str(&line);
+    };
+    // From here on nobody reads stderr: its pipe (64 KiB) fills after a few hundred lines.
+    const REQUESTS: usize = 2000;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        for n in 0..REQUESTS {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                try_request(addr, Method::GET, "/healthz", None, None),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("request {n} waited on the log"))
+            .expect("an answer");
+            assert_eq!(reply.status, 200);
+        }
+    });
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut rest).expect("stderr");
+        rest
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    let rest = reader.join().expect("reader");
+    // The log names the path without its query: each line is told apart by its id.
+    let logged: HashSet<&str> = rest
+        .lines()
+        .filter(|line| line.contains(" done ") && line.contains(" route=/healthz "))
+        .map(|line| {
+            let at = line.find(" id=").expect("an id") + 4;
+            &line[at..at + 32]
+        })
+        .collect();
+    assert_eq!(logged.len(), REQUESTS, "every request's line is logged");
+    assert!(
+        rest.contains("stopped"),
+        "the last lines are written: {rest}"
+    );
+}
