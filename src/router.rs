@@ -74,8 +74,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) ->
 /// group by it, and an id or reference in the path does not leak into it (the `path`
 /// field has that). Paths of no endpoint are "none".
 fn route_name(method: &Method, path: &str) -> &'static str {
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    match segments.as_slice() {
+    match Segments::of(path).as_slice() {
         [""] => "/",
         ["dashboard", "app.js"] => "/dashboard/app.js",
         ["dashboard", "app.css"] => "/dashboard/app.css",
@@ -113,7 +112,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
     check_framing(&req)?;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let segments = Segments::of(&path);
     match (req.method(), segments.as_slice()) {
         (&Method::GET | &Method::HEAD, [""]) => dashboard::page(),
         (_, [""]) => Err(Error::MethodNotAllowed("GET, HEAD")),
@@ -258,6 +257,35 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> 
     }
 }
 
+/// A path's segments after its leading `/`, kept on the stack (collected into a `Vec`,
+/// they were two allocations per request). At most [`Segments::MAX`]: no endpoint has as
+/// many, so a longer path, cut there, still matches none.
+struct Segments<'a> {
+    parts: [&'a str; Segments::MAX],
+    len: usize,
+}
+
+impl<'a> Segments<'a> {
+    /// One more than the longest endpoint's count.
+    const MAX: usize = 5;
+
+    fn of(path: &'a str) -> Segments<'a> {
+        let mut segments = Segments {
+            parts: [""; Segments::MAX],
+            len: 0,
+        };
+        for (slot, part) in segments.parts.iter_mut().zip(path.split('/').skip(1)) {
+            *slot = part;
+            segments.len += 1;
+        }
+        segments
+    }
+
+    fn as_slice(&self) -> &[&'a str] {
+        &self.parts[..self.len]
+    }
+}
+
 /// What every request must get right before it is routed: one `Host` in HTTP/1.1
 /// (RFC 9112 §3.2), and at most one `Authorization` (two would leave open which one
 /// counts).
@@ -389,4 +417,38 @@ fn read_body_up_to(req: Request<Incoming>, app: &App, limit: usize) -> BodyRead 
 /// A body refused on its headers, unread.
 fn refused(error: Error) -> BodyRead {
     Box::pin(std::future::ready(Err(error)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_the_path_split_at_slashes_cut_past_the_longest_endpoint() {
+        fn split(path: &str) -> Vec<&str> {
+            Segments::of(path).as_slice().to_vec()
+        }
+        assert_eq!(split("/"), [""]);
+        assert_eq!(split("*"), Vec::<&str>::new());
+        assert_eq!(split("/v1/transactions/"), ["v1", "transactions", ""]);
+        assert_eq!(
+            split("/v1/transactions/a/reversals"),
+            ["v1", "transactions", "a", "reversals"]
+        );
+        assert_eq!(split("//a///b"), ["", "a", "", "", "b"]);
+        assert_eq!(split("/a/b/c/d/e/f/g"), ["a", "b", "c", "d", "e"]);
+        // A path longer than every endpoint's matches none, however it goes on.
+        for path in [
+            "/v1/transactions/a/reversals/x",
+            "/v1/transactions/a/reversals/x/y/z",
+            "/v1/reversals/r/redeliver/again",
+        ] {
+            assert_eq!(route_name(&Method::GET, path), "none", "{path}");
+            assert_eq!(route_name(&Method::POST, path), "none", "{path}");
+        }
+        assert_eq!(
+            route_name(&Method::POST, "/v1/transactions/a/reversals"),
+            "/v1/transactions/{transactionId}/reversals"
+        );
+    }
 }

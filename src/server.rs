@@ -191,11 +191,16 @@ where
             latency_us: started.elapsed().as_micros() as u64,
         });
     }
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert("x-request-id", value);
+    // The id's own buffer becomes the header's (no copy), under a name made once.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(id)) {
+        response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
 }
+
+/// The header that carries a request's id in its response.
+const X_REQUEST_ID: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-request-id");
 
 /// A connection whose writes must make progress: once a write (or flush) cannot go on
 /// because the client does not read, the client has `limit` to take some bytes, or the
