@@ -43,8 +43,8 @@ pub struct Line {
     pub remote: Option<SocketAddr>,
     /// The endpoint as the router's table writes it (ids and references stay in `path`).
     pub route: Option<Cow<'static, str>>,
-    pub business: Option<String>,
-    pub client: Option<String>,
+    pub business: Option<std::sync::Arc<str>>,
+    pub client: Option<std::sync::Arc<str>>,
     /// The transaction an issue or a reversal answered with.
     pub transaction: Option<String>,
     /// The problem type of an error answer.

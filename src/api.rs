@@ -72,8 +72,8 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<Caller<'a>,
     match app.config.client(&claims.client) {
         Some((business, _)) if business.id == *claims.business => {
             crate::access::record(|line| {
-                line.business = Some(business.id.to_string());
-                line.client = Some(claims.client.to_string());
+                line.business = Some(claims.business);
+                line.client = Some(claims.client);
             });
             Ok(Caller { business })
         }
@@ -219,15 +219,16 @@ pub async fn login(
         return Err(Error::BadCredentials);
     };
     app.throttle.succeeded(&keys, started);
+    let (business, client): (Arc<str>, Arc<str>) = (business.into(), client_id.into());
     crate::access::record(|line| {
-        line.business = Some(business.to_string());
-        line.client = Some(client_id.to_string());
+        line.business = Some(Arc::clone(&business));
+        line.client = Some(Arc::clone(&client));
     });
     let now = app.clock.now();
     let ttl = app.config.auth.token_ttl_seconds;
     let claims = Claims {
         business,
-        client: client_id,
+        client,
         issued_at: now,
         expires_at: now + ttl,
     };

@@ -16,6 +16,7 @@
 //! Listing cursors are sealed with a key derived from the same secret ([`CursorKey`]).
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -144,10 +145,13 @@ pub fn plain_secret_matches(expected: &str, given: &[u8]) -> bool {
 }
 
 /// What a token says: who it is for and when it stops being valid.
+///
+/// The ids are shared text: a token verified before (see [`Verified`]) gives its claims
+/// and the request's log line the same text without copying it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
-    pub business: String,
-    pub client: String,
+    pub business: Arc<str>,
+    pub client: Arc<str>,
     pub issued_at: u64,
     pub expires_at: u64,
 }
@@ -373,9 +377,9 @@ fn decode_claims(bytes: &[u8], key_id: &[u8; 4]) -> Option<Claims> {
     let issued_at = u64::from_be_bytes(take(8)?.try_into().ok()?);
     let expires_at = u64::from_be_bytes(take(8)?.try_into().ok()?);
     let len = usize::from(take(1)?[0]);
-    let business = String::from_utf8(take(len)?.to_vec()).ok()?;
+    let business = Arc::from(std::str::from_utf8(take(len)?).ok()?);
     let len = usize::from(take(1)?[0]);
-    let client = String::from_utf8(take(len)?.to_vec()).ok()?;
+    let client = Arc::from(std::str::from_utf8(take(len)?).ok()?);
     if !rest.is_empty() {
         return None;
     }
@@ -499,7 +503,7 @@ mod tests {
         let tokens: Vec<(Claims, String)> = (0..10)
             .map(|i| {
                 let c = Claims {
-                    client: format!("client-{i}"),
+                    client: format!("client-{i}").into(),
                     ..claims()
                 };
                 let t = key.sign(&c).expect("short ids");

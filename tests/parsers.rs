@@ -27,7 +27,7 @@ proptest! {
         flip in any::<prop::sample::Index>(),
     ) {
         let key = TokenKey::new(&[3u8; 32]);
-        let claims = Claims { business, client, issued_at: issued, expires_at: issued + ttl };
+        let claims = Claims { business: business.into(), client: client.into(), issued_at: issued, expires_at: issued + ttl };
         let token = key.sign(&claims).expect("short ids");
         prop_assert_eq!(key.verify(&token, issued), Ok(claims));
         let mut bytes = token.into_bytes();
