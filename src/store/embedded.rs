@@ -548,7 +548,20 @@ impl Embedded {
         business: &BusinessId,
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
-        Ok(self.by_references(business, &[reference])?.pop().flatten())
+        let snapshot = self.handle.snapshot()?;
+        let seq = snapshot
+            .by_ref
+            .get((business.as_str(), reference.as_str()))
+            .map_err(unavailable)?;
+        match seq {
+            Some(seq) => read_tx(
+                &self.handle.ids,
+                &snapshot.records,
+                &snapshot.deliveries,
+                seq.value(),
+            ),
+            None => Ok(None),
+        }
     }
 
     /// [`Embedded::by_reference`] for each of `references`, from one snapshot.
@@ -574,16 +587,6 @@ impl Embedded {
                 seq,
             )
         };
-        if let [reference] = references {
-            let seq = snapshot
-                .by_ref
-                .get((business, reference.as_str()))
-                .map_err(unavailable)?;
-            return Ok(vec![match seq {
-                Some(seq) => read(seq.value())?,
-                None => None,
-            }]);
-        }
         let mut found: Vec<Option<Transaction>> = Vec::with_capacity(references.len());
         found.resize_with(references.len(), || None);
         let mut order: Vec<usize> = (0..references.len()).collect();
@@ -804,6 +807,63 @@ mod tests {
             (2, 2, 2)
         );
         assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn look_ups_by_reference_one_or_many_find_what_is_stored() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Embedded::open(
+            &dir.path().join("db.redb"),
+            Clock::manual(100),
+            Limits::new(1000, 1000),
+        )
+        .expect("open");
+        let business = BusinessId::trusted("acme".into());
+        let other = BusinessId::trusted("other".into());
+        let reference = |r: &str| ReferenceNumber::trusted(r.into());
+        runtime().block_on(async {
+            for r in ["b", "d", "f"] {
+                assert!(matches!(
+                    store.issue(issue(r, 100)).await.expect("stored"),
+                    Issued::Created(_)
+                ));
+            }
+            for r in ["a", "b", "c", "d", "f", "g"] {
+                let one = store
+                    .by_reference(&business, &reference(r))
+                    .await
+                    .expect("read");
+                assert_eq!(
+                    one.as_ref().map(|tx| tx.reference_number.as_str()),
+                    ["b", "d", "f"].contains(&r).then_some(r),
+                    "{r}"
+                );
+                let many = store
+                    .by_references(&business, &[&reference(r)])
+                    .expect("read");
+                assert_eq!(many, vec![one], "{r}");
+                assert_eq!(
+                    store
+                        .by_reference(&other, &reference(r))
+                        .await
+                        .expect("read"),
+                    None
+                );
+            }
+            let asked: Vec<ReferenceNumber> =
+                ["g", "b", "a", "f", "c", "d", "b"].map(reference).into();
+            let found = store
+                .by_references(&business, &asked.iter().collect::<Vec<_>>())
+                .expect("read");
+            let found: Vec<Option<&str>> = found
+                .iter()
+                .map(|tx| tx.as_ref().map(|tx| tx.reference_number.as_str()))
+                .collect();
+            assert_eq!(
+                found,
+                [None, Some("b"), None, Some("f"), None, Some("d"), Some("b")]
+            );
+        });
     }
 
     #[test]
