@@ -486,6 +486,102 @@ mod tests {
         }
     }
 
+    /// The human format with colours, as at a terminal: `log` through the binary's set-up
+    /// (with the time when `time`), with [`WithRequestId`] when `ours`.
+    fn logged_in_colour(ours: bool, time: bool, log: impl FnOnce()) -> String {
+        use tracing_subscriber::fmt::format as lines;
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(true);
+        match (ours, time) {
+            (false, false) => {
+                tracing::subscriber::with_default(builder.without_time().finish(), log)
+            }
+            (false, true) => tracing::subscriber::with_default(builder.finish(), log),
+            (true, false) => tracing::subscriber::with_default(
+                builder
+                    .without_time()
+                    .event_format(WithRequestId::new(
+                        LogFormat::Human,
+                        lines().with_ansi(true).without_time(),
+                    ))
+                    .finish(),
+                log,
+            ),
+            (true, true) => tracing::subscriber::with_default(
+                builder
+                    .event_format(WithRequestId::new(
+                        LogFormat::Human,
+                        lines().with_ansi(true),
+                    ))
+                    .finish(),
+                log,
+            ),
+        }
+        let text = buffer.0.lock().expect("buffer").clone();
+        String::from_utf8(text).expect("UTF-8")
+    }
+
+    /// `text` without its colour codes (`ESC [ … m`).
+    fn without_colours(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find('\u{1b}') {
+            out.push_str(&rest[..at]);
+            let end = rest[at..].find('m').expect("a colour code ends with m");
+            rest = &rest[at + end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[tokio::test]
+    async fn at_a_terminal_the_id_follows_the_coloured_level_as_a_span_did() {
+        let id = "r-42";
+        let warn = || tracing::warn!(client_id = ?"acme", "failed authentication");
+        let theirs = logged_in_colour(false, false, || {
+            let span = tracing::info_span!("request", id = %id);
+            let _entered = span.enter();
+            warn();
+        });
+        let (ours, _, _) = gather(true, id.to_owned(), async {
+            logged_in_colour(true, false, warn)
+        })
+        .await;
+        // Coloured (the level and the target), and the same text as a span gave, except
+        // that a span's name was bold.
+        assert!(
+            ours.contains("WARN\u{1b}[0m request{id=r-42}: "),
+            "{ours:?}"
+        );
+        assert_ne!(without_colours(&ours), ours);
+        assert_eq!(without_colours(&ours), without_colours(&theirs));
+        // With the (dimmed) time in front: still right after the level.
+        let (timed, _, _) = gather(true, id.to_owned(), async {
+            logged_in_colour(true, true, warn)
+        })
+        .await;
+        let plain = without_colours(&timed);
+        let (time, rest) = plain.split_once(' ').expect("a time first");
+        assert!(time.ends_with('Z') && time.starts_with("20"), "{plain:?}");
+        assert!(
+            rest.trim_start().starts_with("WARN request{id=r-42}: "),
+            "{plain:?}"
+        );
+        let untimed = logged_in_colour(false, true, || {
+            let span = tracing::info_span!("request", id = %id);
+            let _entered = span.enter();
+            warn();
+        });
+        let untimed = without_colours(&untimed);
+        assert_eq!(
+            plain.split_once(' ').map(|(_, rest)| rest),
+            untimed.split_once(' ').map(|(_, rest)| rest)
+        );
+    }
+
     #[test]
     fn timestamps_are_rfc3339_utc_with_microseconds() {
         let at = |secs: u64, micros: u32| {
