@@ -741,6 +741,11 @@ mod tests {
         }
     }
 
+    /// A store on a new file `db.redb` in `dir`.
+    fn open_in(dir: &tempfile::TempDir, clock: Clock, limits: Limits) -> Embedded {
+        Embedded::open(&dir.path().join("db.redb"), clock, limits).expect("open")
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -771,12 +776,7 @@ mod tests {
     #[test]
     fn a_batch_applies_duplicates_and_conflicts_per_request() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            Clock::manual(100),
-            Limits::new(1000, 1000),
-        )
-        .expect("open");
+        let store = open_in(&dir, Clock::manual(100), Limits::new(1000, 1000));
         let outcomes = runtime().block_on(async {
             // All submitted before the writer runs a batch: they share one commit.
             let futures = vec![
@@ -812,12 +812,7 @@ mod tests {
     #[test]
     fn look_ups_by_reference_one_or_many_find_what_is_stored() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            Clock::manual(100),
-            Limits::new(1000, 1000),
-        )
-        .expect("open");
+        let store = open_in(&dir, Clock::manual(100), Limits::new(1000, 1000));
         let business = BusinessId::trusted("acme".into());
         let other = BusinessId::trusted("other".into());
         let reference = |r: &str| ReferenceNumber::trusted(r.into());
@@ -869,12 +864,7 @@ mod tests {
     #[test]
     fn a_look_up_sees_a_commit_that_is_not_yet_published() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            Clock::manual(100),
-            Limits::new(8, 8),
-        )
-        .expect("open");
+        let store = open_in(&dir, Clock::manual(100), Limits::new(8, 8));
         let acme = BusinessId::trusted("acme".into());
         runtime().block_on(async {
             let Issued::Created(a) = store.issue(issue("a", 100)).await.expect("a") else {
@@ -902,12 +892,7 @@ mod tests {
     #[test]
     fn a_listing_streams_in_batches_from_one_snapshot_and_honours_its_limit() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            Clock::manual(100),
-            Limits::new(1000, 1000),
-        )
-        .expect("open");
+        let store = open_in(&dir, Clock::manual(100), Limits::new(1000, 1000));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
@@ -955,12 +940,7 @@ mod tests {
     #[test]
     fn a_listing_shows_each_row_with_its_delivery_as_a_single_read_does() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            Clock::manual(100),
-            Limits::new(1000, 1000),
-        )
-        .expect("open");
+        let store = open_in(&dir, Clock::manual(100), Limits::new(1000, 1000));
         runtime().block_on(async {
             let query = TxQuery {
                 business: BusinessId::trusted("acme".into()),
@@ -1013,12 +993,7 @@ mod tests {
         use crate::delivery::{Attempt, DeliveryStatus};
         let dir = tempfile::tempdir().expect("dir");
         let clock = Clock::manual(1_000);
-        let store = Embedded::open(
-            &dir.path().join("db.redb"),
-            clock.clone(),
-            Limits::new(8, 8),
-        )
-        .expect("open");
+        let store = open_in(&dir, clock.clone(), Limits::new(8, 8));
         runtime().block_on(async {
             let mut with_partner = issue("p", 100);
             with_partner.deliver = true;
