@@ -10,9 +10,11 @@
 //! once when the thread was asleep, and within [`LINGER`] otherwise.
 //!
 //! Nothing is dropped: when `limit` bytes are queued (the writer cannot keep up, or stderr
-//! blocks), loggers wait until the writer has taken the queue. Dropping the [`Flush`]
-//! guard writes out what is queued and stops the thread (waiting at most [`STOP_WAIT`]);
-//! lines logged after that are not written (they come only at the very end of a run).
+//! blocks), loggers wait until the writer has taken the queue; they are not served in
+//! order of arrival. Dropping the [`Flush`] guard writes out what is queued and stops the
+//! thread (waiting at most [`STOP_WAIT`] once it has the queue; loggers held by a full
+//! queue are let go with their lines unwritten). Lines logged after that are not written
+//! (they come only at the very end of a run).
 
 use std::io::Write;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -24,8 +26,9 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// How long dropping [`Flush`] waits for the queue to be written out.
 pub const STOP_WAIT: Duration = Duration::from_secs(5);
 
-/// The queue's bound in bytes for the binary's log: about 128k lines.
-pub const LIMIT: usize = 16 << 20;
+/// The queue's bound in bytes for the binary's log: about 128k lines of ~250 bytes (the
+/// bound `tracing-appender`'s queue had, in lines).
+pub const LIMIT: usize = 32 << 20;
 
 /// A handle on the queue: cheap to clone, and a `MakeWriter` for `tracing_subscriber`.
 #[derive(Clone)]
@@ -59,12 +62,14 @@ struct State {
     closed: bool,
 }
 
-/// A queue bounded at `limit` bytes, written to `out` by a thread called `name`.
+/// A queue bounded at `limit` bytes (at least 1: a line always fits in an empty queue),
+/// written to `out` by a thread called `name`.
 pub fn start<W: Write + Send + 'static>(
     out: W,
     name: &str,
     limit: usize,
 ) -> std::io::Result<(LogQueue, Flush)> {
+    let limit = limit.max(1);
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queued: Vec::new(),
@@ -299,6 +304,23 @@ mod tests {
         drop(flush);
         let expected: String = (0..100).map(|n| format!("{n:09}\n")).collect();
         assert_eq!(kept.text(), expected);
+    }
+
+    #[test]
+    fn a_bound_of_zero_still_takes_lines() {
+        let kept = Kept::default();
+        let (queue, flush) = start(kept.clone(), "test-log", 0).unwrap();
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            queue.push(b"one\n");
+            queue.push(b"two\n");
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a logger waited on an empty queue");
+        drop(flush);
+        assert_eq!(kept.text(), "one\ntwo\n");
     }
 
     #[test]

@@ -846,7 +846,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// Logs go to stderr through a queue and its writer thread ([`cosmopoints::log_queue`]): a
 /// request formats its line and copies it into the queue, and never waits on stderr or
 /// its lock (a slow journal or a full pipe held every worker thread up before). Not
-/// lossy: when 16 MiB of lines (about 128k) are queued, loggers wait rather than drop
+/// lossy: when 32 MiB of lines (about 128k) are queued, loggers wait rather than drop
 /// access-log lines. The thread writes everything queued with one `write`, then lingers
 /// a millisecond, so a busy server writes many lines per system call and an idle one
 /// holds none back. The guard returned writes out what is queued when it is dropped, at
