@@ -1090,15 +1090,25 @@ fn a_stalled_stderr_holds_no_request_back_and_loses_no_line() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().expect("dir");
     let config = write_config(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    /// Stops the server if the test fails part-way (its requests would be stuck).
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_cosmopoints"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    let mut stderr = std::io::BufReader::new(child.0.stderr.take().expect("piped stderr"));
     let mut seen = String::new();
     let addr: std::net::SocketAddr = loop {
         let mut line = String::new();
@@ -1134,9 +1144,9 @@ fn a_stalled_stderr_holds_no_request_back_and_loses_no_line() {
         rest
     });
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status();
-    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    assert_eq!(child.0.wait().expect("exits").code(), Some(0));
     let rest = reader.join().expect("reader");
     // The log names the path without its query: each line is told apart by its id.
     let logged: HashSet<&str> = rest
