@@ -151,7 +151,7 @@ impl RequestIds {
 
 /// A client's own `x-request-id` is kept if it is short, visible ASCII.
 fn client_request_id(req: &Request<Incoming>) -> Option<String> {
-    let value = req.headers().get("x-request-id")?.to_str().ok()?;
+    let value = req.headers().get(&X_REQUEST_ID)?.to_str().ok()?;
     let ok = !value.is_empty() && value.len() <= 64 && value.bytes().all(|b| b.is_ascii_graphic());
     ok.then(|| value.to_owned())
 }

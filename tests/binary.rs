@@ -942,12 +942,8 @@ fn raw_log_of_a_run(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let addr = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(at) = text.find("listening on ") {
-            let addr: String = text[at + "listening on ".len()..]
-                .chars()
-                .take_while(|c| !c.is_whitespace() && *c != '"')
-                .collect();
-            break addr.parse().expect("an address");
+        if let Some(addr) = common::listening_address(&text) {
+            break addr;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
@@ -1114,12 +1110,8 @@ fn a_stalled_stderr_holds_no_request_back_and_loses_no_line() {
         let mut line = String::new();
         let read = stderr.read_line(&mut line).expect("stderr");
         assert!(read > 0, "no listening line: {seen}");
-        if let Some(at) = line.find("listening on ") {
-            let addr: String = line[at + "listening on ".len()..]
-                .chars()
-                .take_while(|c| !c.is_whitespace() && *c != '"')
-                .collect();
-            break addr.parse().expect("an address");
+        if let Some(addr) = common::listening_address(&line) {
+            break addr;
         }
         seen.push_str(&line);
     };

@@ -427,6 +427,17 @@ async fn try_exchange(
     })
 }
 
+/// The address in the server's `listening on ADDR` log line, if `text` holds one (either
+/// log format).
+pub fn listening_address(text: &str) -> Option<SocketAddr> {
+    let at = text.find("listening on ")? + "listening on ".len();
+    let addr: String = text[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    Some(addr.parse().expect("an address"))
+}
+
 /// The real `cosmopoints` binary, serving a config file; its stderr is collected.
 pub struct Binary {
     pub child: std::process::Child,
@@ -455,18 +466,14 @@ impl Binary {
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Some(at) = line.find("listening on ") {
-                    let text: String = line[at + "listening on ".len()..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace() && *c != '"')
-                        .collect();
-                    let _ = found.send(text);
+                if let Some(addr) = listening_address(&line) {
+                    let _ = found.send(addr);
                 }
                 collected.lock().expect("lines").push(line);
             }
         });
         let addr = match addr.recv_timeout(std::time::Duration::from_secs(30)) {
-            Ok(text) => text.parse().expect("an address"),
+            Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
