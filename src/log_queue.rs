@@ -333,5 +333,7 @@ mod tests {
             queue.push(b"after the end\n");
         }
         assert_eq!(kept.text(), "before\n");
+        // Not kept either: nothing would ever write them.
+        assert!(queue.shared.lock().queued.is_empty());
     }
 }
