@@ -1,7 +1,8 @@
 //! A bare hyper 1.x server: the ceiling that `benches/load.sh` compares Cosmopoints with.
 //!
 //! Same stack as the real server (tokio multi-thread runtime with default workers, hyper
-//! http1 with keep-alive, TCP_NODELAY), none of its work (no auth, no store, no logging):
+//! http1 with keep-alive, TCP_NODELAY, the same allocator), none of its work (no auth, no
+//! store, no logging):
 //!
 //! - `POST` (any path): reads the body, parses it with serde_json into a struct shaped
 //!   like an issue-points request, answers 200 with ~150 bytes of JSON.
@@ -23,6 +24,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+
+/// The same allocator as the server's (its default feature), so that the comparison is of
+/// the work each does, not of their allocators.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

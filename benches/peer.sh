@@ -21,7 +21,7 @@ command -v node >/dev/null || { echo "peer.sh needs Node.js (20 or newer) and np
 [ -d benches/peer/node_modules/fastify ] || npm ci --prefix benches/peer --no-audit --no-fund
 cargo build --release --locked --quiet --bin cosmopoints --example baseline_server
 W=$(mktemp -d); pids=()
-trap 'kill ${pids[@]} 2>/dev/null; wait 2>/dev/null; rm -rf $W' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 address() { # LOG: the address of its "listening on" line, waiting for it
   local a=""
   for _ in $(seq 150); do
@@ -38,8 +38,11 @@ target/release/cosmopoints serve --config "$W/cosmopoints.toml" 2>"$W/cosmopoint
 target/release/examples/baseline_server >"$W/baseline.log" & pids+=($!)
 node benches/peer/server.js 0 "$W/peer.db" >"$W/peer.log" & pids+=($!)
 declare -A PID=([baseline]=${pids[1]} [cosmopoints]=${pids[0]} [peer]=${pids[2]})
-declare -A URL=([baseline]=http://$(address "$W/baseline.log") \
-  [cosmopoints]=http://$(address "$W/cosmopoints.log") [peer]=http://$(address "$W/peer.log"))
+declare -A URL=()
+for server in baseline cosmopoints peer; do
+  a=$(address "$W/$server.log") # exits (with the log shown) if the server did not start
+  URL[$server]=http://$a
+done
 declare -A TOKEN=([baseline]=none [peer]=$(sed -n 's/^token //p' "$W/peer.log"))
 TOKEN[cosmopoints]=$(curl -sS "${URL[cosmopoints]}/v1/auth" -H 'content-type: application/json' \
   -d '{"clientId":"demo-pos","clientSecret":"cosmo-demo-secret"}' |
@@ -62,14 +65,15 @@ run() {
 }
 declare -A PATH_OF=([benches/issue.lua]=/v1/transactions [benches/get.lua]=/v1/transactions/)
 # The fill: each thread's references are fill-<thread>-<n>, n from 2; get.lua asks for n up
-# to REFMAX, below what every thread of both fills stored (less a connection's worth).
+# to REFMAX: below what every thread of both fills stored, less one per connection (a
+# request still unanswered when the fill ended may or may not have been stored).
 REFMAX=
 for server in cosmopoints peer; do
   DURATION=$FILL run "$server" benches/issue.lua "fill-$server" RUN=fill >/dev/null
   grep -q 'other=0' "$W/fill-$server.txt" || { cat "$W/fill-$server.txt" >&2; exit 1; }
   m=$(awk '/^LUA thread=/ { split($4, kv, "="); if (min == "" || kv[2] + 0 < min) min = kv[2] + 0 }
     END { print min }' "$W/fill-$server.txt")
-  [ -z "$REFMAX" ] || [ "$m" -lt "$REFMAX" ] && REFMAX=$m
+  if [ -z "$REFMAX" ] || [ "$m" -lt "$REFMAX" ]; then REFMAX=$m; fi
 done
 REFMAX=$((REFMAX - CONNS))
 [ "$REFMAX" -gt 100 ] || { echo "the fill stored too little" >&2; exit 1; }
@@ -82,17 +86,17 @@ for round in $(seq "$ROUNDS"); do
   for kind in get issue; do
     declare -A RPS=() CPU=()
     for server in baseline cosmopoints peer; do
+      name=$kind-$server-$round
       if [ "$kind" = get ]; then
-        read -r RPS[$server] CPU[$server] < <(run "$server" benches/get.lua "$kind-$server-$round" \
-          REFRUN=fill REFTHREADS=2 REFMAX="$REFMAX")
-        [ "$server" = baseline ] || grep -q 'status200=[1-9][0-9]* status404=0 other=0' \
-          "$W/$kind-$server-$round.txt" || { cat "$W/$kind-$server-$round.txt" >&2; exit 1; }
+        out=$(run "$server" benches/get.lua "$name" REFRUN=fill REFTHREADS=2 REFMAX="$REFMAX") ||
+          { cat "$W/$name.txt" >&2; exit 1; }
+        want='status200=[1-9][0-9]* status404=0 other=0'
       else
-        read -r RPS[$server] CPU[$server] < <(run "$server" benches/issue.lua "$kind-$server-$round" \
-          RUN="r$round")
-        [ "$server" = baseline ] || grep -q 'LUA status201=[1-9][0-9]* status200=0 other=0' \
-          "$W/$kind-$server-$round.txt" || { cat "$W/$kind-$server-$round.txt" >&2; exit 1; }
+        out=$(run "$server" benches/issue.lua "$name" RUN="r$round") || { cat "$W/$name.txt" >&2; exit 1; }
+        want='LUA status201=[1-9][0-9]* status200=0 other=0'
       fi
+      [ "$server" = baseline ] || grep -q "$want" "$W/$name.txt" || { cat "$W/$name.txt" >&2; exit 1; }
+      read -r "RPS[$server]" "CPU[$server]" <<<"$out"
     done
     awk -v k="$kind" -v r="$round" -v b="${RPS[baseline]} ${CPU[baseline]}" \
       -v c="${RPS[cosmopoints]} ${CPU[cosmopoints]}" -v p="${RPS[peer]} ${CPU[peer]}" 'BEGIN {

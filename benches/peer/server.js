@@ -6,11 +6,16 @@
 // fields as Cosmopoints'. No access log (Fastify's logger is off), so the comparison
 // leans the peer's way.
 //
-//   node server.js PORT DB_PATH   (prints "listening on 127.0.0.1:PORT" and "token T")
+//   node server.js PORT DB_PATH   (prints "token T", then "listening on 127.0.0.1:PORT")
 'use strict';
 const crypto = require('node:crypto');
 const Database = require('better-sqlite3');
-const fastify = require('fastify')({ logger: false });
+// Strict bodies, as Cosmopoints': no type coercion, unknown fields rejected (Fastify's
+// default would coerce types and drop unknown fields).
+const fastify = require('fastify')({
+  logger: false,
+  ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+});
 
 const [port, dbPath] = [Number(process.argv[2] || 0), process.argv[3] || ':memory:'];
 const key = crypto.randomBytes(32);
@@ -117,13 +122,21 @@ fastify.post('/v1/transactions', {
   if (!program) return problem(reply, 422, 'Unprocessable Entity', 'no such program');
   const points = Math.floor(b.value / program.unitsPerPoint);
   const date = new Date().toISOString().slice(0, 19) + 'Z';
+  const description = b.description ?? null;
+  const bonus = b.bonus ? 1 : 0;
   const done = insert.run(business, b.referenceNumber, b.programId, b.userId,
-    b.description ?? null, b.value, points, b.bonus ? 1 : 0, date);
+    description, b.value, points, bonus, date);
+  if (done.changes === 1) {
+    return reply.code(201).send({ id: id(Number(done.lastInsertRowid)), totalPoints: points,
+      referenceNumber: b.referenceNumber, date, status: 'completed' });
+  }
+  // The referenceNumber was used: a replay if every field is the same, else a conflict.
   const row = byReference.get(business, b.referenceNumber);
-  const summary = { id: id(row.seq), totalPoints: row.points, referenceNumber: row.reference, date: row.created_at, status: 'completed' };
-  if (done.changes === 1) return reply.code(201).send(summary);
-  const same = row.program === b.programId && row.value === b.value && row.user_id === b.userId;
-  return same ? reply.code(200).send(summary) : problem(reply, 409, 'Conflict', 'referenceNumber used with other fields');
+  const same = row.program === b.programId && row.value === b.value && row.user_id === b.userId
+    && row.description === description && row.bonus === bonus;
+  if (!same) return problem(reply, 409, 'Conflict', 'referenceNumber used with other fields');
+  return reply.code(200).send({ id: id(row.seq), totalPoints: row.points,
+    referenceNumber: row.reference, date: row.created_at, status: 'completed' });
 });
 
 fastify.get('/v1/transactions/:key', {
@@ -136,7 +149,7 @@ fastify.get('/v1/transactions/:key', {
   return reply.send(view(row));
 });
 
+console.log(`token ${token}`); // before the address: a caller that saw that has both
 fastify.listen({ port, host: '127.0.0.1' }).then((address) => {
   console.log(`listening on ${address.replace('http://', '')}`);
-  console.log(`token ${token}`);
 });
