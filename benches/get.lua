@@ -1,7 +1,7 @@
 -- wrk script: GET /v1/transactions/{referenceNumber} of transactions that exist.
 -- References are those issue.lua made with RUN=REFRUN (default "fill"): "<REFRUN>-<t>-<n>"
 -- for t in 1..REFTHREADS and n in 2..REFMAX (every such one got a 201 in the fill step; n = 1
--- is never sent: wrk calls request() once per thread before connecting and discards it).
+-- is left out: wrk discards the first thread's first request(), so fill-1-1 was never sent).
 -- Counts 200 / 404 / other and prints the totals in done().
 
 local token = os.getenv("TOKEN") or ""
