@@ -549,19 +549,7 @@ impl Embedded {
         reference: &ReferenceNumber,
     ) -> Result<Option<Transaction>, StoreError> {
         let snapshot = self.handle.snapshot()?;
-        let seq = snapshot
-            .by_ref
-            .get((business.as_str(), reference.as_str()))
-            .map_err(unavailable)?;
-        match seq {
-            Some(seq) => read_tx(
-                &self.handle.ids,
-                &snapshot.records,
-                &snapshot.deliveries,
-                seq.value(),
-            ),
-            None => Ok(None),
-        }
+        tx_by_reference(&snapshot, &self.handle.ids, business, reference.as_str())
     }
 
     /// [`Embedded::by_reference`] for each of `references`, from one snapshot.
@@ -691,27 +679,36 @@ fn find_tx(
     business: &BusinessId,
     key: &str,
 ) -> Result<Option<Transaction>, StoreError> {
-    let records = &snapshot.records;
     let by_id = match TransactionId::parse(key).and_then(|id| ids.decode(id)) {
-        Some(seq) => read_record(records, seq)?.filter(|r| r.business == business.as_str()),
+        Some(seq) => {
+            read_record(&snapshot.records, seq)?.filter(|r| r.business == business.as_str())
+        }
         None => None,
     };
-    let found = match by_id {
-        Some(record) => Some(record),
-        None => match snapshot
-            .by_ref
-            .get((business.as_str(), key))
-            .map_err(unavailable)?
-        {
-            Some(seq) => read_record(records, seq.value())?,
-            None => None,
-        },
-    };
-    let Some(record) = found else {
-        return Ok(None);
-    };
-    let delivery = read_delivery(&snapshot.deliveries, JOB_CREDIT, record.seq)?;
-    Ok(Some(transaction(ids, record, delivery)))
+    match by_id {
+        Some(record) => {
+            let delivery = read_delivery(&snapshot.deliveries, JOB_CREDIT, record.seq)?;
+            Ok(Some(transaction(ids, record, delivery)))
+        }
+        None => tx_by_reference(snapshot, ids, business, key),
+    }
+}
+
+/// The business's transaction with referenceNumber `reference`, in `snapshot`.
+fn tx_by_reference(
+    snapshot: &Snapshot,
+    ids: &IdCipher,
+    business: &BusinessId,
+    reference: &str,
+) -> Result<Option<Transaction>, StoreError> {
+    match snapshot
+        .by_ref
+        .get((business.as_str(), reference))
+        .map_err(unavailable)?
+    {
+        Some(seq) => read_tx(ids, &snapshot.records, &snapshot.deliveries, seq.value()),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
