@@ -13,7 +13,26 @@ use cosmopoints::config::Config;
 use cosmopoints::domain::BusinessId;
 use cosmopoints::store::{Limits, Store, TxQuery};
 
+/// The server's allocator (its default feature): a page read from the file is a fresh
+/// allocation, so the look-ups measured here depend on it.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LOOKUPS: u64 = 20_000;
+
+/// The read system calls this process has made so far (`syscr` in `/proc/self/io`; 0
+/// where that file is missing). The difference over a phase, per look-up, is how many
+/// pages the look-ups read from the file rather than from redb's cache.
+fn read_calls() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|line| line.strip_prefix("syscr: ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
 
 /// Looks up the `LOOKUPS` references `fill-{pick(k)}`: the µs per look-up, and the ids
 /// found.
@@ -63,16 +82,23 @@ fn main() {
     runtime.block_on(async {
         // References spread over the file (a multiplicative step visits them out of order).
         let pick = |k: u64| (k.wrapping_mul(2_654_435_761) % count.max(1)).to_string();
+        let per_lookup = |before: u64| (read_calls() - before) as f64 / LOOKUPS as f64;
+        let reads = read_calls();
         let (by_reference_us, ids) = by_reference(&store, &business, pick).await;
+        let by_reference_reads = per_lookup(reads);
+        let reads = read_calls();
         let started = Instant::now();
         for id in &ids {
             let tx = store.transaction(&business, id).await.expect("read");
             assert!(tx.is_some());
         }
         let by_id_us = started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64;
+        let by_id_reads = per_lookup(reads);
         // The same references again: the pages they need are now in the page cache if it
         // holds them (a working set of recent transactions, as a live server has).
+        let reads = read_calls();
         let (again_us, _) = by_reference(&store, &business, pick).await;
+        let again_reads = per_lookup(reads);
         // fill_database writes ten transactions per second of its clock.
         let middle = 1_795_774_500 + count.saturating_sub(10_000) / 20;
         let started = Instant::now();
@@ -101,6 +127,7 @@ fn main() {
         println!(
             "transactions={count} open_ms={open_ms:.1} by_reference_us={by_reference_us:.1} \
              by_id_us={by_id_us:.1} by_reference_again_us={again_us:.1} \
+             file_reads_per_lookup={by_reference_reads:.2}/{by_id_reads:.2}/{again_reads:.2} \
              listing_{rows}_rows_ms={listing_ms:.1} \
              file_bytes={bytes} bytes_per_transaction={:.0}",
             bytes as f64 / count.max(1) as f64
