@@ -1,7 +1,9 @@
 //! Reads at scale: opens the database named in a config (filled by `fill_database`) and
 //! times what a client waits for, through the store as the server uses it:
-//! opening the file (start-up), lookups by id and by reference of transactions spread
-//! over the whole file, and a 10,000-row listing from the middle of the date range.
+//! opening the file (start-up), lookups by reference and by id of transactions spread
+//! over the whole file, the same references again, the most recent transactions by
+//! reference and by id, and a 10,000-row listing from the middle of the date range. For
+//! each look-up pass it also prints how many reads of the file a look-up made.
 //!
 //! Usage: `cargo run --release --example scale_bench -- CONFIG N` (N = how many
 //! `fill_database` wrote). `benches/scale.sh` runs it at 10,000 and at 10 million.
@@ -22,8 +24,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const LOOKUPS: u64 = 20_000;
 
 /// The read system calls this process has made so far (`syscr` in `/proc/self/io`; 0
-/// where that file is missing). The difference over a phase, per look-up, is how many
-/// pages the look-ups read from the file rather than from redb's cache.
+/// where that file is missing, and then every pass shows 0). The look-ups run on this
+/// thread and the store's writer is idle, so the difference over a pass, per look-up, is
+/// how many pages the look-ups read from the file rather than from redb's cache (redb
+/// reads a page per call).
 fn read_calls() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
@@ -32,6 +36,16 @@ fn read_calls() -> u64 {
                 .find_map(|line| line.strip_prefix("syscr: ")?.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Looks up each of `ids`: the µs per look-up.
+async fn by_id(store: &Store, business: &BusinessId, ids: &[String]) -> f64 {
+    let started = Instant::now();
+    for id in ids {
+        let tx = store.transaction(business, id).await.expect("read");
+        assert!(tx.is_some());
+    }
+    started.elapsed().as_secs_f64() * 1e6 / ids.len().max(1) as f64
 }
 
 /// Looks up the `LOOKUPS` references `fill-{pick(k)}`: the µs per look-up, and the ids
@@ -82,30 +96,34 @@ fn main() {
     runtime.block_on(async {
         // References spread over the file (a multiplicative step visits them out of order).
         let pick = |k: u64| (k.wrapping_mul(2_654_435_761) % count.max(1)).to_string();
-        let per_lookup = |before: u64| (read_calls() - before) as f64 / LOOKUPS as f64;
+        let per_lookup = |before: u64| read_calls().saturating_sub(before) as f64 / LOOKUPS as f64;
         let reads = read_calls();
         let (by_reference_us, ids) = by_reference(&store, &business, pick).await;
         let by_reference_reads = per_lookup(reads);
         let reads = read_calls();
-        let started = Instant::now();
-        for id in &ids {
-            let tx = store.transaction(&business, id).await.expect("read");
-            assert!(tx.is_some());
-        }
-        let by_id_us = started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64;
+        let by_id_us = by_id(&store, &business, &ids).await;
         let by_id_reads = per_lookup(reads);
         // The same references again: the pages they need are now in the page cache if it
         // holds them (a working set of recent transactions, as a live server has).
         let reads = read_calls();
         let (again_us, _) = by_reference(&store, &business, pick).await;
         let again_reads = per_lookup(reads);
-        // The most recent transactions (the last 20,000 written, out of order): what a
-        // point of sale mostly asks about is the transaction it has just issued.
+        // The most recent transactions (the last 20,000 written, or all N when fewer, in
+        // a scrambled order): what a point of sale mostly asks about is a transaction it
+        // has just issued. Their records are neighbours in the file whatever their
+        // references; their references are neighbours in the index only because
+        // fill_database numbers them in order (`fill-<i>`).
         let recent = LOOKUPS.min(count.max(1));
-        let pick_recent = |k: u64| (count.max(1) - 1 - k.wrapping_mul(2_654_435_761) % recent).to_string();
+        let pick_recent = |k: u64| {
+            let back = k.wrapping_mul(2_654_435_761) % recent;
+            (count.max(1) - 1 - back).to_string()
+        };
         let reads = read_calls();
-        let (recent_us, _) = by_reference(&store, &business, pick_recent).await;
+        let (recent_us, recent_ids) = by_reference(&store, &business, pick_recent).await;
         let recent_reads = per_lookup(reads);
+        let reads = read_calls();
+        let recent_by_id_us = by_id(&store, &business, &recent_ids).await;
+        let recent_by_id_reads = per_lookup(reads);
         // fill_database writes ten transactions per second of its clock.
         let middle = 1_795_774_500 + count.saturating_sub(10_000) / 20;
         let started = Instant::now();
@@ -134,8 +152,9 @@ fn main() {
         println!(
             "transactions={count} open_ms={open_ms:.1} by_reference_us={by_reference_us:.1} \
              by_id_us={by_id_us:.1} by_reference_again_us={again_us:.1} \
-             by_reference_recent_us={recent_us:.1} \
-             file_reads_per_lookup={by_reference_reads:.2}/{by_id_reads:.2}/{again_reads:.2}/{recent_reads:.2} \
+             by_reference_recent_us={recent_us:.1} by_id_recent_us={recent_by_id_us:.1} \
+             file_reads_per_lookup={by_reference_reads:.2}/{by_id_reads:.2}/{again_reads:.2}/\
+             {recent_reads:.2}/{recent_by_id_reads:.2} \
              listing_{rows}_rows_ms={listing_ms:.1} \
              file_bytes={bytes} bytes_per_transaction={:.0}",
             bytes as f64 / count.max(1) as f64

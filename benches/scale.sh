@@ -9,9 +9,9 @@
 # commit; not the HTTP API) into a fresh file, then scale_bench opens it and times the
 # start-up open, 20,000 lookups by reference and by id spread over the file, the same
 # 20,000 by reference again (now in the page cache if it holds them), the 20,000 most
-# recent by reference, and a 10,000-row listing; it prints the file reads per look-up of
-# each pass and the file size per transaction. The databases live in a
-# temp folder removed at the end (10M transactions take about 3.5 GB).
+# recent by reference and by id, and a 10,000-row listing; it prints the file reads per
+# look-up of each look-up pass and the file size per transaction. The databases live in a
+# temp folder removed at the end (10M transactions take about 2.3 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"10000 10000000"}
