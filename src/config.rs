@@ -440,10 +440,11 @@ fn storage_backend(raw: &RawStorage) -> Result<StorageBackend, ConfigError> {
     }
 }
 
-/// Enough to keep the inner (branch) pages of a 10-million-transaction file cached: 47 MiB
-/// for its three transaction trees, about 5 MiB per million. A look-up then reads at most
-/// one page (a leaf) per tree from the file (BENCHMARKS.md, "Round 12"). The cache fills
-/// only as pages are read: a small file never uses it all.
+/// Enough to keep most inner (branch) pages of a 10-million-transaction file cached: 47
+/// MiB for its three transaction trees, about 5 MiB per million. A look-up then reads
+/// little more than one page (a leaf) per tree from the file (BENCHMARKS.md, "Round
+/// 12"). The cache fills only as pages are read or written: a small file never uses it
+/// all.
 fn default_cache_mib() -> u64 {
     64
 }
