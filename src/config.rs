@@ -168,8 +168,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// The database file; relative paths are resolved against the config file's folder.
     pub storage_path: PathBuf,
-    /// The database's page cache, in bytes.
-    pub storage_cache_bytes: usize,
+    /// The database's page cache, in bytes; `None` (no `cache_mib`): sized from the file
+    /// when it is opened ([`crate::store::Limits::cache_bytes`]).
+    pub storage_cache_bytes: Option<usize>,
     /// `[storage] backend`: redb (the file above) unless the config says postgres.
     pub storage_backend: StorageBackend,
     pub auth: AuthConfig,
@@ -370,8 +371,8 @@ struct RawStorage {
     backend: String,
     #[serde(default = "default_storage_path")]
     path: String,
-    #[serde(default = "default_cache_mib")]
-    cache_mib: u64,
+    #[serde(default)]
+    cache_mib: Option<u64>,
     url: Option<String>,
     pool_size: Option<u64>,
 }
@@ -381,7 +382,7 @@ impl Default for RawStorage {
         RawStorage {
             backend: default_backend(),
             path: default_storage_path(),
-            cache_mib: default_cache_mib(),
+            cache_mib: None,
             url: None,
             pool_size: None,
         }
@@ -438,15 +439,6 @@ fn storage_backend(raw: &RawStorage) -> Result<StorageBackend, ConfigError> {
         }
         _ => Err(err("storage.backend", "must be \"redb\" or \"postgres\"")),
     }
-}
-
-/// Enough to keep most inner (branch) pages of a 10-million-transaction file cached: 47
-/// MiB for its three transaction trees, about 5 MiB per million. A look-up then reads
-/// little more than one page (a leaf) per tree from the file (BENCHMARKS.md, "Round
-/// 12"). The cache fills only as pages are read or written: a small file never uses it
-/// all.
-fn default_cache_mib() -> u64 {
-    64
 }
 
 fn default_storage_path() -> String {
@@ -1069,8 +1061,10 @@ impl RawConfig {
             return Err(err("storage.path", "must not be empty"));
         }
         let storage_path = base.join(&self.storage.path);
-        let storage_cache_bytes =
-            positive("storage.cache_mib", self.storage.cache_mib, 1 << 20)? as usize * (1 << 20);
+        let storage_cache_bytes = match self.storage.cache_mib {
+            Some(mib) => Some(positive("storage.cache_mib", mib, 1 << 20)? as usize * (1 << 20)),
+            None => None,
+        };
         let storage_backend = storage_backend(&self.storage)?;
 
         let a = &self.auth;
@@ -1435,6 +1429,26 @@ secret = "acme-secret"
         )
         .expect("valid");
         assert!(config.programs["skywards"].partner.is_none());
+    }
+
+    #[test]
+    fn the_page_cache_is_sized_from_the_file_unless_configured() {
+        let parse = |storage: &str| {
+            Config::parse(
+                &format!("[storage]\n{storage}\n{}", with_partner("sandbox = true")),
+                Path::new("/"),
+            )
+        };
+        assert_eq!(parse("").expect("valid").storage_cache_bytes, None);
+        let c = parse("cache_mib = 64").expect("valid");
+        assert_eq!(c.storage_cache_bytes, Some(64 << 20));
+        for bad in ["cache_mib = 0", "cache_mib = 1048577"] {
+            let e = parse(bad).expect_err(bad);
+            assert_eq!(
+                e.to_string(),
+                "storage.cache_mib: must be between 1 and 1048576"
+            );
+        }
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Embedded {
         crate::files::ensure_private_file(path)
             .map_err(|e| OpenError::Unusable(format!("cannot create {}: {e}", path.display())))?;
         let db = Database::builder()
-            .set_cache_size(cache_bytes)
+            .set_cache_size(super::handle::page_cache_bytes(cache_bytes, path))
             .create(path)
             .map_err(open_error)?;
         let prepared = prepare(&db)?;

@@ -1,7 +1,7 @@
 //! The open database file: opening it (schema check, migrations, tables), sharing it
 //! between readers and the writer, and reopening it after an I/O failure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableError};
@@ -32,7 +32,9 @@ pub(super) struct Handle {
     pub event_ids: IdCipher,
     /// The same for reversals.
     pub reversal_ids: IdCipher,
-    pub cache_bytes: usize,
+    /// The page cache the config sets; `None`: [`page_cache_bytes`] sizes it from the file
+    /// at each open.
+    pub cache_bytes: Option<usize>,
     db: RwLock<Option<Arc<Database>>>,
     /// The newest commit's snapshot, for look-ups (see [`Snapshot`]); `None` until the
     /// writer's first commit after the database was opened, and whenever a snapshot could
@@ -86,6 +88,33 @@ pub(super) type CommitHook = Box<dyn Fn(usize, std::time::Duration) + Send + Syn
 /// How often the writer retries opening a database it had to close.
 pub(super) const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// The page cache for opening the file at `path`: `configured` when the config sets one,
+/// else [`auto_cache_bytes`] of the file's size now (0 for a file not yet written).
+pub(super) fn page_cache_bytes(configured: Option<usize>, path: &Path) -> usize {
+    configured.unwrap_or_else(|| auto_cache_bytes(std::fs::metadata(path).map_or(0, |m| m.len())))
+}
+
+/// The smallest page cache sized from the file (and the whole cache of a small one).
+pub(super) const AUTO_CACHE_MIN: usize = 16 << 20;
+/// The largest (redb's own default): a file of 32 GiB, some 140 million transactions.
+pub(super) const AUTO_CACHE_MAX: usize = 1 << 30;
+
+/// The page cache for a file of `file_bytes` when the config sets none: 1/32 of the file,
+/// within [`AUTO_CACHE_MIN`]..=[`AUTO_CACHE_MAX`].
+///
+/// Why 1/32: a look-up descends two trees, and each of their branch pages not in the cache
+/// is read from the file again. The branch pages of the three transaction trees are about
+/// 2% of the file (47 MiB of 2.3 GB at 10 million transactions), so 1/32 (3%) keeps them
+/// all with room for recent leaves, and a look-up reads about one leaf per tree (BENCHMARKS.md,
+/// "Round 12"). A file of up to 512 MiB (about 2 million transactions) gets the minimum:
+/// the cache fills as pages are read and written, and memory stays what it was there.
+/// Sized at open: a file that grows keeps its cache until the next start.
+pub(super) fn auto_cache_bytes(file_bytes: u64) -> usize {
+    usize::try_from(file_bytes / 32)
+        .unwrap_or(AUTO_CACHE_MAX)
+        .clamp(AUTO_CACHE_MIN, AUTO_CACHE_MAX)
+}
+
 /// What opening found in the file.
 pub(super) struct Prepared {
     pub next_seq: u64,
@@ -95,7 +124,7 @@ pub(super) struct Prepared {
 }
 
 impl Handle {
-    pub fn new(path: PathBuf, id_key: &[u8], cache_bytes: usize, db: Database) -> Handle {
+    pub fn new(path: PathBuf, id_key: &[u8], cache_bytes: Option<usize>, db: Database) -> Handle {
         Handle {
             path,
             ids: IdCipher::new(id_key),
@@ -213,7 +242,7 @@ impl Handle {
             return None;
         }
         let reopened = Database::builder()
-            .set_cache_size(self.cache_bytes)
+            .set_cache_size(page_cache_bytes(self.cache_bytes, &self.path))
             .create(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|db| {
@@ -338,4 +367,35 @@ pub(super) fn prepare(db: &Database) -> Result<Prepared, OpenError> {
 
 pub(super) fn u64_value(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_cache_is_a_32nd_of_the_file_within_its_bounds() {
+        assert_eq!(auto_cache_bytes(0), AUTO_CACHE_MIN);
+        assert_eq!(auto_cache_bytes(172 << 20), AUTO_CACHE_MIN);
+        assert_eq!(auto_cache_bytes(512 << 20), AUTO_CACHE_MIN);
+        // 10 million transactions: 2.3 GB, whose branch pages are 47 MiB.
+        assert_eq!(auto_cache_bytes(2_302_152_704), 71_942_272);
+        assert!(auto_cache_bytes(2_302_152_704) > 47 << 20);
+        assert_eq!(auto_cache_bytes(32 << 30), AUTO_CACHE_MAX);
+        assert_eq!(auto_cache_bytes(u64::MAX), AUTO_CACHE_MAX);
+    }
+
+    #[test]
+    fn a_configured_page_cache_is_kept_whatever_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("big.redb");
+        // A sparse file of 4 GiB: its size, not its contents, sizes the cache.
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(4 << 30))
+            .expect("sparse file");
+        assert_eq!(page_cache_bytes(None, &path), 128 << 20);
+        assert_eq!(page_cache_bytes(Some(1 << 20), &path), 1 << 20);
+        let missing = dir.path().join("missing.redb");
+        assert_eq!(page_cache_bytes(None, &missing), AUTO_CACHE_MIN);
+    }
 }

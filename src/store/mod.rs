@@ -309,8 +309,10 @@ pub struct Limits {
     pub max_batch: usize,
     /// Most writes waiting for the writer; beyond it, `StoreError::Busy`.
     pub queue: usize,
-    /// redb's page cache (its default, 1 GiB, would let the cache grow with the file).
-    pub cache_bytes: usize,
+    /// redb's page cache, in bytes; `None`: sized from the file each time it is opened
+    /// (see `handle::page_cache_bytes`). redb's own default, 1 GiB, would let the cache
+    /// grow with any file.
+    pub cache_bytes: Option<usize>,
 }
 
 impl Limits {
@@ -319,7 +321,7 @@ impl Limits {
         Limits {
             max_batch,
             queue,
-            cache_bytes: 16 << 20,
+            cache_bytes: Some(16 << 20),
         }
     }
 }
