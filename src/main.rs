@@ -694,6 +694,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     let storage = config.storage_path.clone();
+    let cache_configured = config.storage_cache_bytes.is_some();
     let postgres = matches!(config.storage_backend, StorageBackend::Postgres(_));
     // Never the url: it may hold a password.
     let database = if postgres {
@@ -779,6 +780,14 @@ fn serve(path: Option<&Path>) -> ExitCode {
         }
         for warning in &warnings {
             tracing::warn!("{warning}");
+        }
+        if let Some(bytes) = app.store.page_cache_bytes() {
+            let how = if cache_configured {
+                "storage.cache_mib"
+            } else {
+                "1/32 of the file, 16 to 1024 MiB"
+            };
+            tracing::info!("database page cache {} MiB ({how})", bytes >> 20);
         }
         if let Some(from) = app.store.migrated_from() {
             tracing::info!(

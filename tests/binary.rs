@@ -400,6 +400,40 @@ fn the_first_log_line_names_config_database_address_and_businesses() {
 }
 
 #[test]
+fn the_start_up_log_says_the_page_cache_and_where_its_size_came_from() {
+    let dir = tempfile::tempdir().expect("dir");
+    // redb whatever the test backend: the page cache is redb's.
+    let text = common::config_text("db/cosmopoints.redb");
+    let cases = [
+        // No cache_mib: sized from the file, which is new and small: the minimum.
+        (
+            text.clone(),
+            "database page cache 16 MiB (1/32 of the file, 16 to 1024 MiB)",
+        ),
+        (
+            text.replace("[storage]\n", "[storage]\ncache_mib = 40\n"),
+            "database page cache 40 MiB (storage.cache_mib)",
+        ),
+    ];
+    for (config_text, expected) in cases {
+        assert!(
+            config_text.contains("[storage]"),
+            "the test config changed shape"
+        );
+        let config = dir.path().join("cosmopoints.toml");
+        std::fs::write(&config, &config_text).expect("write config");
+        let mut server = Binary::serve(&config);
+        server.signal("TERM");
+        assert_eq!(server.wait(15), Some(0));
+        let lines = server.stderr.lock().expect("lines").clone();
+        assert!(
+            lines.iter().any(|l| l.contains(expected)),
+            "{expected:?} missing: {lines:?}"
+        );
+    }
+}
+
+#[test]
 fn the_example_demo_secret_is_warned_about_at_every_start() {
     let dir = tempfile::tempdir().expect("dir");
     let config = example_config(dir.path());

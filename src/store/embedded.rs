@@ -40,6 +40,8 @@ pub struct Embedded {
     writer: Mutex<Option<JoinHandle<()>>>,
     listings: Arc<Semaphore>,
     migrated_from: Option<u64>,
+    /// The page cache the file was opened with (configured, or sized from the file).
+    page_cache: usize,
     /// Woken when a delivery becomes due at once (a new issue, a redelivery).
     outbox_changed: Arc<tokio::sync::Notify>,
 }
@@ -61,8 +63,9 @@ impl Embedded {
         }
         crate::files::ensure_private_file(path)
             .map_err(|e| OpenError::Unusable(format!("cannot create {}: {e}", path.display())))?;
+        let page_cache = super::handle::page_cache_bytes(cache_bytes, path);
         let db = Database::builder()
-            .set_cache_size(super::handle::page_cache_bytes(cache_bytes, path))
+            .set_cache_size(page_cache)
             .create(path)
             .map_err(open_error)?;
         let prepared = prepare(&db)?;
@@ -89,6 +92,7 @@ impl Embedded {
             writer: Mutex::new(Some(thread)),
             listings: Arc::new(Semaphore::new(MAX_LISTINGS)),
             migrated_from: prepared.migrated_from,
+            page_cache,
             outbox_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -96,6 +100,11 @@ impl Embedded {
     /// The schema version the file had if this open migrated it (for the start-up log).
     pub fn migrated_from(&self) -> Option<u64> {
         self.migrated_from
+    }
+
+    /// The page cache the file was opened with.
+    pub fn page_cache_bytes(&self) -> Option<usize> {
+        Some(self.page_cache)
     }
 
     /// The token signing key kept in the database, made on first use.

@@ -388,6 +388,12 @@ impl Store {
         dispatch!(self, s => s.migrated_from())
     }
 
+    /// The database page cache this process opened the file with, for the start-up log;
+    /// `None` where the database keeps its own (PostgreSQL).
+    pub fn page_cache_bytes(&self) -> Option<usize> {
+        dispatch!(self, s => s.page_cache_bytes())
+    }
+
     /// The token signing key kept in the database, made on first use (by `generate`).
     pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
         dispatch!(self, s => s.signing_key(generate))

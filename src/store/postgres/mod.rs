@@ -249,6 +249,11 @@ impl Postgres {
         self.migrated_from
     }
 
+    /// PostgreSQL keeps its own buffers: no page cache of ours.
+    pub fn page_cache_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// The token signing key in `meta`: `generate`'s if none is stored yet, else the
     /// stored one (the first process's), so that every process accepts every token.
     pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
