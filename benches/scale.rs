@@ -38,25 +38,41 @@ fn read_calls() -> u64 {
         .unwrap_or(0)
 }
 
-/// Looks up each of `ids`: the µs per look-up.
-async fn by_id(store: &Store, business: &BusinessId, ids: &[String]) -> f64 {
-    let started = Instant::now();
+/// One pass of look-ups: µs and file reads per look-up.
+struct Pass {
+    us: f64,
+    reads: f64,
+}
+
+impl Pass {
+    /// The pass that began at `started`, with `reads` read calls made before it.
+    fn since(started: Instant, reads: u64, lookups: usize) -> Pass {
+        let lookups = lookups.max(1) as f64;
+        Pass {
+            us: started.elapsed().as_secs_f64() * 1e6 / lookups,
+            reads: read_calls().saturating_sub(reads) as f64 / lookups,
+        }
+    }
+}
+
+/// Looks up each of `ids`.
+async fn by_id(store: &Store, business: &BusinessId, ids: &[String]) -> Pass {
+    let (reads, started) = (read_calls(), Instant::now());
     for id in ids {
         let tx = store.transaction(business, id).await.expect("read");
         assert!(tx.is_some());
     }
-    started.elapsed().as_secs_f64() * 1e6 / ids.len().max(1) as f64
+    Pass::since(started, reads, ids.len())
 }
 
-/// Looks up the `LOOKUPS` references `fill-{pick(k)}`: the µs per look-up, and the ids
-/// found.
+/// Looks up the `LOOKUPS` references `fill-{pick(k)}`; with the ids found.
 async fn by_reference(
     store: &Store,
     business: &BusinessId,
     pick: impl Fn(u64) -> String,
-) -> (f64, Vec<String>) {
+) -> (Pass, Vec<String>) {
     let mut ids = Vec::with_capacity(LOOKUPS as usize);
-    let started = Instant::now();
+    let (reads, started) = (read_calls(), Instant::now());
     for k in 0..LOOKUPS {
         let reference = format!("fill-{}", pick(k));
         let tx = store
@@ -66,7 +82,7 @@ async fn by_reference(
             .expect("found");
         ids.push(tx.id.to_string());
     }
-    (started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64, ids)
+    (Pass::since(started, reads, ids.len()), ids)
 }
 
 fn main() {
@@ -96,18 +112,11 @@ fn main() {
     runtime.block_on(async {
         // References spread over the file (a multiplicative step visits them out of order).
         let pick = |k: u64| (k.wrapping_mul(2_654_435_761) % count.max(1)).to_string();
-        let per_lookup = |before: u64| read_calls().saturating_sub(before) as f64 / LOOKUPS as f64;
-        let reads = read_calls();
-        let (by_reference_us, ids) = by_reference(&store, &business, pick).await;
-        let by_reference_reads = per_lookup(reads);
-        let reads = read_calls();
-        let by_id_us = by_id(&store, &business, &ids).await;
-        let by_id_reads = per_lookup(reads);
+        let (first, ids) = by_reference(&store, &business, pick).await;
+        let ids_pass = by_id(&store, &business, &ids).await;
         // The same references again: the pages they need are now in the page cache if it
         // holds them (a working set of recent transactions, as a live server has).
-        let reads = read_calls();
-        let (again_us, _) = by_reference(&store, &business, pick).await;
-        let again_reads = per_lookup(reads);
+        let (again, _) = by_reference(&store, &business, pick).await;
         // The most recent transactions (the last 20,000 written, or all N when fewer, in
         // a scrambled order): what a point of sale mostly asks about is a transaction it
         // has just issued. Their records are neighbours in the file whatever their
@@ -118,12 +127,8 @@ fn main() {
             let back = k.wrapping_mul(2_654_435_761) % recent;
             (count.max(1) - 1 - back).to_string()
         };
-        let reads = read_calls();
-        let (recent_us, recent_ids) = by_reference(&store, &business, pick_recent).await;
-        let recent_reads = per_lookup(reads);
-        let reads = read_calls();
-        let recent_by_id_us = by_id(&store, &business, &recent_ids).await;
-        let recent_by_id_reads = per_lookup(reads);
+        let (recent, recent_ids) = by_reference(&store, &business, pick_recent).await;
+        let recent_ids_pass = by_id(&store, &business, &recent_ids).await;
         // fill_database writes ten transactions per second of its clock.
         let middle = 1_795_774_500 + count.saturating_sub(10_000) / 20;
         let started = Instant::now();
@@ -150,13 +155,21 @@ fn main() {
             .map(|m| m.len())
             .unwrap_or(0);
         println!(
-            "transactions={count} open_ms={open_ms:.1} by_reference_us={by_reference_us:.1} \
-             by_id_us={by_id_us:.1} by_reference_again_us={again_us:.1} \
-             by_reference_recent_us={recent_us:.1} by_id_recent_us={recent_by_id_us:.1} \
-             file_reads_per_lookup={by_reference_reads:.2}/{by_id_reads:.2}/{again_reads:.2}/\
-             {recent_reads:.2}/{recent_by_id_reads:.2} \
+            "transactions={count} open_ms={open_ms:.1} by_reference_us={:.1} by_id_us={:.1} \
+             by_reference_again_us={:.1} by_reference_recent_us={:.1} by_id_recent_us={:.1} \
+             file_reads_per_lookup={:.2}/{:.2}/{:.2}/{:.2}/{:.2} \
              listing_{rows}_rows_ms={listing_ms:.1} \
              file_bytes={bytes} bytes_per_transaction={:.0}",
+            first.us,
+            ids_pass.us,
+            again.us,
+            recent.us,
+            recent_ids_pass.us,
+            first.reads,
+            ids_pass.reads,
+            again.reads,
+            recent.reads,
+            recent_ids_pass.reads,
             bytes as f64 / count.max(1) as f64
         );
         store.shutdown().await;

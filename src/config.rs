@@ -1431,14 +1431,17 @@ secret = "acme-secret"
         assert!(config.programs["skywards"].partner.is_none());
     }
 
+    /// A config whose `[storage]` section holds `storage`.
+    fn with_storage(storage: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            &format!("[storage]\n{storage}\n{}", with_partner("sandbox = true")),
+            Path::new("/"),
+        )
+    }
+
     #[test]
     fn the_page_cache_is_sized_from_the_file_unless_configured() {
-        let parse = |storage: &str| {
-            Config::parse(
-                &format!("[storage]\n{storage}\n{}", with_partner("sandbox = true")),
-                Path::new("/"),
-            )
-        };
+        let parse = with_storage;
         assert_eq!(parse("").expect("valid").storage_cache_bytes, None);
         let c = parse("cache_mib = 64").expect("valid");
         assert_eq!(c.storage_cache_bytes, Some(64 << 20));
@@ -1453,12 +1456,7 @@ secret = "acme-secret"
 
     #[test]
     fn the_storage_backend_is_redb_unless_postgres_is_configured() {
-        let parse = |storage: &str| {
-            Config::parse(
-                &format!("[storage]\n{storage}\n{}", with_partner("sandbox = true")),
-                Path::new("/"),
-            )
-        };
+        let parse = with_storage;
         let c = parse("").expect("valid");
         assert_eq!(c.storage_backend, StorageBackend::Redb);
         let c = parse("backend = \"redb\"\npath = \"x.redb\"").expect("valid");
