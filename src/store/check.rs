@@ -51,7 +51,12 @@ pub fn check_file(path: &Path) -> Result<CheckReport, OpenError> {
         // Not shut down cleanly (a crash, kill -9): redb recovers such a file when it is
         // opened for writing, as a server start would. Do that, then check read-only.
         Err(DatabaseError::RepairAborted) => {
-            drop(Database::open(path).map_err(open_error)?);
+            drop(
+                Database::builder()
+                    .set_cache_size(CHECK_CACHE_BYTES)
+                    .open(path)
+                    .map_err(open_error)?,
+            );
             builder.open_read_only(path).map_err(open_error)?
         }
         other => other.map_err(open_error)?,

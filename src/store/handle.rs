@@ -96,7 +96,7 @@ pub(super) fn page_cache_bytes(configured: Option<usize>, path: &Path) -> usize 
 
 /// The smallest page cache sized from the file (and the whole cache of a small one).
 pub(super) const AUTO_CACHE_MIN: usize = 16 << 20;
-/// The largest (redb's own default): a file of 32 GiB, some 140 million transactions.
+/// The largest (redb's own default): a file of 32 GiB, about 150 million transactions.
 pub(super) const AUTO_CACHE_MAX: usize = 1 << 30;
 
 /// The page cache for a file of `file_bytes` when the config sets none: 1/32 of the file,
@@ -108,7 +108,9 @@ pub(super) const AUTO_CACHE_MAX: usize = 1 << 30;
 /// all with room for recent leaves, and a look-up reads about one leaf per tree (BENCHMARKS.md,
 /// "Round 12"). A file of up to 512 MiB (about 2 million transactions) gets the minimum:
 /// the cache fills as pages are read and written, and memory stays what it was there.
-/// Sized at open: a file that grows keeps its cache until the next start.
+/// Sized at open (a start, or a reopen after an I/O failure): a file that grows keeps its
+/// cache until then. redb lets a write transaction's dirty pages take up to half of the
+/// cache until it commits; every commit here is durable and empties them.
 pub(super) fn auto_cache_bytes(file_bytes: u64) -> usize {
     usize::try_from(file_bytes / 32)
         .unwrap_or(AUTO_CACHE_MAX)
@@ -386,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn a_configured_page_cache_is_kept_whatever_the_file() {
+    fn the_page_cache_comes_from_the_config_else_from_the_file_on_disk() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("big.redb");
         // A sparse file of 4 GiB: its size, not its contents, sizes the cache.
