@@ -442,7 +442,10 @@ pub fn listening_address(text: &str) -> Option<SocketAddr> {
 pub struct Binary {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every stderr line so far; all of them once [`Binary::wait`] has seen the exit.
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The thread collecting `stderr`: it ends at the pipe's end, after the exit.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Binary {
@@ -461,7 +464,7 @@ impl Binary {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (found, addr) = std::sync::mpsc::channel();
         let collected = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
@@ -486,12 +489,16 @@ impl Binary {
             child,
             addr,
             stderr: lines,
+            reader: Some(reader),
         }
     }
 
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
     }
 
     pub fn signal(&self, name: &str) {
@@ -502,11 +509,15 @@ impl Binary {
         assert!(status.success());
     }
 
-    /// Waits up to `secs` for the exit code.
+    /// Waits up to `secs` for the exit code; after an exit, `stderr` holds every line the
+    /// process wrote (the reader has reached the pipe's end).
     pub fn wait(&mut self, secs: u64) -> Option<i32> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status.code();
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
