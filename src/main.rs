@@ -783,9 +783,9 @@ fn serve(path: Option<&Path>) -> ExitCode {
         }
         if let Some(bytes) = app.store.page_cache_bytes() {
             let how = if cache_configured {
-                "storage.cache_mib"
+                "storage.cache_mib".to_owned()
             } else {
-                "1/32 of the file, 16 to 1024 MiB"
+                Store::page_cache_rule()
             };
             tracing::info!("database page cache {} MiB ({how})", bytes >> 20);
         }

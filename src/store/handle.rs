@@ -94,6 +94,8 @@ pub(super) fn page_cache_bytes(configured: Option<usize>, path: &Path) -> usize 
     configured.unwrap_or_else(|| auto_cache_bytes(std::fs::metadata(path).map_or(0, |m| m.len())))
 }
 
+/// The part of the file a page cache sized from it gets: 1/32 (see [`auto_cache_bytes`]).
+const AUTO_CACHE_DIVISOR: u64 = 32;
 /// The smallest page cache sized from the file (and the whole cache of a small one).
 pub(super) const AUTO_CACHE_MIN: usize = 16 << 20;
 /// The largest (redb's own default): a file of 32 GiB, about 150 million transactions.
@@ -112,9 +114,18 @@ pub(super) const AUTO_CACHE_MAX: usize = 1 << 30;
 /// cache until then. redb lets a write transaction's dirty pages take up to half of the
 /// cache until it commits; every commit here is durable and empties them.
 pub(super) fn auto_cache_bytes(file_bytes: u64) -> usize {
-    usize::try_from(file_bytes / 32)
+    usize::try_from(file_bytes / AUTO_CACHE_DIVISOR)
         .unwrap_or(AUTO_CACHE_MAX)
         .clamp(AUTO_CACHE_MIN, AUTO_CACHE_MAX)
+}
+
+/// [`auto_cache_bytes`] in words, for the start-up log.
+pub(super) fn auto_cache_rule() -> String {
+    format!(
+        "1/{AUTO_CACHE_DIVISOR} of the file, {} to {} MiB",
+        AUTO_CACHE_MIN >> 20,
+        AUTO_CACHE_MAX >> 20
+    )
 }
 
 /// What opening found in the file.

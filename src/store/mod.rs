@@ -394,6 +394,12 @@ impl Store {
         dispatch!(self, s => s.page_cache_bytes())
     }
 
+    /// How the page cache is sized when [`Limits::cache_bytes`] is `None`, in words
+    /// (`1/32 of the file, 16 to 1024 MiB`).
+    pub fn page_cache_rule() -> String {
+        handle::auto_cache_rule()
+    }
+
     /// The token signing key kept in the database, made on first use (by `generate`).
     pub fn signing_key(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
         dispatch!(self, s => s.signing_key(generate))
