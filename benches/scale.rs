@@ -5,6 +5,12 @@
 //! reference and by id, and a 10,000-row listing from the middle of the date range. For
 //! each look-up pass it also prints how many reads of the file a look-up made.
 //!
+//! The yardstick, measured in the same run: the same look-ups by position in a
+//! `std::collections::BTreeMap` of N entries held wholly in memory, each with a record
+//! of about a stored transaction's size. What it costs at 10 million against 10,000 is
+//! what size alone costs on this machine (CPU cache and TLB misses), with no file, no
+//! page cache and no decoding.
+//!
 //! Usage: `cargo run --release --example scale_bench -- CONFIG N` (N = how many
 //! `fill_database` wrote). `benches/scale.sh` runs it at 10,000 and at 10 million.
 
@@ -85,6 +91,29 @@ async fn by_reference(
     (Pass::since(started, reads, ids.len()), ids)
 }
 
+/// A stored record's size, about: the yardstick map's value.
+const RECORD_BYTES: usize = 200;
+
+/// The yardstick: a `BTreeMap` of `count` records, looked up at the positions `pick`
+/// gives (the same spread as the store's passes); µs per look-up, best of two passes.
+fn in_memory_map(count: u64, pick: impl Fn(u64) -> u64) -> f64 {
+    let map: std::collections::BTreeMap<u64, [u8; RECORD_BYTES]> = (0..count)
+        .map(|seq| (seq, [seq as u8; RECORD_BYTES]))
+        .collect();
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut sum = 0u64;
+        for k in 0..LOOKUPS {
+            let record = map.get(&pick(k)).expect("every position is in the map");
+            sum += u64::from(record[0]) + u64::from(record[RECORD_BYTES - 1]);
+        }
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64);
+    }
+    best
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [config, count] = args.as_slice() else {
@@ -154,12 +183,15 @@ fn main() {
         let bytes = std::fs::metadata(&config.storage_path)
             .map(|m| m.len())
             .unwrap_or(0);
+        let map_us = in_memory_map(count.max(1), |k| {
+            k.wrapping_mul(2_654_435_761) % count.max(1)
+        });
         println!(
             "transactions={count} open_ms={open_ms:.1} by_reference_us={:.1} by_id_us={:.1} \
              by_reference_again_us={:.1} by_reference_recent_us={:.1} by_id_recent_us={:.1} \
              file_reads_per_lookup={:.2}/{:.2}/{:.2}/{:.2}/{:.2} \
              listing_{rows}_rows_ms={listing_ms:.1} \
-             file_bytes={bytes} bytes_per_transaction={:.0}",
+             file_bytes={bytes} bytes_per_transaction={:.0} in_memory_map_us={map_us:.2}",
             first.us,
             ids_pass.us,
             again.us,
