@@ -25,7 +25,8 @@
 //! - [`admin`]: the admin listener's endpoints: `/metrics`, `/readyz`, `/backup`.
 //! - [`metrics`]: the Prometheus families and the calls that record them (requests in the
 //!   router, issues in `api`, commits through a store hook, delivery attempts).
-//! - [`server`]: accept loop, limits, timeouts (writes too), graceful drain; serves any
+//! - [`server`]: accept loop, limits, timeouts (writes too; the header timeout on a
+//!   timer that recycles its sleeps, `server/timer.rs`), graceful drain; serves any
 //!   route function.
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs; `login`, the one credential

@@ -3,7 +3,8 @@
 //! what answers a request is the function it is given.
 //!
 //! Timeouts, each closing the connection: the request head must arrive within
-//! `header_read_timeout` (hyper; also the idle keep-alive limit), a body within
+//! `header_read_timeout` (hyper, on a timer that recycles its sleeps: [`timer`]; also the
+//! idle keep-alive limit), a body within
 //! `body_read_timeout` (the router), and every write to the client must make progress
 //! within `send_timeout` ([`WriteDeadline`]), so that a client that stops reading cannot
 //! hold a connection slot for ever.
@@ -22,7 +23,7 @@ use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -31,6 +32,8 @@ use tokio::time::Sleep;
 
 use crate::body::Body;
 use crate::config::ServerConfig;
+
+mod timer;
 
 /// Serves `listener` with `route` until `shutdown` completes; then stops accepting and
 /// lets in-flight requests finish (for at most the configured grace). Returns when the
@@ -48,7 +51,7 @@ pub async fn serve<R, F>(
     let graceful = GracefulShutdown::new();
     let ids = Arc::new(RequestIds::new());
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
+    http.timer(timer::RecycledTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .keep_alive(true)
         // While a request is in flight, hyper would otherwise poll the socket for an
