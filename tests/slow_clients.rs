@@ -89,6 +89,63 @@ async fn idle_keep_alive_connections_are_closed() {
     assert!(rest.is_some(), "an idle keep-alive connection stayed open");
 }
 
+/// One whole answer (head and `content-length` body), or `None` if the server closed.
+async fn read_answer(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("content-length"));
+            if buf.len() >= end + 4 + length {
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The header timeout's sleeps are recycled from request to request (`server/timer.rs`):
+/// a keep-alive connection whose requests come within the timeout of each other stays
+/// open for many timeouts in all, and is still closed once it goes quiet.
+#[tokio::test]
+async fn a_connection_that_keeps_sending_in_time_outlives_the_timeout_and_is_closed_when_quiet() {
+    let s = start(64).await;
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+    let started = Instant::now();
+    for n in 0..5 {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let answer = read_answer(&mut stream)
+            .await
+            .unwrap_or_else(|| panic!("request {n}: closed after {:?}", started.elapsed()));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "longer than the timeout"
+    );
+    let quiet = Instant::now();
+    let rest = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(rest.is_some(), "the quiet connection stayed open");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after its last answer, before the 1 s timeout",
+        quiet.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
     let s = start(4).await;
