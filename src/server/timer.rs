@@ -4,7 +4,7 @@
 //! head is in: on a keep-alive connection, once per request. With hyper-util's
 //! `TokioTimer` each is a new tokio `Sleep`: an allocation, an insertion into tokio's
 //! timer wheel under the wheel's lock when first polled, and a removal under it again
-//! when dropped (3.7% of a GET's worker CPU samples).
+//! when dropped (3.8% of a GET's worker CPU samples).
 //!
 //! [`RecycledTimer`] keeps a dropped sleep, still filed in the wheel, in a small
 //! per-thread pool, and gives it to the next `sleep_until` moved to the new deadline with
@@ -13,18 +13,21 @@
 //! only grow: now plus the same timeout. A recycled sleep fires at the deadline it was
 //! last given, as a fresh one would.
 //!
-//! A pool only serves the timer that filled it: a sleep belongs to the runtime it was
-//! made on, and each server (each runtime) has its own timer. What a pool holds when its
-//! thread ends is dropped with it (tokio unfiles each).
+//! A pool only serves timers of the runtime its sleeps were made on: polled on another
+//! runtime (one shut down, say, in a test thread that outlived it) a sleep would panic.
+//! The API and admin servers share the pools of their one runtime. A sleep hyper dropped
+//! without ever polling it (the head was already in) is not pooled: it was never filed,
+//! so dropping it costs nothing, and filing it for the next user would cost the lock.
+//! What a pool holds when its thread ends is dropped with it (tokio unfiles each).
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::rt::{Sleep, Timer};
+use tokio::runtime::{Handle, Id};
 
 /// The most sleeps a thread's pool keeps; beyond that a dropped sleep is unfiled as
 /// usual. hyper holds at most one per connection, so this covers more connections per
@@ -34,36 +37,40 @@ const POOL_MAX: usize = 256;
 /// A timer for hyper whose sleeps are recycled through a per-thread pool.
 #[derive(Clone, Debug)]
 pub(super) struct RecycledTimer {
-    /// Tells this timer's pooled sleeps from another's (see the module doc).
-    id: u64,
+    /// The runtime this timer was made on (where hyper's connections run); `None`
+    /// outside any runtime, and then nothing is pooled.
+    runtime: Option<Id>,
 }
 
 impl RecycledTimer {
     pub(super) fn new() -> RecycledTimer {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
         RecycledTimer {
-            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            runtime: Handle::try_current().ok().map(|handle| handle.id()),
         }
     }
 }
 
 impl Timer for RecycledTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
-        self.sleep_until(self.now() + duration)
+        let now = self.now();
+        // As tokio does for a duration too long to add: about 30 years.
+        let far = Duration::from_secs(86_400 * 365 * 30);
+        self.sleep_until(now.checked_add(duration).unwrap_or(now + far))
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
         let deadline = tokio::time::Instant::from_std(deadline);
-        let sleep = match take(self.id) {
+        let (sleep, recycled) = match self.runtime.and_then(take) {
             Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
-                sleep
+                (sleep, true)
             }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
+            None => (Box::pin(tokio::time::sleep_until(deadline)), false),
         };
         Box::pin(Recycled {
             sleep: Some(sleep),
-            timer: self.id,
+            runtime: self.runtime,
+            filed: recycled,
         })
     }
 
@@ -84,7 +91,10 @@ impl Timer for RecycledTimer {
 struct Recycled {
     /// Always `Some` until the drop takes it.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    timer: u64,
+    runtime: Option<Id>,
+    /// Whether tokio has (or had) a wheel entry for it: it came from the pool, or it
+    /// was polled or reset. Only those are worth pooling.
+    filed: bool,
 }
 
 impl Recycled {
@@ -93,6 +103,7 @@ impl Recycled {
             sleep
                 .as_mut()
                 .reset(tokio::time::Instant::from_std(deadline));
+            self.filed = true;
         }
     }
 }
@@ -101,7 +112,9 @@ impl Future for Recycled {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.get_mut().sleep.as_mut() {
+        let this = self.get_mut();
+        this.filed = true;
+        match this.sleep.as_mut() {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Ready(()),
         }
@@ -112,32 +125,32 @@ impl Sleep for Recycled {}
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        if let Some(sleep) = self.sleep.take() {
-            give_back(self.timer, sleep);
+        if let (Some(sleep), Some(runtime), true) = (self.sleep.take(), self.runtime, self.filed) {
+            give_back(runtime, sleep);
         }
     }
 }
 
-/// A thread's spare sleeps, all made by the timer `timer`.
+/// A thread's spare sleeps, all made on the runtime `runtime`.
 struct Pool {
-    timer: u64,
+    runtime: Option<Id>,
     sleeps: Vec<Pin<Box<tokio::time::Sleep>>>,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = const {
         RefCell::new(Pool {
-            timer: 0,
+            runtime: None,
             sleeps: Vec::new(),
         })
     };
 }
 
-/// A spare sleep of `timer`'s from this thread's pool, if it has one.
-fn take(timer: u64) -> Option<Pin<Box<tokio::time::Sleep>>> {
+/// A spare sleep of `runtime`'s from this thread's pool, if it has one.
+fn take(runtime: Id) -> Option<Pin<Box<tokio::time::Sleep>>> {
     POOL.try_with(|pool| {
         let mut pool = pool.try_borrow_mut().ok()?;
-        if pool.timer == timer {
+        if pool.runtime == Some(runtime) {
             pool.sleeps.pop()
         } else {
             None
@@ -147,18 +160,18 @@ fn take(timer: u64) -> Option<Pin<Box<tokio::time::Sleep>>> {
     .flatten()
 }
 
-/// Keeps `sleep` (of `timer`) in this thread's pool, which gives up another timer's
+/// Keeps `sleep` (of `runtime`) in this thread's pool, which gives up another runtime's
 /// sleeps to make room; when the pool is full (or gone, as the thread ends), `sleep` is
 /// dropped as usual.
-fn give_back(timer: u64, sleep: Pin<Box<tokio::time::Sleep>>) {
+fn give_back(runtime: Id, sleep: Pin<Box<tokio::time::Sleep>>) {
     let _ = POOL.try_with(|pool| {
         let Ok(mut pool) = pool.try_borrow_mut() else {
             return Vec::new();
         };
-        let others = if pool.timer == timer {
+        let others = if pool.runtime == Some(runtime) {
             Vec::new()
         } else {
-            pool.timer = timer;
+            pool.runtime = Some(runtime);
             std::mem::take(&mut pool.sleeps)
         };
         if pool.sleeps.len() < POOL_MAX {
@@ -170,125 +183,174 @@ fn give_back(timer: u64, sleep: Pin<Box<tokio::time::Sleep>>) {
 
 #[cfg(test)]
 mod tests {
+    //! On the real clock, with checks that hold however late the test runs: a sleep that
+    //! fired must be past its deadline ([`fired`]), and awaiting one ends at or after it.
+
     use super::*;
     use std::future::poll_fn;
 
-    /// Polls `sleep` once: whether it has fired.
-    async fn fired(sleep: &mut Pin<Box<dyn Sleep>>) -> bool {
-        poll_fn(|cx| Poll::Ready(sleep.as_mut().poll(cx).is_ready())).await
+    /// Polls `sleep` once: whether it fired. A sleep that fired must be past `deadline`.
+    async fn fired(
+        sleep: &mut Pin<Box<dyn Sleep>>,
+        timer: &RecycledTimer,
+        deadline: Instant,
+    ) -> bool {
+        let fired = poll_fn(|cx| Poll::Ready(sleep.as_mut().poll(cx).is_ready())).await;
+        assert!(
+            !fired || timer.now() >= deadline,
+            "fired {:?} before its deadline",
+            deadline - timer.now()
+        );
+        fired
     }
 
-    #[tokio::test(start_paused = true)]
+    /// Awaits `sleep` (at most 10 s): it must end, and not before `deadline`.
+    async fn ends(sleep: Pin<Box<dyn Sleep>>, timer: &RecycledTimer, deadline: Instant) {
+        tokio::time::timeout(Duration::from_secs(10), sleep)
+            .await
+            .expect("the sleep never fired");
+        assert!(timer.now() >= deadline, "ended before its deadline");
+    }
+
+    fn pooled() -> usize {
+        POOL.with(|pool| pool.borrow().sleeps.len())
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test]
     async fn a_recycled_sleep_fires_at_its_new_deadline_not_its_old_one() {
         let timer = RecycledTimer::new();
         let start = timer.now();
-        let mut first = timer.sleep_until(start + Duration::from_secs(10));
-        assert!(!fired(&mut first).await, "filed in the wheel, not yet due");
+        let mut first = timer.sleep_until(start + 200 * MS);
+        fired(&mut first, &timer, start + 200 * MS).await;
         drop(first);
-        assert_eq!(POOL.with(|pool| pool.borrow().sleeps.len()), 1);
+        assert_eq!(pooled(), 1, "a polled sleep is kept");
 
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let mut second = timer.sleep_until(timer.now() + Duration::from_secs(10));
-        assert_eq!(POOL.with(|pool| pool.borrow().sleeps.len()), 0, "reused");
-        assert!(!fired(&mut second).await);
-        // Past the first deadline (10 s): the recycled sleep must not fire there.
-        tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(!fired(&mut second).await, "fired at the old deadline");
-        tokio::time::advance(Duration::from_secs(3)).await;
-        assert!(
-            !fired(&mut second).await,
-            "fired before its deadline (15 s)"
-        );
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(fired(&mut second).await, "not fired at its deadline (15 s)");
-        assert_eq!(timer.now() - start, Duration::from_secs(15));
+        let deadline = timer.now() + 600 * MS;
+        let mut second = timer.sleep_until(deadline);
+        assert_eq!(pooled(), 0, "and given out again");
+        // Past the first sleep's deadline: the recycled one must not fire there.
+        tokio::time::sleep_until((start + 400 * MS).into()).await;
+        fired(&mut second, &timer, deadline).await;
+        ends(second, &timer, deadline).await;
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_sleep_that_fired_in_the_pool_is_filed_again_when_reused() {
         let timer = RecycledTimer::new();
-        let mut first = timer.sleep(Duration::from_secs(1));
-        assert!(!fired(&mut first).await);
+        let mut first = timer.sleep(50 * MS);
+        fired(&mut first, &timer, timer.now()).await;
         drop(first);
         // It comes due while pooled: tokio fires and unfiles it.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let mut second = timer.sleep(Duration::from_secs(1));
-        assert!(
-            !fired(&mut second).await,
-            "a fired sleep must be filed anew"
-        );
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(!fired(&mut second).await);
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(fired(&mut second).await);
+        tokio::time::sleep(150 * MS).await;
+        assert_eq!(pooled(), 1);
+        let deadline = timer.now() + 300 * MS;
+        let mut second = timer.sleep_until(deadline);
+        assert_eq!(pooled(), 0, "reused");
+        fired(&mut second, &timer, deadline).await;
+        ends(second, &timer, deadline).await;
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn reset_moves_a_sleep_earlier_and_later() {
         let timer = RecycledTimer::new();
         let start = timer.now();
-        let mut sleep = timer.sleep_until(start + Duration::from_secs(10));
-        assert!(!fired(&mut sleep).await);
-        timer.reset(&mut sleep, start + Duration::from_secs(2));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(fired(&mut sleep).await, "not fired at the earlier deadline");
-        timer.reset(&mut sleep, start + Duration::from_secs(30));
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(!fired(&mut sleep).await, "fired before the later deadline");
-        tokio::time::advance(Duration::from_secs(8)).await;
-        assert!(fired(&mut sleep).await);
+        let mut sleep = timer.sleep_until(start + 10_000 * MS);
+        fired(&mut sleep, &timer, start + 10_000 * MS).await;
+        timer.reset(&mut sleep, start + 100 * MS);
+        tokio::time::timeout(Duration::from_secs(5), &mut sleep)
+            .await
+            .expect("not fired at the earlier deadline");
+        assert!(timer.now() >= start + 100 * MS);
+        let later = timer.now() + 300 * MS;
+        timer.reset(&mut sleep, later);
+        fired(&mut sleep, &timer, later).await;
+        ends(sleep, &timer, later).await;
+    }
+
+    #[tokio::test]
+    async fn reset_of_another_kind_of_sleep_replaces_it() {
+        struct Never;
+        impl Future for Never {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+                Poll::Pending
+            }
+        }
+        impl Sleep for Never {}
+        let timer = RecycledTimer::new();
+        let mut sleep: Pin<Box<dyn Sleep>> = Box::pin(Never);
+        let deadline = timer.now() + 50 * MS;
+        timer.reset(&mut sleep, deadline);
+        ends(sleep, &timer, deadline).await;
+    }
+
+    #[tokio::test]
+    async fn only_sleeps_that_were_filed_are_pooled() {
+        let timer = RecycledTimer::new();
+        // Never polled: never filed, dropped for free.
+        drop(timer.sleep(Duration::from_secs(30)));
+        assert_eq!(pooled(), 0);
+        let mut polled = timer.sleep(Duration::from_secs(30));
+        fired(&mut polled, &timer, timer.now()).await;
+        drop(polled);
+        assert_eq!(pooled(), 1);
+        // A pooled one stays filed: back to the pool even if hyper never polls it.
+        drop(timer.sleep(Duration::from_secs(30)));
+        assert_eq!(pooled(), 1);
     }
 
     #[test]
-    fn a_pooled_sleep_never_serves_another_timer_or_runtime() {
-        let paused = || {
+    fn a_pooled_sleep_serves_its_own_runtime_only() {
+        let runtime = || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_time()
-                .start_paused(true)
                 .build()
                 .expect("runtime")
         };
-        // A sleep of the first server's runtime goes into this thread's pool...
-        let first = paused();
+        // A sleep of the first runtime goes into this thread's pool...
+        let first = runtime();
         first.block_on(async {
             let timer = RecycledTimer::new();
             let mut sleep = timer.sleep(Duration::from_secs(30));
-            assert!(!fired(&mut sleep).await);
+            fired(&mut sleep, &timer, timer.now()).await;
         });
-        assert_eq!(POOL.with(|pool| pool.borrow().sleeps.len()), 1);
+        assert_eq!(pooled(), 1);
         drop(first);
-        // ...and a second runtime's timer on the same thread must not use it: polled
+        // ...and a timer of a second runtime on the same thread must not use it: polled
         // there, a sleep of the first (shut down) runtime would panic.
-        paused().block_on(async {
+        runtime().block_on(async {
             let timer = RecycledTimer::new();
-            let mut sleep = timer.sleep(Duration::from_secs(1));
-            assert!(!fired(&mut sleep).await);
+            let deadline = timer.now() + 100 * MS;
+            let mut sleep = timer.sleep_until(deadline);
+            assert_eq!(pooled(), 1, "the other runtime's sleep was not taken");
+            fired(&mut sleep, &timer, deadline).await;
             drop(sleep);
             assert_eq!(
-                POOL.with(|pool| pool.borrow().sleeps.len()),
+                pooled(),
                 1,
-                "the other timer's sleep is given up for this one's"
+                "the other runtime's sleep is given up for this one's"
             );
-            let mut sleep = timer.sleep(Duration::from_secs(1));
-            tokio::time::advance(Duration::from_secs(1)).await;
-            assert!(fired(&mut sleep).await);
+            // Another timer of the same runtime (the admin server's) shares the pool.
+            let admin = RecycledTimer::new();
+            let deadline = admin.now() + 100 * MS;
+            let sleep = admin.sleep_until(deadline);
+            assert_eq!(pooled(), 0);
+            ends(sleep, &admin, deadline).await;
         });
     }
 
-    #[test]
-    fn the_pool_keeps_at_most_pool_max_sleeps() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let timer = RecycledTimer::new();
-                let sleeps: Vec<_> = (0..POOL_MAX + 10)
-                    .map(|_| timer.sleep(Duration::from_secs(5)))
-                    .collect();
-                drop(sleeps);
-                assert_eq!(POOL.with(|pool| pool.borrow().sleeps.len()), POOL_MAX);
-            });
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_pool_max_sleeps() {
+        let timer = RecycledTimer::new();
+        let mut sleeps: Vec<_> = (0..POOL_MAX + 10)
+            .map(|_| timer.sleep(Duration::from_secs(30)))
+            .collect();
+        for sleep in &mut sleeps {
+            fired(sleep, &timer, timer.now()).await;
+        }
+        drop(sleeps);
+        assert_eq!(pooled(), POOL_MAX);
     }
 }
