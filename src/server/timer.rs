@@ -19,6 +19,9 @@
 //! without ever polling it (the head was already in) is not pooled: it was never filed,
 //! so dropping it costs nothing, and filing it for the next user would cost the lock.
 //! What a pool holds when its thread ends is dropped with it (tokio unfiles each).
+//! A pooled sleep keeps the waker of the last task that polled it, and with it that
+//! task's allocation (about a connection's future): at most [`POOL_MAX`] per thread, and
+//! a pooled sleep that comes due wakes that task once, for nothing.
 
 use std::cell::RefCell;
 use std::future::Future;
