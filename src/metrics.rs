@@ -26,20 +26,26 @@
 //!
 //! Recording is lock-free for label sets already seen: `prometheus-client` keeps a family's
 //! metrics in a map behind a read-write lock that is only write-locked the first time a
-//! label set appears (each route and status, each program), then atomics.
+//! label set appears (each route and status, each program), then atomics. The request
+//! latency histogram is our own [`LatencyHistogram`]: `prometheus-client`'s `Histogram`
+//! takes a mutex per observation, which every worker thread answering the same route
+//! would contend for on every request. (The writer's commit histograms keep theirs: one
+//! thread records them.)
 //!
 //! Invariant: labels take only values from a closed set — route patterns of the router
 //! (never a raw path), status codes, configured program ids, outcome names from code —
 //! so that no client can grow the number of series.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// The content type of [`Metrics::encode`]'s text.
@@ -67,16 +73,61 @@ struct OutcomeLabels {
     outcome: String,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs to ~1.6 s: a read takes microseconds, an issue one fsync (milliseconds).
-    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+/// The request latency histogram's buckets: 100 µs doubling to ~1.6 s (a read takes
+/// microseconds, an issue one fsync, milliseconds), and +Inf.
+const LATENCY_BUCKETS: usize = 15;
+
+/// A histogram of request latencies that records with atomics and no lock: the same
+/// buckets, type and text as `prometheus-client`'s `Histogram` over
+/// `exponential_buckets(0.0001, 2.0, 15)`. Each observation adds one to its bucket and
+/// its nanoseconds to the sum. The count is the buckets' total, read when encoded, so it
+/// always agrees with them; the sum may lag the buckets by the observations in flight.
+#[derive(Debug, Default)]
+struct LatencyHistogram {
+    /// Observations per bucket (not cumulative): bucket `i < LATENCY_BUCKETS` holds those
+    /// of at most `100 µs << i` not in an earlier one; the last, the rest (+Inf).
+    buckets: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = (0..LATENCY_BUCKETS)
+            .find(|&i| nanos <= 100_000 << i)
+            .unwrap_or(LATENCY_BUCKETS);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = exponential_buckets(0.0001, 2.0, LATENCY_BUCKETS as u16)
+            .chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Every metric of the process; one per [`crate::app::App`], shared by reference.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    latency: Family<RouteLabels, LatencyHistogram>,
     commits: Counter,
     batch_size: Histogram,
     commit_time: Histogram,
@@ -106,7 +157,7 @@ impl Metrics {
             "API requests answered, by the router's route pattern and status code",
             requests.clone(),
         );
-        let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let latency = Family::<RouteLabels, LatencyHistogram>::default();
         registry.register(
             "http_request_duration_seconds",
             "Time from routing an API request to its response head (a streamed body's \
@@ -215,7 +266,7 @@ impl Metrics {
             .inc();
         self.latency
             .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+            .observe(elapsed);
     }
 
     /// A commit of `writes` writes that took `elapsed` (fsync included). Called by the
@@ -296,6 +347,85 @@ pub struct Scraped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The text of one histogram registered as `latency` (sum line apart).
+    fn text_of(metric: impl prometheus_client::registry::Metric) -> (Vec<String>, f64) {
+        let mut registry = Registry::default();
+        registry.register("latency", "help", metric);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .expect("encodes");
+        let sum_line = text
+            .lines()
+            .find(|line| line.starts_with("latency_sum "))
+            .expect("a sum");
+        let sum = sum_line["latency_sum ".len()..].parse().expect("a number");
+        let rest = text
+            .lines()
+            .filter(|line| !line.starts_with("latency_sum "))
+            .map(str::to_owned)
+            .collect();
+        (rest, sum)
+    }
+
+    #[test]
+    fn the_latency_histogram_reads_as_prometheus_clients_own() {
+        // Values in every bucket, none within a nanosecond of a bound, and above them all.
+        let micros = [
+            1, 99, 101, 150, 250, 399, 900, 1_700, 3_000, 6_500, 12_000, 30_000, 60_000, 200_000,
+            500_000, 1_000_000, 1_600_000, 1_700_000, 90_000_000,
+        ];
+        let ours = LatencyHistogram::default();
+        let theirs = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        for &us in &micros {
+            for _ in 0..us % 3 + 1 {
+                ours.observe(Duration::from_micros(us));
+                theirs.observe(Duration::from_micros(us).as_secs_f64());
+            }
+        }
+        let (our_text, our_sum) = text_of(ours);
+        let (their_text, their_sum) = text_of(theirs);
+        assert_eq!(our_text, their_text);
+        assert!(
+            (our_sum - their_sum).abs() < 1e-9,
+            "{our_sum} against {their_sum}"
+        );
+        assert!(our_text
+            .iter()
+            .any(|l| l == "latency_bucket{le=\"0.0001\"} 3"));
+    }
+
+    #[test]
+    fn the_latency_histogram_loses_no_observation_between_threads() {
+        let histogram = Arc::new(LatencyHistogram::default());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let histogram = histogram.clone();
+                std::thread::spawn(move || {
+                    for n in 0..50_000u64 {
+                        histogram.observe(Duration::from_micros((n * (t + 1)) % 5_000));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("joins");
+        }
+        let total: u64 = histogram
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(total, 200_000);
+        let expected_nanos: u64 = (0..4u64)
+            .map(|t| {
+                (0..50_000u64)
+                    .map(|n| (n * (t + 1)) % 5_000 * 1_000)
+                    .sum::<u64>()
+            })
+            .sum();
+        assert_eq!(histogram.sum_nanos.load(Ordering::Relaxed), expected_nanos);
+    }
 
     #[test]
     fn every_family_is_in_the_text_with_its_labels() {
