@@ -26,8 +26,8 @@
 //! - [`metrics`]: the Prometheus families and the calls that record them (requests in the
 //!   router, issues in `api`, commits through a store hook, delivery attempts).
 //! - [`server`]: accept loop, limits, timeouts (writes too; the header timeout on a
-//!   timer that recycles its sleeps, `server/timer.rs`), graceful drain; serves any
-//!   route function.
+//!   timer that recycles its sleeps, `server/timer.rs`), graceful drain (a stop flag
+//!   each connection reads, `server/drain.rs`); serves any route function.
 //! - [`router`]: the endpoint list and the match.
 //! - [`api`]: one function per endpoint and the JSON DTOs; `login`, the one credential
 //!   check behind `/v1/auth` and `/v1/oauth/token`.

@@ -24,7 +24,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -33,6 +32,7 @@ use tokio::time::Sleep;
 use crate::body::Body;
 use crate::config::ServerConfig;
 
+mod drain;
 mod timer;
 
 /// Serves `listener` with `route` until `shutdown` completes; then stops accepting and
@@ -48,7 +48,7 @@ pub async fn serve<R, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(drain::Drain::default());
     let ids = Arc::new(RequestIds::new());
     let mut http = http1::Builder::new();
     http.timer(timer::RecycledTimer::new())
@@ -95,7 +95,7 @@ pub async fn serve<R, F>(
             async move { Ok::<_, Infallible>(handle(route, req, remote, id).await) }
         });
         let stream = WriteDeadline::new(stream, config.send_timeout);
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection = drain.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -106,8 +106,11 @@ pub async fn serve<R, F>(
 
     drop(listener);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    drain.stop();
+    // Every connection holds a permit until its task ends: all of them back, all are done.
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        _ = permits.acquire_many(all) => {}
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }

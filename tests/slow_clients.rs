@@ -266,3 +266,56 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     let stored = s.get("/v1/transactions/half-closed", Some(&token)).await;
     assert_eq!(stored.status, 200, "{}", stored.text());
 }
+
+/// A stop reaches idle keep-alive connections at once: they are closed and the server
+/// is done long before the header timeout or the shutdown grace (both 60 s here), while
+/// a request in flight at the stop still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_idle_keep_alive_connections_at_once() {
+    let dir = Arc::new(tempfile::tempdir().expect("dir"));
+    let s = TestServer::start_in(dir, |text| {
+        text.replace(
+            "[server]\n",
+            "[server]\nheader_read_timeout_seconds = 60\nshutdown_grace_seconds = 60\n",
+        )
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let answer = read_answer(&mut stream).await.expect("an answer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        idle.push(stream);
+    }
+    // One more connection, with a request half sent when the stop comes.
+    let mut busy = TcpStream::connect(s.addr).await.expect("connect");
+    busy.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("part");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = Instant::now();
+    let stop = tokio::spawn(s.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    busy.write_all(b"\r\n").await.expect("the rest");
+    let answer = read_answer(&mut busy)
+        .await
+        .expect("the in-flight request's answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for stream in &mut idle {
+        let rest = read_until_closed(stream, Duration::from_secs(10)).await;
+        assert_eq!(
+            rest.as_deref(),
+            Some(""),
+            "an idle connection was not closed"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(20), stop)
+        .await
+        .expect("the stop waited for idle connections")
+        .expect("stop");
+    assert!(stopping.elapsed() < Duration::from_secs(20));
+}
