@@ -305,6 +305,10 @@ async fn a_stop_closes_idle_keep_alive_connections_at_once() {
         .await
         .expect("the in-flight request's answer");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
     for stream in &mut idle {
         let rest = read_until_closed(stream, Duration::from_secs(10)).await;
         assert_eq!(
