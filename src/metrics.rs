@@ -81,7 +81,9 @@ const LATENCY_BUCKETS: usize = 15;
 /// buckets, type and text as `prometheus-client`'s `Histogram` over
 /// `exponential_buckets(0.0001, 2.0, 15)`. Each observation adds one to its bucket and
 /// its nanoseconds to the sum. The count is the buckets' total, read when encoded, so it
-/// always agrees with them; the sum may lag the buckets by the observations in flight.
+/// always agrees with them; the sum, read apart, may be off from them by the observations
+/// in flight. The sum (a u64 of nanoseconds) wraps after 584 years of latency in all: at
+/// 30,000 requests/s of 3 ms each, after 6.5 years, which Prometheus reads as a reset.
 #[derive(Debug, Default)]
 struct LatencyHistogram {
     /// Observations per bucket (not cumulative): bucket `i < LATENCY_BUCKETS` holds those
@@ -370,11 +372,13 @@ mod tests {
 
     #[test]
     fn the_latency_histogram_reads_as_prometheus_clients_own() {
-        // Values in every bucket, none within a nanosecond of a bound, and above them all.
-        let micros = [
-            1, 99, 101, 150, 250, 399, 900, 1_700, 3_000, 6_500, 12_000, 30_000, 60_000, 200_000,
-            500_000, 1_000_000, 1_600_000, 1_700_000, 90_000_000,
+        // Values in every bucket, 0, every bound itself (a bound is in its own bucket),
+        // and above them all.
+        let mut micros = vec![
+            0, 1, 99, 101, 150, 250, 399, 900, 1_700, 3_000, 6_500, 12_000, 30_000, 60_000,
+            200_000, 500_000, 1_000_000, 1_600_000, 1_700_000, 90_000_000,
         ];
+        micros.extend((0..15).map(|i| 100u64 << i));
         let ours = LatencyHistogram::default();
         let theirs = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
         for &us in &micros {
@@ -392,7 +396,7 @@ mod tests {
         );
         assert!(our_text
             .iter()
-            .any(|l| l == "latency_bucket{le=\"0.0001\"} 3"));
+            .any(|l| l == "latency_bucket{le=\"0.0001\"} 6"));
     }
 
     #[test]

@@ -47,8 +47,14 @@ pub async fn serve<R, F>(
     R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    // At most u32::MAX, so that the stop can wait for all of them in one `acquire_many`
+    // (the config allows 2^20).
+    let max_connections = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
     let drain = Arc::new(drain::Drain::default());
+    // Should this future be dropped before its end, the connections are still told to
+    // finish.
+    let _stop_on_drop = drain::StopOnDrop(drain.clone());
     let ids = Arc::new(RequestIds::new());
     let mut http = http1::Builder::new();
     http.timer(timer::RecycledTimer::new())
@@ -104,13 +110,14 @@ pub async fn serve<R, F>(
         });
     }
 
+    // The connections are told first: once the listener is gone (a new client is refused),
+    // every connection has been told to finish.
+    drain.stop();
     drop(listener);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    drain.stop();
     // Every connection holds a permit until its task ends: all of them back, all are done.
-    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = permits.acquire_many(all) => {}
+        _ = permits.acquire_many(max_connections) => {}
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
