@@ -73,11 +73,11 @@ impl Drop for StopOnDrop {
 }
 
 /// A connection watched by a [`Drain`]: polls it, and starts its graceful shutdown on
-/// the first poll after the stop. hyper then finishes a request it has begun to read
-/// (an answer not yet begun says `connection: close`), closes the connection after it,
-/// and closes an idle connection at once; a second request
-/// on a keep-alive connection that is only partly in when the stop comes is not
-/// answered (hyper counts the connection idle until a whole head is in).
+/// the first poll after the stop. hyper then finishes a request it has begun to read (an
+/// answer not yet begun says `connection: close`) and closes the connection after it,
+/// and closes an idle connection at once. A second request on a keep-alive connection
+/// that is only partly in when the stop comes is not answered: hyper counts the
+/// connection idle until a whole head is in.
 pub(super) struct Draining<C> {
     /// Boxed so that this wrapper is `Unpin` (one allocation per connection).
     conn: Pin<Box<C>>,
