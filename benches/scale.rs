@@ -139,8 +139,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        // References spread over the file (a multiplicative step visits them out of order).
-        let pick = |k: u64| (k.wrapping_mul(2_654_435_761) % count.max(1)).to_string();
+        // Positions spread over the file (a multiplicative step visits them out of order),
+        // and their references.
+        let position = |k: u64| k.wrapping_mul(2_654_435_761) % count.max(1);
+        let pick = |k: u64| position(k).to_string();
         let (first, ids) = by_reference(&store, &business, pick).await;
         let ids_pass = by_id(&store, &business, &ids).await;
         // The same references again: the pages they need are now in the page cache if it
@@ -183,9 +185,7 @@ fn main() {
         let bytes = std::fs::metadata(&config.storage_path)
             .map(|m| m.len())
             .unwrap_or(0);
-        let map_us = in_memory_map(count.max(1), |k| {
-            k.wrapping_mul(2_654_435_761) % count.max(1)
-        });
+        let map_us = in_memory_map(count.max(1), position);
         println!(
             "transactions={count} open_ms={open_ms:.1} by_reference_us={:.1} by_id_us={:.1} \
              by_reference_again_us={:.1} by_reference_recent_us={:.1} by_id_recent_us={:.1} \

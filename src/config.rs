@@ -1061,10 +1061,11 @@ impl RawConfig {
             return Err(err("storage.path", "must not be empty"));
         }
         let storage_path = base.join(&self.storage.path);
-        let storage_cache_bytes = match self.storage.cache_mib {
-            Some(mib) => Some(positive("storage.cache_mib", mib, 1 << 20)? as usize * (1 << 20)),
-            None => None,
-        };
+        let storage_cache_bytes = self
+            .storage
+            .cache_mib
+            .map(|mib| positive("storage.cache_mib", mib, 1 << 20).map(|m| m as usize * (1 << 20)))
+            .transpose()?;
         let storage_backend = storage_backend(&self.storage)?;
 
         let a = &self.auth;

@@ -4,10 +4,9 @@
 //!
 //! Timeouts, each closing the connection: the request head must arrive within
 //! `header_read_timeout` (hyper, on a timer that recycles its sleeps: [`timer`]; also the
-//! idle keep-alive limit), a body within
-//! `body_read_timeout` (the router), and every write to the client must make progress
-//! within `send_timeout` ([`WriteDeadline`]), so that a client that stops reading cannot
-//! hold a connection slot for ever.
+//! idle keep-alive limit), a body within `body_read_timeout` (the router), and every
+//! write to the client must make progress within `send_timeout` ([`WriteDeadline`]), so
+//! that a client that stops reading cannot hold a connection slot for ever.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -95,7 +95,7 @@ pub(super) fn backup(source: &ReadTransaction, path: &Path) -> Result<BackupRepo
 /// Fills the new, empty file at `path` and makes it durable.
 fn fill(source: &ReadTransaction, path: &Path) -> Result<(), String> {
     let dest = Database::builder()
-        .set_cache_size(16 << 20)
+        .set_cache_size(super::handle::ONE_PASS_CACHE_BYTES)
         .create(path)
         .map_err(|e| e.to_string())?;
     copy_all(source, &dest)?;

@@ -92,10 +92,8 @@ pub(super) fn export_file(
         ExportError::Open(OpenError::Unusable(format!("cannot copy the source: {e}")))
     })?;
     let result = (|| {
-        // Each page is read about once: a small cache does as well as redb's default
-        // (1 GiB), which a large file would fill for nothing (as for `check`).
         let db = Database::builder()
-            .set_cache_size(16 << 20)
+            .set_cache_size(super::handle::ONE_PASS_CACHE_BYTES)
             .create(&copy)
             .map_err(|e| ExportError::Open(open_error(e)))?;
         let prepared = prepare(&db).map_err(ExportError::Open)?;

@@ -94,6 +94,11 @@ pub(super) fn page_cache_bytes(configured: Option<usize>, path: &Path) -> usize 
     configured.unwrap_or_else(|| auto_cache_bytes(std::fs::metadata(path).map_or(0, |m| m.len())))
 }
 
+/// The page cache for a pass that reads or writes each page of a file about once (a
+/// backup's new file, `migrate`'s copy of its source): more would not be used again, and
+/// redb's default (1 GiB) would fill with a large file for nothing.
+pub(super) const ONE_PASS_CACHE_BYTES: usize = 16 << 20;
+
 /// The part of the file a page cache sized from it gets: 1/32 (see [`auto_cache_bytes`]).
 const AUTO_CACHE_DIVISOR: u64 = 32;
 /// The smallest page cache sized from the file (and the whole cache of a small one).
