@@ -64,9 +64,7 @@ impl Embedded {
         crate::files::ensure_private_file(path)
             .map_err(|e| OpenError::Unusable(format!("cannot create {}: {e}", path.display())))?;
         let page_cache = super::handle::page_cache_bytes(cache_bytes, path);
-        let db = Database::builder()
-            .set_cache_size(page_cache)
-            .create(path)
+        let db = super::prefill::create(Database::builder().set_cache_size(page_cache), path)
             .map_err(open_error)?;
         let prepared = prepare(&db)?;
         let handle = Arc::new(Handle::new(

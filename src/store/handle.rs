@@ -259,15 +259,16 @@ impl Handle {
         if !self.close(std::time::Duration::from_secs(5)) {
             return None;
         }
-        let reopened = Database::builder()
-            .set_cache_size(page_cache_bytes(self.cache_bytes, &self.path))
-            .create(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|db| {
-                prepare(&db)
-                    .map(|p| (db, p.next_seq))
-                    .map_err(|e| e.to_string())
-            });
+        let reopened = super::prefill::create(
+            Database::builder().set_cache_size(page_cache_bytes(self.cache_bytes, &self.path)),
+            &self.path,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|db| {
+            prepare(&db)
+                .map(|p| (db, p.next_seq))
+                .map_err(|e| e.to_string())
+        });
         match reopened {
             Ok((db, next_seq)) => {
                 *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));

@@ -14,6 +14,8 @@
 //! - `embedded`: opening, reads, the writer's queue: what [`Store`] dispatches to.
 //! - [`schema`]: tables, versioned records, migrations.
 //! - `handle`: opening, sharing and reopening the file.
+//! - `prefill`: the file as redb writes it, with zeros written a chunk ahead of its data,
+//!   so that a commit seldom allocates disk blocks.
 //! - `writer`: the group-commit writer; every write is a closure over its tables.
 //! - `read`: read transactions, records → domain values, the listing scan.
 //! - `check`: the consistency check.
@@ -59,6 +61,7 @@ mod embedded;
 mod export;
 mod handle;
 mod postgres;
+mod prefill;
 mod read;
 pub mod schema;
 mod writer;
