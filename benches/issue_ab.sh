@@ -33,7 +33,7 @@ for r in $(seq $REPS); do
   for i in 1 2; do
     port=$((18210+i)); pid=${pids[$((i-1))]}
     t0=$(cpu $pid); w0=$(wcpu $pid)
-    out=$(TOKEN=$(cat $W/t$i) RUN=r$r wrk -t2 -c$CONNS -d${DUR}s -s benches/issue.lua http://127.0.0.1:$port/v1/transactions)
+    out=$(TOKEN=$(cat $W/t$i) RUN=r$r wrk -t$(( CONNS < 2 ? 1 : 2 )) -c$CONNS -d${DUR}s -s benches/issue.lua http://127.0.0.1:$port/v1/transactions)
     t1=$(cpu $pid); w1=$(wcpu $pid)
     n=$(echo "$out" | awk '/ requests in / {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     lat=$(echo "$out" | awk '$1 == "Latency" {print $2}')
