@@ -6,17 +6,22 @@
 #
 # Each server gets the example config (its own temp database, no partner). Then ROUNDS
 # rounds of: bulk_bench (BATCHES batches of 1,000 items, one client) with each count of
-# requests in flight in IN_FLIGHT, against A then B; and, with SINGLE=1, wrk -t2 -c64 for
-# DUR s of single issues against A then B. Prints transactions/s, the server's CPU time
-# per transaction and its writer thread's (from /proc: steadier than throughput on a
+# requests in flight in IN_FLIGHT, against A then B; and, with SINGLE=1, wrk -t2 -cCONNS
+# for DUR s of single issues against A then B. Prints transactions/s, the server's CPU
+# time per transaction and its writer thread's (from /proc: steadier than throughput on a
 # shared machine; with requests in flight the writer is the bound, 1e6 / its µs per
-# transaction). Knobs: ROUNDS=3 BATCHES=150 IN_FLIGHT="1 4" SINGLE=1 DUR=5.
+# transaction), and for single issues wrk's mean latency. Knobs: ROUNDS=3 BATCHES=150
+# IN_FLIGHT="1 4" SINGLE=1 DUR=5 CONNS=64 (1: one wrk thread). Single issues only:
+#
+#   IN_FLIGHT= REPS=4 bash benches/bulk_ab.sh BIN_A BIN_B
+#
+# The databases are in a new folder of TMPDIR (a filesystem to compare: TMPDIR=/mnt/x).
 # Ports 18211 and 18212 must be free. Builds bulk_bench (release) if needed.
 set -euo pipefail
 A=$(realpath "$1"); B=$(realpath "$2")
 cd "$(dirname "$0")/.."
-ROUNDS=${ROUNDS:-3}; BATCHES=${BATCHES:-150}; IN_FLIGHT=${IN_FLIGHT:-"1 4"}
-SINGLE=${SINGLE:-1}; DUR=${DUR:-5}
+ROUNDS=${ROUNDS:-${REPS:-3}}; BATCHES=${BATCHES:-150}; IN_FLIGHT=${IN_FLIGHT-"1 4"}
+SINGLE=${SINGLE:-1}; DUR=${DUR:-5}; CONNS=${CONNS:-64}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release --locked --quiet --example bulk_bench
 W=$(mktemp -d); pids=()
@@ -57,9 +62,10 @@ for r in $(seq "$ROUNDS"); do
   for i in 1 2; do
     port=$((18210+i)); pid=${pids[$((i-1))]}
     t0=$(ticks $pid); w0=$(writer_ticks $pid)
-    out=$(TOKEN=$(cat $W/t$i) RUN=ab$r wrk -t2 -c64 -d${DUR}s -s benches/issue.lua http://127.0.0.1:$port/v1/transactions)
+    out=$(TOKEN=$(cat $W/t$i) RUN=ab$r wrk -t$(( CONNS < 2 ? 1 : 2 )) -c$CONNS -d${DUR}s -s benches/issue.lua http://127.0.0.1:$port/v1/transactions)
     t1=$(ticks $pid); w1=$(writer_ticks $pid)
     count=$(echo "$out" | awk '/ requests in / {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    echo "$([ $i = 1 ] && echo A || echo B) round $r: single issues: $rps req/s, $(per_tx $((t1-t0)) $count) us CPU/issue, writer $(per_tx $((w1-w0)) $count) us/issue $(echo "$out" | grep -o 'other=[0-9]*' | tr '\n' ' ')"
+    lat=$(echo "$out" | awk '$1 == "Latency" {print $2}')
+    echo "$([ $i = 1 ] && echo A || echo B) round $r: single issues: $rps req/s, $(per_tx $((t1-t0)) $count) us CPU/issue, writer $(per_tx $((w1-w0)) $count) us/issue, mean latency $lat $(echo "$out" | grep -o 'other=[0-9]*' | tr '\n' ' ')"
   done
 done
