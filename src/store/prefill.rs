@@ -8,16 +8,26 @@
 //! map and inode and wait for them (ext4 without a journal), or commit the journal (ext4,
 //! XFS). On this project's machines that was about a third of each commit's wall time.
 //! With a chunk written ahead, one commit in many pays for the allocation of a whole
-//! chunk, in one extent, and the others only overwrite blocks the file already has.
+//! chunk, in one extent, and the others only overwrite blocks the file already has. (On a
+//! copy-on-write filesystem, btrfs or ZFS, every overwrite takes new blocks anyway: there
+//! the zeros gain nothing.)
 //!
 //! The contents are the same: redb asks that new space read as zeros, and a hole does.
 //! The length is redb's: nothing here extends the file, only fills holes below its end.
 //!
 //! Invariant: zeros are written only at or above `frontier`, and every byte redb has
-//! written lies below it. `frontier` starts where the file's data ends when it is opened
-//! ([`written_end`]: past it, a hole, which reads as zeros already) and moves up, under
-//! its lock, before any redb write that reaches past it; a `set_len` that shrinks the file
-//! brings it down to the new end.
+//! written lies below it. `frontier` is measured at redb's first write, which comes after
+//! redb has locked the file ([`written_end`]: where the file's data ends; past it, a hole,
+//! which reads as zeros already). It moves up, under its lock, before any redb write that
+//! reaches past it; a `set_len` that shrinks the file brings it down to the new end. This
+//! holds because this process is the file's only writer: redb's `ExclusiveWriter` mode,
+//! which [`create`] sets.
+//!
+//! Costs: the file takes up to a chunk more disk than its data, so on a nearly full disk
+//! a commit can fail for want of space up to a chunk sooner; a fill fails alone (the write
+//! goes ahead). A fill runs in whichever thread's write reaches past the frontier: almost
+//! always the writer's commit, but redb also writes back evicted dirty pages from a
+//! reader's thread now and then.
 
 use std::fs::File;
 use std::ops::Bound;
@@ -38,41 +48,57 @@ pub(super) const CHUNK: u64 = 1 << 20;
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 #[derive(Debug)]
-pub(super) struct Prefilled {
-    inner: FileBackend,
+pub(super) struct Prefilled<B = FileBackend> {
+    inner: B,
+    /// The same open file as `inner`'s (a duplicate descriptor, kept as long as it), for
+    /// [`written_end`].
+    probe: File,
     /// Fast path: a write that ends at or below this needs nothing. Only moved under
     /// `extending`, after the zeros are written.
     frontier: AtomicU64,
-    extending: Mutex<()>,
+    /// Whether `frontier` has been measured ([`written_end`]). Not at open: redb locks the
+    /// file after the backend is made, and until then another process may still write it.
+    /// The first write comes after redb's lock, and measures it.
+    extending: Mutex<bool>,
 }
 
 impl Prefilled {
     pub fn new(file: File) -> Result<Prefilled, std::io::Error> {
-        let frontier = written_end(&file)?;
+        let probe = file.try_clone()?;
         let inner = FileBackend::new(file).map_err(std::io::Error::other)?;
-        Ok(Prefilled {
+        Ok(Prefilled::over(inner, probe))
+    }
+}
+
+impl<B: StorageBackend> Prefilled<B> {
+    fn over(inner: B, probe: File) -> Prefilled<B> {
+        Prefilled {
             inner,
-            frontier: AtomicU64::new(frontier),
-            extending: Mutex::new(()),
-        })
+            probe,
+            frontier: AtomicU64::new(0),
+            extending: Mutex::new(false),
+        }
     }
 
     /// Before a write that ends at `end`: writes zeros from the frontier to `end`, and on
-    /// to a chunk past the frontier if the file reaches that far; moves the frontier there.
+    /// to a chunk past the frontier, never past the file's end; moves the frontier there.
     /// The caller's write then overwrites its own part of the zeros. Fails only if the
-    /// file's length cannot be read.
+    /// file's length or data cannot be read.
     fn fill_to(&self, end: u64) -> Result<(), BackendIoError> {
-        let _extending = self
+        let mut measured = self
             .extending
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if !*measured {
+            self.frontier
+                .store(written_end(&self.probe)?, Ordering::Release);
+            *measured = true;
+        }
         let from = self.frontier.load(Ordering::Acquire);
         if end <= from {
-            return Ok(()); // another write filled it first
+            return Ok(()); // written already, or another write filled it first
         }
-        // Never past the file's end (that would change its length), unless the write
-        // itself goes there: then exactly to its end.
-        let to = end.max(from.saturating_add(CHUNK).min(self.inner.len()?));
+        let to = from.saturating_add(CHUNK).max(end).min(self.inner.len()?);
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZEROS.len() as u64) as usize;
@@ -93,9 +119,9 @@ impl Prefilled {
 /// zeros). The file's length if the filesystem cannot tell holes (then it has none), or if
 /// the file is in more than [`MAX_EXTENTS`] pieces.
 ///
-/// Not just the length: redb grows its file by half again or more at a time, so a file
-/// that is reopened can end in a hole as big as a third of it, which the fill would
-/// otherwise leave alone until the file next grows.
+/// Not just the length: redb doubles its file as it grows (up to 4 GiB, then a region of
+/// 4 GiB at a time), so a file that is reopened can end in a hole as big as half of it,
+/// which the fill would otherwise leave alone until the file next grows.
 fn written_end(file: &File) -> Result<u64, std::io::Error> {
     use rustix::fs::{seek, SeekFrom};
     let len = file.metadata()?.len();
@@ -122,7 +148,7 @@ fn written_end(file: &File) -> Result<u64, std::io::Error> {
 /// written: a file written by redb on a filesystem has a few hundred at most.
 const MAX_EXTENTS: usize = 100_000;
 
-impl StorageBackend for Prefilled {
+impl<B: StorageBackend> StorageBackend for Prefilled<B> {
     fn len(&self) -> Result<u64, BackendIoError> {
         self.inner.len()
     }
@@ -132,7 +158,7 @@ impl StorageBackend for Prefilled {
     }
 
     fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
-        let _extending = self
+        let _measured = self
             .extending
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -187,9 +213,11 @@ impl StorageBackend for Prefilled {
 }
 
 /// Opens the database file at `path` (creating it if need be) on a [`Prefilled`] backend,
-/// as `redb::Builder::create` would on its own.
+/// as `redb::Builder::create` would on its own, for this process alone to write
+/// (`ConcurrencyMode::ExclusiveWriter`, redb's default, set here because the backend's
+/// invariant needs it).
 pub(super) fn create(
-    builder: &redb::Builder,
+    builder: &mut redb::Builder,
     path: &std::path::Path,
 ) -> Result<redb::Database, redb::DatabaseError> {
     let file = std::fs::OpenOptions::new()
@@ -198,7 +226,9 @@ pub(super) fn create(
         .create(true)
         .truncate(false)
         .open(path)?;
-    builder.create_with_backend(Prefilled::new(file)?)
+    builder
+        .set_concurrency_mode(redb::ConcurrencyMode::ExclusiveWriter)
+        .create_with_backend(Prefilled::new(file)?)
 }
 
 #[cfg(test)]
@@ -230,7 +260,7 @@ mod tests {
         (Prefilled::new(file).unwrap(), path)
     }
 
-    fn contents(backend: &Prefilled) -> Vec<u8> {
+    fn contents<B: StorageBackend>(backend: &Prefilled<B>) -> Vec<u8> {
         let mut all = vec![0xEE; backend.len().unwrap() as usize];
         backend.read(0, &mut all).unwrap();
         all
@@ -280,15 +310,29 @@ mod tests {
     fn a_file_opened_with_a_hole_at_its_end_is_filled_there() {
         let dir = tempfile::tempdir().unwrap();
         let (backend, path) = with_hole(&dir, &[3; 8192], 8 * CHUNK);
-        assert_eq!(backend.frontier.load(Ordering::Acquire), 8192);
         let before = allocated(&path);
         backend.write(8192, &[4; 4096]).unwrap();
         backend.sync_data().unwrap();
+        assert_eq!(backend.frontier.load(Ordering::Acquire), 8192 + CHUNK);
         assert!(allocated(&path) >= before + CHUNK - 8192);
         let all = contents(&backend);
         assert!(all[..8192].iter().all(|&b| b == 3));
         assert!(all[8192..12288].iter().all(|&b| b == 4));
         assert!(all[12288..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn the_frontier_is_measured_at_the_first_write_not_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, path) = with_hole(&dir, &[3; 4096], 4 * CHUNK);
+        // Another process still writing the file before redb has locked it.
+        use std::os::unix::fs::FileExt;
+        let other = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        other.write_all_at(&[6; 4096], CHUNK).unwrap();
+        backend.write(4096, &[4; 4096]).unwrap();
+        let all = contents(&backend);
+        assert_eq!(&all[CHUNK as usize..(CHUNK + 4096) as usize], &[6; 4096]);
+        assert_eq!(&all[4096..8192], &[4; 4096]);
     }
 
     #[test]
@@ -341,6 +385,64 @@ mod tests {
         assert!(all[4096..].iter().all(|&b| b == 0));
         // The frontier moved past the failed write: nothing retries the fill below it.
         assert_eq!(backend.frontier.load(Ordering::Acquire), 2 * CHUNK + 4096);
+    }
+
+    /// redb's file backend, except that it cannot write zeros (as a disk with no room for
+    /// the fill might refuse them): the fill fails, redb's own writes do not.
+    #[derive(Debug)]
+    struct NoZeros(FileBackend);
+
+    impl StorageBackend for NoZeros {
+        fn len(&self) -> Result<u64, BackendIoError> {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendIoError> {
+            self.0.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), BackendIoError> {
+            self.0.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
+            if data.iter().all(|&b| b == 0) {
+                return Err(std::io::Error::other("no room for zeros"));
+            }
+            self.0.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn a_fill_that_fails_leaves_the_write_to_go_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, [3; 8192]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(4 * CHUNK).unwrap();
+        let probe = file.try_clone().unwrap();
+        let backend = Prefilled::over(NoZeros(FileBackend::new(file).unwrap()), probe);
+        backend.write(2 * CHUNK, &[9; 4096]).unwrap();
+        assert_eq!(backend.frontier.load(Ordering::Acquire), 2 * CHUNK + 4096);
+        backend.write(3 * CHUNK, &[8; 4096]).unwrap();
+        backend.write(CHUNK, &[7; 4096]).unwrap(); // below the frontier: no fill
+        let all = contents(&backend);
+        assert_eq!(all.len() as u64, 4 * CHUNK);
+        let at = |o: u64| &all[o as usize..o as usize + 4096];
+        assert_eq!(&all[..8192], &[3; 8192]);
+        assert_eq!(at(CHUNK), &[7; 4096]);
+        assert_eq!(at(2 * CHUNK), &[9; 4096]);
+        assert_eq!(at(3 * CHUNK), &[8; 4096]);
+        let zeros = all.iter().filter(|&&b| b == 0).count() as u64;
+        assert_eq!(
+            zeros,
+            4 * CHUNK - 8192 - 3 * 4096,
+            "everything else reads as zeros"
+        );
     }
 
     #[derive(Debug, Clone)]
