@@ -1,7 +1,6 @@
-//! The database file, as redb's own `FileBackend` keeps it, with two differences. The
-//! space redb's writes reach past the file's written part is first written with zeros, a
-//! chunk ([`CHUNK`]) at a time, so that a commit's `fdatasync` seldom allocates blocks.
-//! And the kernel is told not to read ahead in it (see [`Prefilled::new`]).
+//! The database file, as redb's own `FileBackend` keeps it, with one difference: the space
+//! redb's writes reach past the file's written part is first written with zeros, a chunk
+//! ([`CHUNK`]) at a time, so that a commit's `fdatasync` seldom allocates blocks.
 //!
 //! Why: redb grows its file with `set_len`, which leaves a hole, and the filesystem
 //! allocates each page of the hole when it first writes it back, in the `fdatasync` of
@@ -49,7 +48,9 @@ pub(super) const CHUNK: u64 = 1 << 20;
 /// What zeros are written from: one page at a time, as redb writes. A bigger write makes
 /// the kernel cache that part of the file in bigger folios (Linux 6), and a later page
 /// written by redb then dirties its whole folio, which the commit's `fdatasync` writes
-/// back whole: with 64 KiB pieces, four times the bytes per commit.
+/// back whole: with 64 KiB pieces, four times the bytes per commit. (Readahead does the
+/// same to pages read after a restart; turning it off with `POSIX_FADV_RANDOM` doubled a
+/// cold 10,000-row listing's time at 10 million transactions: BENCHMARKS.md, round 14.)
 static ZEROS: [u8; 4096] = [0; 4096];
 
 #[derive(Debug)]
@@ -68,13 +69,10 @@ pub(super) struct Prefilled<B = FileBackend> {
 }
 
 impl Prefilled {
+    /// redb's own backend over `file`, with the fill. Nothing is measured or written yet
+    /// (see `extending`).
     pub fn new(file: File) -> Result<Prefilled, std::io::Error> {
         let probe = file.try_clone()?;
-        // No readahead: redb reads single pages, mostly at random, and a readahead caches
-        // its span in big folios, which a commit later writes back whole for each page it
-        // changes in them (after a restart, 1.7 times the bytes written). Only a hint: a
-        // filesystem that ignores it loses nothing else.
-        let _ = rustix::fs::fadvise(&probe, 0, None, rustix::fs::Advice::Random);
         let inner = FileBackend::new(file).map_err(std::io::Error::other)?;
         Ok(Prefilled::over(inner, probe))
     }
