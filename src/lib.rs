@@ -56,7 +56,7 @@
 //!   request per delivery attempt and what the answer means; the in-process sandbox partner.
 //! - [`store`]: the storage interface and its two backends: redb (`store/embedded.rs`
 //!   and beside it the schema and versioned records, the group-commit writer, reads,
-//!   `check`) and PostgreSQL (`store/postgres/`: migrations, a per-process group-commit
+//!   `check`, the file backend that writes zeros ahead) and PostgreSQL (`store/postgres/`: migrations, a per-process group-commit
 //!   writer, pooled reads, the shared outbox's claims, `check`).
 //! - [`files`]: owner-only files and folders (the database, backups, exports), written
 //!   atomically.
@@ -78,6 +78,9 @@
 //!   transaction; a newer one is refused.
 //! - Money and points math is integer-exact: no `f32`/`f64` anywhere in it.
 //! - Time is passed in as a [`clock::Clock`]; nothing reads the system time but `clock`.
+//! - The redb file holds what redb wrote and nothing else: the store's backend writes
+//!   zeros ahead of redb's writes only into holes past everything redb has written, and
+//!   never changes the file's length (`store/prefill.rs`).
 //! - A write is acknowledged only after its commit is durable (on PostgreSQL: after
 //!   COMMIT returned with `synchronous_commit = on`), and a read that starts after the
 //!   acknowledgement sees it (on redb the writer publishes the look-ups' shared snapshot
