@@ -24,6 +24,13 @@ async fn start(max_connections: u32) -> TestServer {
 }
 
 /// Reads until the peer closes (or `limit` passes); returns what arrived.
+/// A new connection to `addr` on which `bytes` were sent.
+async fn sending(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("send");
+    stream
+}
+
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<String> {
     let mut buf = Vec::new();
     match tokio::time::timeout(limit, stream.read_to_end(&mut buf)).await {
@@ -37,11 +44,7 @@ async fn slow_header_senders_are_cut_off_and_do_not_slow_others() {
     let s = start(64).await;
     let mut slow = Vec::new();
     for _ in 0..40 {
-        let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
-            .await
-            .expect("partial head");
+        let stream = sending(s.addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await;
         slow.push(stream);
     }
     let started = Instant::now();
@@ -76,11 +79,7 @@ async fn a_body_that_does_not_arrive_gets_408() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let s = start(64).await;
-    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .expect("request");
+    let mut stream = sending(s.addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
     let mut first = [0u8; 12];
     stream.read_exact(&mut first).await.expect("response");
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -151,11 +150,7 @@ async fn beyond_the_connection_cap_new_clients_wait_their_turn() {
     let s = start(4).await;
     let mut hogs = Vec::new();
     for _ in 0..4 {
-        let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\n")
-            .await
-            .expect("partial");
+        let stream = sending(s.addr, b"GET /healthz HTTP/1.1\r\n").await;
         hogs.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -282,20 +277,13 @@ async fn a_stop_closes_idle_keep_alive_connections_at_once() {
     .await;
     let mut idle = Vec::new();
     for _ in 0..8 {
-        let mut stream = TcpStream::connect(s.addr).await.expect("connect");
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("request");
+        let mut stream = sending(s.addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
         let answer = read_answer(&mut stream).await.expect("an answer");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         idle.push(stream);
     }
     // One more connection, with a request half sent when the stop comes.
-    let mut busy = TcpStream::connect(s.addr).await.expect("connect");
-    busy.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .expect("part");
+    let mut busy = sending(s.addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let addr = s.addr;
     let stop = tokio::spawn(s.stop());
